@@ -1,0 +1,61 @@
+"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+INTEROP = ROOT / "tests" / "interop"
+COVERAGE_FLOOR = "95"
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite with branch coverage (fails under the floor)."""
+    session.install("-e", ".[test]")
+    if shutil.which("npm") is None:
+        if os.environ.get("CI"):
+            session.error("npm is required for the interop tests under CI")
+        session.warn("npm not found: the JavaScript interop tests will be skipped")
+    elif not (INTEROP / "node_modules" / "ws").exists():
+        with session.chdir(INTEROP):
+            session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff: lint (including the ASYNC rules) and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Mypy, strict, over the package, the tests and the benchmarks."""
+    session.install("-e", ".[typecheck]")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx docs; any warning is an error."""
+    session.install("-e", ".[docs]")
+    session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks against raw trio-websocket (not part of the tests)."""
+    session.install("-e", ".")
+    session.run("python", "-m", "bench", *session.posargs)

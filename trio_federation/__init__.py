@@ -1,0 +1,94 @@
+"""trio-federation: orchestrators federating over WebSockets, on trio.
+
+Every public name is re-exported here; the modules behind them are private.
+"""
+
+from ._codec import MAX_FRAME_SIZE, decode_message, encode_message, make_converter
+from ._connection import OrchestratorConnection
+from ._exceptions import (
+    ConnectionLost,
+    FederationError,
+    HandshakeError,
+    HeartbeatTimeout,
+    MalformedMessage,
+    QueueFull,
+    UnsentMessages,
+)
+from ._messages import (
+    AssignedResources,
+    BroadcastPayload,
+    CallbackStatus,
+    Capability,
+    ConnectionHealth,
+    ConnectionStatus,
+    DelegationRequest,
+    DelegationResponse,
+    FederationMessage,
+    HeartbeatPayload,
+    HeartbeatStatus,
+    MemoryEntry,
+    MessageType,
+    OrchestratorCapabilities,
+    Payload,
+    SharedContext,
+    Task,
+    TaskCallback,
+    TaskHistoryEntry,
+    TaskPriority,
+    TaskStatus,
+    TaskType,
+)
+from ._streams import EventStream, MessageStream
+from ._transport import FederationListener, open_orchestrator_connection, serve_federation
+from ._version import __version__
+
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "AssignedResources",
+    "BroadcastPayload",
+    "CallbackStatus",
+    "Capability",
+    "ConnectionHealth",
+    "ConnectionLost",
+    "ConnectionStatus",
+    "DelegationRequest",
+    "DelegationResponse",
+    "EventStream",
+    "FederationError",
+    "FederationListener",
+    "FederationMessage",
+    "HandshakeError",
+    "HeartbeatPayload",
+    "HeartbeatStatus",
+    "HeartbeatTimeout",
+    "MalformedMessage",
+    "MemoryEntry",
+    "MessageStream",
+    "MessageType",
+    "OrchestratorCapabilities",
+    "OrchestratorConnection",
+    "Payload",
+    "QueueFull",
+    "SharedContext",
+    "Task",
+    "TaskCallback",
+    "TaskHistoryEntry",
+    "TaskPriority",
+    "TaskStatus",
+    "TaskType",
+    "UnsentMessages",
+    "__version__",
+    "decode_message",
+    "encode_message",
+    "make_converter",
+    "open_orchestrator_connection",
+    "serve_federation",
+]
+
+# Public classes say they live here, not in private modules (docs, reprs, pickle
+# still finds them through the private module path they were defined in).
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith("trio_federation._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,446 @@
+"""Wire format v1: the TypeScript daemon's JSON envelope, via cattrs and orjson.
+
+One text frame per message::
+
+    {"type": "delegation", "payload": "<payload JSON as a string>", "from": "a",
+     "to": "b", "timestamp": "2026-11-26T12:00:00.000Z", "correlationId": "t-1"}
+
+Pure: no I/O. :func:`make_converter` builds a fresh cattrs converter (there is no
+mutable global one); the module keeps one private instance for its own use.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import attrs
+import cattrs
+import orjson
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from ._exceptions import MalformedMessage
+from ._messages import (
+    AssignedResources,
+    BroadcastPayload,
+    CallbackStatus,
+    Capability,
+    ConnectionHealth,
+    ConnectionStatus,
+    DelegationRequest,
+    DelegationResponse,
+    FederationMessage,
+    HeartbeatPayload,
+    HeartbeatStatus,
+    MemoryEntry,
+    MessageType,
+    OrchestratorCapabilities,
+    Payload,
+    SharedContext,
+    Task,
+    TaskCallback,
+    TaskHistoryEntry,
+    TaskPriority,
+    TaskStatus,
+    TaskType,
+)
+
+__all__ = ["MAX_FRAME_SIZE", "decode_message", "encode_message", "make_converter"]
+
+MAX_FRAME_SIZE: Final = 1024 * 1024
+"""Largest frame, in characters, that is decoded (larger ones are refused first)."""
+
+# Fields whose Python value is seconds and whose wire value is milliseconds.
+_MILLISECOND_FIELDS: Final[dict[type[Any], tuple[str, ...]]] = {
+    DelegationRequest: ("timeout",),
+    BroadcastPayload: ("ttl",),
+    ConnectionHealth: ("uptime", "latency"),
+}
+
+_RENAMES: Final[dict[str, str]] = {
+    "max_heap_mb": "maxHeapMB",
+}
+
+
+def _camel(name: str) -> str:
+    if name in _RENAMES:
+        return _RENAMES[name]
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def format_timestamp(value: datetime) -> str:
+    """ISO 8601 UTC with milliseconds and ``Z``, as JavaScript's ``toISOString``."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(value: object) -> datetime:
+    """Parse any ISO 8601 form; a time without an offset is taken as UTC."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected an ISO 8601 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an ISO 8601 timestamp: {value[:64]!r}") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _to_ms(seconds: float | None) -> float | int | None:
+    if seconds is None:
+        return None
+    ms = round(seconds * 1000, 6)
+    return int(ms) if ms.is_integer() and abs(ms) < 2**53 else ms
+
+
+def _from_ms(value: object, _type: object) -> float | None:
+    if value is None:
+        return None
+    return _strict_float(value, float) / 1000
+
+
+def _strict_str(value: object, _type: object) -> str:
+    if type(value) is not str:
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _strict_int(value: object, _type: object) -> int:
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    raise TypeError(f"expected an integer, got {type(value).__name__}")
+
+
+def _strict_float(value: object, _type: object) -> float:
+    if type(value) is float or type(value) is int:
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def _strict_bool(value: object, _type: object) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _json_object(value: object, _type: object) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _string_tuple(value: object, _type: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected an array, got {type(value).__name__}")
+    for item in value:
+        if type(item) is not str:
+            raise TypeError(f"expected an array of strings, found {type(item).__name__}")
+    return tuple(value)
+
+
+def _structure_enum(value: object, cls: type[enum.Enum]) -> enum.Enum:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(str(member.value) for member in cls)
+        raise ValueError(f"{value!r} is not a valid {cls.__name__} (one of: {allowed})") from None
+
+
+_ENUMS: Final = (
+    Capability,
+    CallbackStatus,
+    ConnectionStatus,
+    HeartbeatStatus,
+    MessageType,
+    TaskPriority,
+    TaskStatus,
+    TaskType,
+)
+
+
+def make_converter() -> cattrs.Converter:
+    """Build a new converter between the message classes and wire dictionaries.
+
+    The dictionaries use the wire's camelCase keys, ISO 8601 strings for times
+    and milliseconds for the durations the daemon keeps in milliseconds.
+    Structuring is strict (a string is never coerced to a number or back) and
+    ignores unknown keys; optional fields that are ``None`` are left out when
+    unstructuring, like ``JSON.stringify`` does with ``undefined``.
+    """
+    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    conv.register_structure_hook(str, _strict_str)
+    conv.register_structure_hook(int, _strict_int)
+    conv.register_structure_hook(float, _strict_float)
+    conv.register_structure_hook(bool, _strict_bool)
+    conv.register_structure_hook(datetime, lambda v, _: parse_timestamp(v))
+    conv.register_unstructure_hook(datetime, format_timestamp)
+    for enum_class in _ENUMS:
+        # By class, not by predicate: a StrEnum would otherwise match the str hook.
+        conv.register_structure_hook(enum_class, _structure_enum)
+    conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _json_object)
+    conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_tuple)
+    conv.register_unstructure_hook_func(lambda t: t == Mapping[str, Any], _identity)
+
+    def required_capabilities(value: object, _type: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return _string_tuple(value, None)
+        if isinstance(value, dict):
+            return conv.structure(value, OrchestratorCapabilities)
+        raise TypeError(f"expected an array of capability names or an object, got {type(value).__name__}")
+
+    for cls in (
+        Task,
+        OrchestratorCapabilities,
+        MemoryEntry,
+        TaskHistoryEntry,
+        SharedContext,
+        DelegationRequest,
+        AssignedResources,
+        DelegationResponse,
+        TaskCallback,
+        BroadcastPayload,
+        HeartbeatPayload,
+        ConnectionHealth,
+    ):
+        ms_fields = _MILLISECOND_FIELDS.get(cls, ())
+        struct_overrides: dict[str, Any] = {}
+        unstruct_overrides: dict[str, Any] = {}
+        for field in attrs.fields(cls):
+            kwargs: dict[str, Any] = {"rename": _camel(field.name)}
+            unstruct_kwargs: dict[str, Any] = dict(kwargs)
+            if field.default is None:
+                unstruct_kwargs["omit_if_default"] = True
+            if field.name in ms_fields:
+                kwargs["struct_hook"] = _from_ms
+                unstruct_kwargs["unstruct_hook"] = _to_ms
+            elif cls is DelegationRequest and field.name == "required_capabilities":
+                kwargs["struct_hook"] = required_capabilities
+            elif field.converter is not None:
+                # cattrs would structure such a field by the converter's input
+                # type (often Any); structure it strictly by its declared type.
+                kwargs["struct_hook"] = _by_declared_type(conv, field.type)
+            if field.type is Any:
+                unstruct_kwargs["unstruct_hook"] = _identity
+            struct_overrides[field.name] = override(**kwargs)
+            unstruct_overrides[field.name] = override(**unstruct_kwargs)
+        conv.register_structure_hook(
+            cls, _objects_only(make_dict_structure_fn(cls, conv, **struct_overrides))
+        )
+        conv.register_unstructure_hook(
+            cls, make_dict_unstructure_fn(cls, conv, **unstruct_overrides)
+        )
+    return conv
+
+
+def _objects_only(structure: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def hook(value: Any, cls: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object ({cls.__name__}), got {_json_type(value)}")
+        return structure(value, cls)
+
+    return hook
+
+
+def _by_declared_type(conv: cattrs.Converter, declared: Any) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _type: Any) -> Any:
+        return conv.structure(value, declared)
+
+    return structure
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _orjson_default(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset)):
+        raise TypeError("sets are not JSON-serializable; use a list")
+    if attrs.has(type(value)):
+        return _CONVERTER.unstructure(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+_CONVERTER: Final = make_converter()
+_UNSTRUCTURE: Final[Callable[[Any], Any]] = _CONVERTER.unstructure
+_DUMPS_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _dumps(value: object) -> bytes:
+    return orjson.dumps(value, default=_orjson_default, option=_DUMPS_OPTIONS)
+
+
+def encode_payload(payload: Payload) -> str:
+    """Encode a payload alone as the JSON string the envelope carries."""
+    return _dumps(_UNSTRUCTURE(payload)).decode()
+
+
+def encode_message(message: FederationMessage) -> str:
+    """Encode a message as one v1 text frame.
+
+    The payload is JSON-encoded as a string inside the envelope, keys are
+    camelCase, times are ISO 8601 UTC with milliseconds and ``Z``, and
+    ``correlationId`` is left out when it is ``None`` — byte for byte what the
+    TypeScript daemon writes for the same message.
+
+    Raises:
+        TypeError: a free-form field (``result``, ``data``, ``metadata``...)
+            holds a value JSON cannot represent.
+    """
+    try:
+        payload = _dumps(_UNSTRUCTURE(message.payload)).decode()
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"cannot encode {message.type.value} payload: {exc}") from None
+    envelope: dict[str, str] = {
+        "type": message.type.value,
+        "payload": payload,
+        "from": message.sender,
+        "to": message.recipient,
+        "timestamp": format_timestamp(message.timestamp),
+    }
+    if message.correlation_id is not None:
+        envelope["correlationId"] = message.correlation_id
+    return orjson.dumps(envelope).decode()
+
+
+_PATH_SEGMENT: Final = re.compile(r"\.([a-z][a-z0-9_]*)")
+_PAYLOAD_CLASS: Final[dict[MessageType, type[Any]]] = {
+    MessageType.DELEGATION: DelegationRequest,
+    MessageType.BROADCAST: BroadcastPayload,
+    MessageType.HEARTBEAT: HeartbeatPayload,
+    MessageType.STATUS: ConnectionHealth,
+}
+_MESSAGE_TYPES: Final = {member.value: member for member in MessageType}
+
+
+def _describe(exc: BaseException, where: str) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        text = "; ".join(cattrs.transform_error(exc, path=where, format_exception=_format_error))
+        return _PATH_SEGMENT.sub(lambda m: "." + _camel(m.group(1)), text)
+    return f"{where}: {exc}"
+
+
+def _format_error(exc: BaseException, _type: object) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    return str(exc) or type(exc).__name__
+
+
+def _envelope_str(envelope: Mapping[str, Any], key: str, *, optional: bool = False) -> Any:
+    if key not in envelope or (optional and envelope[key] is None):
+        if optional:
+            return None
+        raise MalformedMessage(f"missing required key {key!r}")
+    value = envelope[key]
+    if type(value) is not str:
+        raise MalformedMessage(f"{key!r} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: object) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> FederationMessage:
+    """Decode one v1 text frame into a typed message.
+
+    Accepts the payload as a JSON string (what the daemon writes) or as an
+    object, any ISO 8601 timestamp form, and ``correlationId`` missing or null;
+    ignores unknown keys. A ``callback`` payload becomes a
+    :class:`~trio_federation.DelegationResponse` when it has ``accepted``, else a
+    :class:`~trio_federation.TaskCallback`.
+
+    Raises:
+        MalformedMessage: for anything else — a binary frame, a frame longer than
+            ``max_size`` characters, invalid JSON, an unknown ``type``, missing or
+            mistyped fields, bad timestamps — naming what was wrong. No other
+            exception escapes.
+    """
+    if not isinstance(data, str):
+        raise MalformedMessage(
+            f"binary frame ({len(data)} bytes) where a text frame was expected"
+            if isinstance(data, (bytes, bytearray, memoryview))
+            else f"expected a text frame, got {type(data).__name__}"
+        )
+    if len(data) > max_size:
+        raise MalformedMessage(f"frame of {len(data)} characters exceeds the limit of {max_size}")
+    try:
+        envelope = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"invalid JSON: {exc}") from None
+    if not isinstance(envelope, dict):
+        raise MalformedMessage(f"a message must be a JSON object, got {_json_type(envelope)}")
+    type_name = _envelope_str(envelope, "type")
+    message_type = _MESSAGE_TYPES.get(type_name)
+    if message_type is None:
+        raise MalformedMessage(
+            f"unknown message type {type_name[:64]!r} (one of: {', '.join(_MESSAGE_TYPES)})"
+        )
+    sender = _envelope_str(envelope, "from")
+    recipient = _envelope_str(envelope, "to")
+    try:
+        timestamp = parse_timestamp(_envelope_str(envelope, "timestamp"))
+    except ValueError as exc:
+        raise MalformedMessage(f"'timestamp': {exc}") from None
+    correlation_id = _envelope_str(envelope, "correlationId", optional=True)
+    if "payload" not in envelope:
+        raise MalformedMessage("missing required key 'payload'")
+    raw_payload = envelope["payload"]
+    if type(raw_payload) is str:
+        try:
+            raw_payload = orjson.loads(raw_payload)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedMessage(f"'payload' holds invalid JSON: {exc}") from None
+    if not isinstance(raw_payload, dict):
+        raise MalformedMessage(
+            f"'payload' must be an object or a JSON string of one, got {_json_type(raw_payload)}"
+        )
+    payload_class = _PAYLOAD_CLASS.get(message_type)
+    if payload_class is None:  # a callback: tell the two payloads apart by shape
+        if "accepted" in raw_payload:
+            payload_class = DelegationResponse
+        elif "status" in raw_payload:
+            payload_class = TaskCallback
+        else:
+            raise MalformedMessage(
+                "callback payload is neither a DelegationResponse (no 'accepted') "
+                "nor a TaskCallback (no 'status')"
+            )
+    try:
+        payload = _CONVERTER.structure(raw_payload, payload_class)
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+        raise MalformedMessage(
+            f"invalid {message_type.value} payload ({payload_class.__name__}): "
+            + _describe(exc, "payload")
+        ) from None
+    except RecursionError:
+        raise MalformedMessage(f"{message_type.value} payload is nested too deeply") from None
+    return FederationMessage(
+        type=message_type,
+        payload=payload,
+        sender=sender,
+        recipient=recipient,
+        timestamp=timestamp,
+        correlation_id=correlation_id,
+    )
+
+

@@ -1,0 +1,796 @@
+"""OrchestratorConnection: the trio shell around the sans-IO connection state.
+
+Task tree of an open connection (all inside ``async with conn``)::
+
+    runner                      one task in the caller's nursery
+    └── nursery
+        ├── reader              the only caller of socket.get_message()
+        ├── writer              the only caller of socket.send_message()
+        ├── watchdog            sleeps until ConnectionState.next_deadline()
+        └── pinger              socket.ping(), one in flight at most
+
+The children never raise: a failure is recorded as the connection's terminal
+reason and surfaces where the user looks (``async for``, ``send_message``, the
+errors stream), so the boundary raises one plain exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Self
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ._codec import MAX_FRAME_SIZE, decode_message, encode_message
+from ._exceptions import (
+    ConnectionLost,
+    FederationError,
+    HeartbeatTimeout,
+    MalformedMessage,
+    QueueFull,
+    UnsentMessages,
+)
+from ._messages import (
+    Capability,
+    ConnectionHealth,
+    ConnectionStatus,
+    DelegationRequest,
+    DelegationResponse,
+    FederationMessage,
+    HeartbeatPayload,
+    HeartbeatStatus,
+    MessageType,
+)
+from ._protocol import ConnectionState
+from ._streams import EventStream, MessageStream, OutboundQueue
+
+__all__ = ["OrchestratorConnection"]
+
+logger = logging.getLogger("trio_federation.connection")
+
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 60.0
+"""Seconds without a liveness signal before a connection is degraded."""
+DEFAULT_MAX_QUEUE_SIZE: Final = 1000
+"""Messages that may wait to be written before ``send_message`` raises QueueFull."""
+DEFAULT_DISCONNECT_TIMEOUT: Final = 10.0
+"""Seconds ``disconnect()`` may take to drain and close before it aborts."""
+DEFAULT_IDLE_TIMEOUT: Final = 30.0
+"""Seconds without a data message before ``active`` becomes ``idle``."""
+DEFAULT_RECEIVE_BUFFER: Final = 64
+"""Incoming data messages buffered for ``async for`` (and per subscription)."""
+EVENT_BUFFER: Final = 256
+"""Status changes or errors buffered per watcher before the oldest are dropped."""
+CANCEL_CLOSE_GRACE: Final = 2.0
+"""Upper bound, in seconds, on the close handshake when the block is cancelled."""
+
+DATA_TYPES: Final = frozenset({MessageType.DELEGATION, MessageType.CALLBACK, MessageType.BROADCAST})
+NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
+
+_QueueItem = tuple[FederationMessage, str]
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _check_size(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return value
+
+
+def normalize_capabilities(capabilities: Iterable[str], *, strict: bool) -> tuple[str, ...]:
+    """Validate capability names into a tuple (unknown names refused if ``strict``)."""
+    if isinstance(capabilities, str):
+        raise TypeError(
+            f"capabilities must be a list of names, not the string {capabilities!r}"
+        )
+    result: list[str] = []
+    for cap in capabilities:
+        if not isinstance(cap, str):
+            raise TypeError(f"a capability must be a string, got {type(cap).__name__}")
+        if strict and cap not in Capability._value2member_map_:
+            allowed = ", ".join(c.value for c in Capability)
+            raise ValueError(f"unknown capability {cap!r} (one of: {allowed})")
+        result.append(Capability(cap) if cap in Capability._value2member_map_ else cap)
+    return tuple(result)
+
+
+@contextlib.contextmanager
+def _shielded_deadline(deadline: float) -> Iterator[trio.CancelScope]:
+    with trio.CancelScope(shield=True), trio.move_on_at(deadline) as scope:
+        yield scope
+
+
+class _Subscription:
+    __slots__ = ("predicate", "send_channel", "types")
+
+    def __init__(
+        self,
+        types: frozenset[MessageType],
+        predicate: Callable[[FederationMessage], bool] | None,
+        send_channel: trio.MemorySendChannel[FederationMessage],
+    ) -> None:
+        self.types = types
+        self.predicate = predicate
+        self.send_channel = send_channel
+
+    def matches(self, message: FederationMessage) -> bool:
+        if self.types and message.type not in self.types:
+            return False
+        return self.predicate is None or bool(self.predicate(message))
+
+
+class OrchestratorConnection:
+    """A live link to one remote orchestrator.
+
+    Get one from :func:`~trio_federation.open_orchestrator_connection` (dialing),
+    from the handler of :func:`~trio_federation.serve_federation` (listening), or
+    by wrapping an open trio-websocket connection and entering it with ``async
+    with conn:``. Until the block is entered the connection is ``connecting``:
+    :meth:`send_message` queues, and the queue is written as soon as it opens.
+
+    Leaving the block disconnects gracefully (:meth:`disconnect`) and closes the
+    socket; if the block raised, the queue is still drained within
+    ``disconnect_timeout`` and the close code is 1011 (1001 on cancellation,
+    bounded by ``CANCEL_CLOSE_GRACE``). The block never raises because the link
+    died earlier unseen: that is raised where it is observed, by ``async for``
+    and :meth:`send_message`.
+
+    Args:
+        id: the remote orchestrator's id ("" if not known yet: it is then taken
+            from the ``from`` of the first message received).
+        socket: an open :class:`trio_websocket.WebSocketConnection`. The
+            connection becomes its only reader and writer.
+        capabilities: the remote's capabilities.
+        local_id: this orchestrator's id: the sender of heartbeats and of
+            acceptances. Without it, no heartbeat messages are sent.
+        heartbeat_timeout: seconds without a liveness signal (pong, heartbeat
+            message, :meth:`handle_heartbeat`) before the status is
+            ``degraded``; pings go out every half of it.
+        max_queue_size: messages that may wait to be written.
+        disconnect_timeout: bound, in seconds, on :meth:`disconnect`.
+        idle_timeout: seconds without data messages before ``active`` turns
+            ``idle``.
+        receive_buffer_size: incoming data messages buffered for ``async for``
+            and for each subscription; when full, the reader waits (back-pressure
+            reaches the peer through TCP).
+        max_message_size: longest frame decoded, in characters.
+        local_status: the load status announced in heartbeat messages.
+        active_connections: called for the ``active_connections`` figure of
+            heartbeat messages (default: 1).
+    """
+
+    def __init__(
+        self,
+        *,
+        id: str,  # noqa: A002 - the seed's name
+        socket: WebSocketConnection,
+        capabilities: Iterable[str] = (),
+        local_id: str | None = None,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        disconnect_timeout: float = DEFAULT_DISCONNECT_TIMEOUT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        receive_buffer_size: int = DEFAULT_RECEIVE_BUFFER,
+        max_message_size: int = MAX_FRAME_SIZE,
+        local_status: HeartbeatStatus | str = HeartbeatStatus.HEALTHY,
+        active_connections: Callable[[], int] | None = None,
+    ) -> None:
+        if not isinstance(id, str):
+            raise TypeError(f"id must be a string, got {type(id).__name__}")
+        if local_id is not None and not isinstance(local_id, str):
+            raise TypeError(f"local_id must be a string, got {type(local_id).__name__}")
+        self._id = id
+        self._socket = socket
+        self._capabilities = normalize_capabilities(capabilities, strict=False)
+        self._local_id = local_id
+        self._heartbeat_timeout = _check_positive("heartbeat_timeout", heartbeat_timeout)
+        self._disconnect_timeout = _check_positive("disconnect_timeout", disconnect_timeout)
+        self._max_queue_size = _check_size("max_queue_size", max_queue_size)
+        self._max_message_size = _check_size("max_message_size", max_message_size)
+        self._local_status = HeartbeatStatus(local_status)
+        self._active_connections = active_connections or (lambda: 1)
+        self._state = ConnectionState(
+            heartbeat_timeout=self._heartbeat_timeout,
+            idle_timeout=_check_positive("idle_timeout", idle_timeout),
+        )
+        self._queue: OutboundQueue[_QueueItem] = OutboundQueue(self._max_queue_size)
+        self._receive_buffer_size = _check_size("receive_buffer_size", receive_buffer_size)
+        self._inbound_send, self._inbound_recv = trio.open_memory_channel[FederationMessage](
+            self._receive_buffer_size
+        )
+        self._subscriptions: list[_Subscription] = []
+        self._status_watchers: list[EventStream[ConnectionStatus]] = []
+        self._error_watchers: list[EventStream[FederationError]] = []
+        self._last_status = self._state.status
+        # Clock origin: datetimes are derived from trio's clock, so that they
+        # follow a MockClock in tests.
+        self._wall_origin = datetime.now(UTC)
+        self._clock_origin = trio.current_time()
+        self._entered = False
+        self._nursery: trio.Nursery | None = None
+        self._wakeup = trio.Event()
+        self._sleeping_until = math.inf
+        self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
+        self._closing = False
+        self._closed_locally = False
+        self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
+        self._peer_closed: ConnectionLost | None = None  # normal end by the peer
+        self._writer_done = trio.Event()
+        self._finished = trio.Event()
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+
+    # -- identity and state ---------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The remote orchestrator's id."""
+        return self._id
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """The remote orchestrator's capabilities."""
+        return self._capabilities
+
+    @property
+    def local_id(self) -> str | None:
+        """This orchestrator's id, if given."""
+        return self._local_id
+
+    @property
+    def socket(self) -> WebSocketConnection:
+        """The underlying trio-websocket connection (do not read or write it)."""
+        return self._socket
+
+    @property
+    def status(self) -> ConnectionStatus:
+        """The current :class:`~trio_federation.ConnectionStatus`."""
+        return self._state.status
+
+    @property
+    def last_heartbeat(self) -> datetime:
+        """Time (UTC) of the last liveness signal; the opening time at first."""
+        return self._wall(self._state.last_liveness)
+
+    @property
+    def message_queue(self) -> tuple[FederationMessage, ...]:
+        """Snapshot of the messages accepted but not yet written, oldest first."""
+        return tuple(message for message, _ in self._queue.snapshot())
+
+    @property
+    def local_status(self) -> HeartbeatStatus:
+        """The load status announced in heartbeat messages (settable)."""
+        return self._local_status
+
+    @local_status.setter
+    def local_status(self, value: HeartbeatStatus | str) -> None:
+        self._local_status = HeartbeatStatus(value)
+
+    def _wall(self, clock_time: float | None) -> datetime:
+        if clock_time is None:
+            return self._wall_origin
+        return self._wall_origin + timedelta(seconds=clock_time - self._clock_origin)
+
+    def check_capability(self, required: Iterable[str]) -> bool:
+        """True if the remote has every capability in ``required`` (True for none)."""
+        if isinstance(required, str):
+            raise TypeError(f"required must be a list of names, not the string {required!r}")
+        return all(cap in self._capabilities for cap in required)
+
+    def get_status(self) -> ConnectionHealth:
+        """A snapshot of the connection's health figures."""
+        now = trio.current_time()
+        state = self._state
+        return ConnectionHealth(
+            status=state.status,
+            uptime=state.uptime(now),
+            last_heartbeat=self.last_heartbeat,
+            messages_sent=state.messages_sent,
+            messages_received=state.messages_received,
+            errors=state.errors,
+            latency=state.latency,
+        )
+
+    def handle_heartbeat(self) -> None:
+        """Record a liveness signal now."""
+        self._state.liveness(trio.current_time())
+        self._publish_status()
+
+    def is_healthy(self) -> bool:
+        """False if the socket is not open, if no liveness signal came within
+        ``heartbeat_timeout``, or if the status is disconnected or error."""
+        if self._socket.closed is not None:
+            return False
+        return self._state.is_healthy(trio.current_time())
+
+    # -- sending ----------------------------------------------------------------
+
+    def _check_sendable(self) -> None:
+        ended = self._lost or self._peer_closed
+        if ended is not None:
+            raise ConnectionLost(ended.code, ended.reason)
+        if self._closed_locally or self._queue.closed:
+            raise trio.ClosedResourceError(f"the connection to {self._id!r} was closed locally")
+
+    def _encode(self, message: FederationMessage) -> _QueueItem:
+        if not isinstance(message, FederationMessage):
+            raise TypeError(f"expected a FederationMessage, got {type(message).__name__}")
+        return (message, encode_message(message))
+
+    async def send_message(self, message: FederationMessage) -> None:
+        """Queue ``message`` to be written, in FIFO order.
+
+        While the connection is not open yet, the message waits in the queue and
+        is written when it opens.
+
+        Raises:
+            QueueFull: ``max_queue_size`` messages are already waiting; nothing
+                was queued (use :meth:`send` to wait for room instead).
+            ConnectionLost: the peer closed the connection (or it died).
+            trio.ClosedResourceError: you closed it (:meth:`disconnect`).
+            TypeError: ``message`` is not a FederationMessage or holds a value
+                JSON cannot represent.
+        """
+        await trio.lowlevel.checkpoint()
+        self._check_sendable()
+        item = self._encode(message)
+        try:
+            self._queue.put_nowait(item)
+        except trio.WouldBlock:
+            raise QueueFull(self._max_queue_size) from None
+
+    async def send(self, message: FederationMessage) -> None:
+        """Like :meth:`send_message`, but wait for room when the queue is full.
+
+        This is the back-pressure path: a sender that outruns the peer is slowed
+        down to its pace. Cancellation while waiting leaves nothing queued.
+
+        Raises:
+            ConnectionLost: the peer closed the connection (or it died).
+            trio.ClosedResourceError: you closed it, possibly while waiting.
+        """
+        self._check_sendable()
+        item = self._encode(message)
+        try:
+            await self._queue.put(item)
+        except trio.ClosedResourceError:
+            self._check_sendable()
+            raise
+
+    async def accept_delegation(self, request: DelegationRequest) -> DelegationResponse:
+        """Accept a delegation if this connection is healthy.
+
+        Healthy: sends a ``callback`` carrying ``DelegationResponse(accepted=True)``
+        from the local id (``request.to_orchestrator_id`` when none is known) to
+        ``request.from_orchestrator_id``, correlated by the task id, and returns
+        it. Unhealthy: returns ``accepted=False, reason="Connection unhealthy"``
+        and sends nothing.
+
+        Raises:
+            QueueFull, ConnectionLost, trio.ClosedResourceError: as
+                :meth:`send_message`.
+        """
+        if not isinstance(request, DelegationRequest):
+            raise TypeError(f"expected a DelegationRequest, got {type(request).__name__}")
+        if not self.is_healthy():
+            await trio.lowlevel.checkpoint()
+            return DelegationResponse(
+                task_id=request.task.id, accepted=False, reason="Connection unhealthy"
+            )
+        response = DelegationResponse(task_id=request.task.id, accepted=True)
+        await self.send_message(
+            FederationMessage(
+                type=MessageType.CALLBACK,
+                payload=response,
+                sender=self._local_id or request.to_orchestrator_id,
+                recipient=request.from_orchestrator_id,
+                correlation_id=request.task.id,
+            )
+        )
+        return response
+
+    # -- receiving ----------------------------------------------------------------
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise ConnectionLost(self._lost.code, self._lost.reason) from self._lost.__cause__
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> FederationMessage:
+        """The next data message; see :meth:`receive`."""
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> FederationMessage:
+        """Wait for the next data message not taken by a subscription.
+
+        Raises:
+            trio.EndOfChannel: the connection closed normally (or you closed it)
+                and every buffered message was read.
+            ConnectionLost: the connection was lost abnormally, after the
+                buffered messages were read.
+        """
+        try:
+            return await self._inbound_recv.receive()
+        except trio.EndOfChannel:
+            self._raise_if_lost()
+            raise
+
+    @contextlib.contextmanager
+    def subscribe(
+        self,
+        *types: MessageType | str,
+        predicate: Callable[[FederationMessage], bool] | None = None,
+        max_buffer: int = DEFAULT_RECEIVE_BUFFER,
+    ) -> Iterator[MessageStream[FederationMessage]]:
+        """Receive the messages of some ``types`` (and matching ``predicate``).
+
+        Each incoming message goes to the first subscription that matches it (in
+        the order they were made), else to ``async for msg in conn``. With no
+        types, every type matches. Control messages (``heartbeat``, ``status``)
+        reach only subscriptions that ask for them. A full subscription buffer
+        makes the reader wait, like a slow ``async for``. Leaving the block
+        unsubscribes; messages still buffered in it are discarded.
+
+        Yields:
+            A :class:`~trio_federation.MessageStream`.
+        """
+        wanted = frozenset(MessageType(t) for t in types)
+        send_channel, receive_channel = trio.open_memory_channel[FederationMessage](
+            _check_size("max_buffer", max_buffer)
+        )
+        subscription = _Subscription(wanted, predicate, send_channel)
+        if self._finished.is_set():
+            send_channel.close()
+        else:
+            self._subscriptions.append(subscription)
+        try:
+            with receive_channel:
+                yield MessageStream(receive_channel, self._raise_if_lost)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._subscriptions.remove(subscription)
+            send_channel.close()
+
+    @contextlib.contextmanager
+    def watch_status(self) -> Iterator[EventStream[ConnectionStatus]]:
+        """Stream every status change (replaces the seed's ``status`` event).
+
+        The stream ends after the final ``disconnected`` or ``error``.
+        """
+        with self._watch(self._status_watchers) as stream:
+            yield stream
+
+    @contextlib.contextmanager
+    def watch_errors(self) -> Iterator[EventStream[FederationError]]:
+        """Stream every reported error (replaces the seed's ``error`` event).
+
+        Items are :exc:`~trio_federation.MalformedMessage`,
+        :exc:`~trio_federation.HeartbeatTimeout`,
+        :exc:`~trio_federation.UnsentMessages` and
+        :exc:`~trio_federation.ConnectionLost`; each is also counted in
+        ``errors`` and logged.
+        """
+        with self._watch(self._error_watchers) as stream:
+            yield stream
+
+    @contextlib.contextmanager
+    def _watch(self, watchers: list[EventStream[Any]]) -> Iterator[EventStream[Any]]:
+        stream: EventStream[Any] = EventStream(EVENT_BUFFER)
+        if self._finished.is_set():
+            stream._end()
+        watchers.append(stream)
+        try:
+            yield stream
+        finally:
+            watchers.remove(stream)
+
+    # -- events -------------------------------------------------------------------
+
+    def _publish_status(self) -> None:
+        status = self._state.status
+        if status is self._last_status:
+            return
+        logger.info("connection to %r: %s -> %s", self._id, self._last_status, status)
+        self._last_status = status
+        for watcher in self._status_watchers:
+            watcher._push(status)
+        deadline = self._state.next_deadline()
+        if deadline < self._sleeping_until:
+            self._wakeup.set()
+
+    def _report(self, error: FederationError) -> None:
+        self._state.error()
+        logger.warning("connection to %r: %s", self._id, error)
+        for watcher in self._error_watchers:
+            watcher._push(error)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError("an OrchestratorConnection can be entered only once")
+        self._entered = True
+        stack = contextlib.AsyncExitStack()
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        try:
+            await nursery.start(self._run)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._exit_stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._exit_stack is not None
+        try:
+            if exc is None:
+                await self.disconnect()
+            elif isinstance(exc, trio.Cancelled):
+                await self._close(1001, "going away", trio.current_time() + CANCEL_CLOSE_GRACE)
+            else:
+                await self._close(1011, "internal error")
+        finally:
+            try:
+                await self._exit_stack.__aexit__(exc_type, exc, tb)
+            except BaseExceptionGroup as group:
+                raise_single(group)
+        return False
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._state.open(trio.current_time())
+                self._publish_status()
+                nursery.start_soon(self._guarded, self._writer)
+                nursery.start_soon(self._guarded, self._watchdog)
+                nursery.start_soon(self._guarded, self._pinger)
+                task_status.started()
+                await self._guarded(self._reader)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._finish()
+
+    async def _guarded(self, task: Callable[[], Any]) -> None:
+        """Run a child task; an unexpected exception becomes the terminal reason."""
+        try:
+            await task()
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            logger.exception("connection to %r: internal error in %s", self._id, task.__name__)
+            if self._lost is None and not self._closed_locally:
+                lost = ConnectionLost(1011, f"internal error in {task.__name__}: {exc!r}")
+                lost.__cause__ = exc
+                self._lost = lost
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(0):
+                await self._socket.aclose(1011, "internal error")
+
+    def _finish(self) -> None:
+        """Record why the connection ended, then end every stream (in that order)."""
+        if self._finished.is_set():
+            return
+        closed = self._socket.closed
+        if self._lost is None and not self._closed_locally:
+            if closed is None:
+                # Cancelled from outside before the socket closed: a local end.
+                self._closed_locally = True
+            elif closed.code not in NORMAL_CLOSE_CODES:
+                self._lost = ConnectionLost(closed.code, closed.reason or "")
+            else:
+                # The peer closed normally: async for ends, sends raise ConnectionLost.
+                self._peer_closed = ConnectionLost(closed.code, closed.reason or "")
+        ended = self._lost or self._peer_closed
+        code = 1000 if ended is None else ended.code
+        self._state.close(code)
+        unsent = len(self._queue)
+        self._queue.close()
+        self._inbound_send.close()
+        for subscription in self._subscriptions:
+            subscription.send_channel.close()
+        if self._lost is not None and self._lost.code not in NORMAL_CLOSE_CODES:
+            self._report(self._lost)
+        if unsent:
+            self._report(UnsentMessages(self._id, unsent))
+        self._publish_status()
+        for watcher in (*self._status_watchers, *self._error_watchers):
+            watcher._end()
+        self._finished.set()
+        logger.info("connection to %r closed with code %d", self._id, code)
+
+    async def _reader(self) -> None:
+        socket = self._socket
+        state = self._state
+        while True:
+            try:
+                data = await socket.get_message()
+            except ConnectionClosed:
+                return
+            try:
+                message = decode_message(data, max_size=self._max_message_size)
+            except MalformedMessage as exc:
+                self._report(exc)
+                continue
+            now = trio.current_time()
+            is_data = message.type in DATA_TYPES
+            state.received(now, data=is_data)
+            if not self._id:
+                self._id = message.sender
+            if message.type is MessageType.HEARTBEAT:
+                assert isinstance(message.payload, HeartbeatPayload)
+                state.remote_heartbeat(now, message.payload.status)
+            self._publish_status()
+            await self._route(message, is_data)
+
+    async def _route(self, message: FederationMessage, is_data: bool) -> None:
+        for subscription in tuple(self._subscriptions):
+            if subscription.matches(message):
+                try:
+                    await subscription.send_channel.send(message)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    continue  # unsubscribed meanwhile: offer it to the next one
+                return
+        if is_data:
+            try:
+                await self._inbound_send.send(message)
+            except trio.BrokenResourceError:
+                pass  # nobody will read `async for` any more: the user closed it
+
+    async def _writer(self) -> None:
+        queue = self._queue
+        socket = self._socket
+        try:
+            while True:
+                try:
+                    _message, text = await queue.peek()
+                except trio.EndOfChannel:
+                    return  # closed and drained: disconnect() goes on
+                try:
+                    await socket.send_message(text)
+                except ConnectionClosed:
+                    return  # the reader sees the close and ends the connection
+                queue.pop()
+                self._state.sent(trio.current_time())
+                self._publish_status()
+        finally:
+            self._writer_done.set()
+
+    async def _watchdog(self) -> None:
+        state = self._state
+        while True:
+            self._sleeping_until = state.next_deadline()
+            with trio.move_on_at(self._sleeping_until):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            actions = state.handle_timer(trio.current_time())
+            if actions.ping:
+                with contextlib.suppress(trio.WouldBlock):
+                    self._ping_requests.send_nowait(None)
+                self._queue_heartbeat()
+            if actions.liveness_lost:
+                self._report(HeartbeatTimeout(self._id, self._heartbeat_timeout))
+            self._publish_status()
+
+    def _queue_heartbeat(self) -> None:
+        if self._local_id is None or self._closing:
+            return
+        message = FederationMessage(
+            type=MessageType.HEARTBEAT,
+            payload=HeartbeatPayload(
+                orchestrator_id=self._local_id,
+                timestamp=self._wall(trio.current_time()),
+                status=self._local_status,
+                active_connections=self._active_connections(),
+            ),
+            sender=self._local_id,
+            recipient=self._id,
+        )
+        try:
+            self._queue.put_nowait(self._encode(message))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            # The queue is full of user messages: they carry liveness enough.
+            logger.debug("connection to %r: queue full, heartbeat message skipped", self._id)
+
+    async def _pinger(self) -> None:
+        async for _ in self._ping_pending:
+            sent_at = trio.current_time()
+            try:
+                await self._socket.ping(os.urandom(4))
+            except ConnectionClosed:
+                return
+            now = trio.current_time()
+            self._state.liveness(now, latency=now - sent_at)
+            self._publish_status()
+
+    async def disconnect(self) -> None:
+        """Close gracefully: write everything queued, then close with code 1000.
+
+        Idempotent: a second call waits for the first to finish. Bounded by
+        ``disconnect_timeout`` even when the peer has stopped reading; then the
+        socket is aborted and the messages left unsent are reported (logged, and
+        as :exc:`~trio_federation.UnsentMessages` on the errors stream). New
+        sends raise :exc:`trio.ClosedResourceError` from the moment it is
+        called. Messages already buffered for ``async for`` stay readable.
+        Shielded from cancellation for at most ``disconnect_timeout``.
+        """
+        await self._close(1000, "Graceful disconnect")
+
+    async def _close(self, code: int, reason: str, deadline: float | None = None) -> None:
+        if deadline is None:
+            deadline = trio.current_time() + self._disconnect_timeout
+        if self._closing:
+            with _shielded_deadline(deadline):
+                await self._finished.wait()
+            return
+        self._closing = True
+        if not self._finished.is_set() and self._lost is None:
+            self._closed_locally = True
+        self._queue.close()
+        with _shielded_deadline(deadline) as scope:
+            if self._nursery is not None:
+                await self._writer_done.wait()
+            if not scope.cancelled_caught:
+                await self._socket.aclose(code, reason)
+        if scope.cancelled_caught:
+            logger.warning(
+                "connection to %r: close not done within its time bound; aborting", self._id
+            )
+            with trio.CancelScope() as abort:
+                abort.cancel()
+                await self._socket.aclose(code, reason)  # cancelled: closes the stream
+        if self._nursery is None:
+            self._finish()  # never entered: nothing else will
+        else:
+            self._nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await self._finished.wait()
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
+    """Re-raise the one meaningful exception of ``group`` as itself.
+
+    Our background tasks never raise, so a group leaving a connection's nursery
+    holds the user's own exception, possibly with ``Cancelled`` siblings. Raise
+    it plain (keeping its traceback and context); raise the group itself only if
+    it truly holds several errors.
+    """
+    errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if len(errors) == 1:
+        error = errors[0]
+        if isinstance(error, BaseExceptionGroup):
+            raise_single(error)
+        context = error.__context__
+        try:
+            raise error
+        finally:
+            error.__context__ = context
+            del error, context
+    if not errors:
+        raise group.exceptions[0]
+    raise group

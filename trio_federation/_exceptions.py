@@ -1,0 +1,145 @@
+"""One exception hierarchy, rooted at :exc:`FederationError`.
+
+Every exception stores exactly its constructor arguments in ``args``, so it
+survives :func:`copy.copy` and :mod:`pickle`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectionLost",
+    "UnsentMessages",
+    "FederationError",
+    "HandshakeError",
+    "HeartbeatTimeout",
+    "MalformedMessage",
+    "QueueFull",
+]
+
+
+class FederationError(Exception):
+    """Base class of every error this library raises or reports."""
+
+
+class QueueFull(FederationError):
+    """``send_message`` found ``max_queue_size`` messages already waiting.
+
+    Local back-pressure: nothing was queued. Retry later, or use ``await
+    conn.send(msg)``, which waits for room instead.
+
+    Attributes:
+        max_size: the queue's bound.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        super().__init__(max_size)
+        self.max_size = max_size
+
+    def __str__(self) -> str:
+        return f"message queue full ({self.max_size} messages waiting)"
+
+
+class MalformedMessage(FederationError):
+    """A frame from the peer is not a valid v1 federation message.
+
+    Raised by :func:`~trio_federation.decode_message`; on a live connection it
+    is counted in ``errors`` and reported on the errors stream, never raised out
+    of ``async for``, and never ends the connection by itself.
+
+    Attributes:
+        reason: what was wrong, naming the field.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectionLost(FederationError):
+    """The connection closed; raised where that is observed.
+
+    ``async for msg in conn`` raises it when the peer went away abnormally (any
+    close code but 1000 and 1001); ``send_message`` raises it on any connection
+    that the *peer* closed (for one you closed yourself it raises
+    :exc:`trio.ClosedResourceError`, as trio does).
+
+    Attributes:
+        code: the WebSocket close code (1006 when the TCP link died without a
+            close frame).
+        reason: the close reason text, possibly empty.
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    @property
+    def is_normal(self) -> bool:
+        """True for the normal close codes 1000 and 1001."""
+        return self.code in (1000, 1001)
+
+    def __str__(self) -> str:
+        text = f"connection closed with code {self.code}"
+        return f"{text}: {self.reason}" if self.reason else text
+
+
+class HandshakeError(FederationError):
+    """The WebSocket upgrade failed or was refused.
+
+    Attributes:
+        reason: what went wrong.
+        status_code: the HTTP status the listener answered with, when it
+            refused the upgrade (None for network errors and time-outs).
+    """
+
+    def __init__(self, reason: str, status_code: int | None = None) -> None:
+        super().__init__(reason, status_code)
+        self.reason = reason
+        self.status_code = status_code
+
+    def __str__(self) -> str:
+        if self.status_code is None:
+            return self.reason
+        return f"{self.reason} (HTTP {self.status_code})"
+
+
+class HeartbeatTimeout(FederationError):
+    """No liveness signal came from a peer within ``heartbeat_timeout``.
+
+    Reported on the errors stream (the connection becomes ``degraded``); never
+    raised.
+
+    Attributes:
+        peer: the remote orchestrator's id.
+        timeout: the heartbeat timeout in seconds.
+    """
+
+    def __init__(self, peer: str, timeout: float) -> None:
+        super().__init__(peer, timeout)
+        self.peer = peer
+        self.timeout = timeout
+
+    def __str__(self) -> str:
+        return f"no heartbeat received from {self.peer!r} for {self.timeout:g}s"
+
+
+class UnsentMessages(FederationError):
+    """Messages were left unsent when a connection closed.
+
+    Reported on the errors stream and logged when ``disconnect()`` ran out of
+    ``disconnect_timeout`` (the peer stopped reading) or the link died with
+    messages still queued; never raised.
+
+    Attributes:
+        peer: the remote orchestrator's id.
+        unsent: how many accepted messages were never written.
+    """
+
+    def __init__(self, peer: str, unsent: int) -> None:
+        super().__init__(peer, unsent)
+        self.peer = peer
+        self.unsent = unsent
+
+    def __str__(self) -> str:
+        return f"{self.unsent} queued message(s) to {self.peer!r} were never sent"

@@ -1,0 +1,459 @@
+"""The typed messages of the federation: frozen, keyword-only attrs classes.
+
+Pure data: no I/O and no serialization logic (that lives in ``_codec``).
+Enumerations are :class:`enum.StrEnum`, so plain strings can be passed to every
+constructor and compared with every field (``msg.type == "delegation"``).
+Times are timezone-aware UTC :class:`~datetime.datetime`; durations are seconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import attrs
+
+__all__ = [
+    "AssignedResources",
+    "BroadcastPayload",
+    "CallbackStatus",
+    "Capability",
+    "ConnectionHealth",
+    "ConnectionStatus",
+    "DelegationRequest",
+    "DelegationResponse",
+    "FederationMessage",
+    "HeartbeatPayload",
+    "HeartbeatStatus",
+    "MemoryEntry",
+    "MessageType",
+    "OrchestratorCapabilities",
+    "Payload",
+    "SharedContext",
+    "Task",
+    "TaskCallback",
+    "TaskHistoryEntry",
+    "TaskPriority",
+    "TaskStatus",
+    "TaskType",
+]
+
+
+class Capability(enum.StrEnum):
+    """What an orchestrator can do; advertised at the handshake."""
+
+    CODE_GENERATION = "code-generation"
+    RESEARCH = "research"
+    ANALYSIS = "analysis"
+    TESTING = "testing"
+    DEPLOYMENT = "deployment"
+    MONITORING = "monitoring"
+    SECURITY = "security"
+    DATA_PROCESSING = "data-processing"
+    ML_TRAINING = "ml-training"
+    CUSTOM = "custom"
+
+
+class ConnectionStatus(enum.StrEnum):
+    """The state of an :class:`~trio_federation.OrchestratorConnection`."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    ACTIVE = "active"
+    IDLE = "idle"
+    DEGRADED = "degraded"
+    DISCONNECTED = "disconnected"
+    ERROR = "error"
+
+
+class MessageType(enum.StrEnum):
+    """The ``type`` of a :class:`FederationMessage`.
+
+    ``delegation``, ``callback`` and ``broadcast`` are *data* messages, delivered
+    to ``async for msg in conn``; ``heartbeat`` and ``status`` are *control*
+    messages, which update the connection's state and reach only subscriptions
+    that ask for them.
+    """
+
+    DELEGATION = "delegation"
+    CALLBACK = "callback"
+    BROADCAST = "broadcast"
+    HEARTBEAT = "heartbeat"
+    STATUS = "status"
+
+
+class TaskType(enum.StrEnum):
+    """The kind of work a :class:`Task` is."""
+
+    CODE = "code"
+    RESEARCH = "research"
+    ANALYSIS = "analysis"
+    CUSTOM = "custom"
+    GENERAL = "general"
+
+
+class TaskPriority(enum.StrEnum):
+    """Priority of a task or of a delegation."""
+
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class TaskStatus(enum.StrEnum):
+    """Lifecycle state of a :class:`Task`."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class CallbackStatus(enum.StrEnum):
+    """What a :class:`TaskCallback` reports."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PROGRESS = "progress"
+
+
+class HeartbeatStatus(enum.StrEnum):
+    """The load status an orchestrator announces in its heartbeats."""
+
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    OVERLOADED = "overloaded"
+
+
+def _utc(value: datetime) -> datetime:
+    """Normalise an aware datetime to UTC; reject naive ones with a clear error."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a datetime, got {type(value).__name__}: {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"datetime must be timezone-aware (UTC), got naive {value.isoformat()}")
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
+
+
+def _now() -> datetime:
+    # The wire carries milliseconds: a fresh timestamp round-trips exactly.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and not value >= 0:
+        raise ValueError(f"{attribute.name} must be >= 0, got {value!r}")
+
+
+def _freeze_str_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise TypeError(f"expected a sequence of strings, got the string {value!r}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"expected strings, got {type(item).__name__}: {item!r}")
+    return items
+
+
+def _freeze_optional_tuple(value: Any) -> Any:
+    return None if value is None else tuple(value)
+
+
+_frozen = attrs.frozen(kw_only=True)
+
+
+@_frozen
+class Task:
+    """A unit of work that one orchestrator can delegate to another."""
+
+    id: str
+    """Unique task id; also used as the ``correlation_id`` of its callbacks."""
+    description: str
+    """What to do, for humans and agents."""
+    type: TaskType = attrs.field(default=TaskType.GENERAL, converter=TaskType)
+    """The kind of task."""
+    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=TaskPriority)
+    """How urgent it is."""
+    status: TaskStatus = attrs.field(default=TaskStatus.PENDING, converter=TaskStatus)
+    """Where it is in its lifecycle."""
+    created_at: datetime = attrs.field(factory=_now, converter=_utc)
+    """When it was created (UTC)."""
+    updated_at: datetime = attrs.field(factory=_now, converter=_utc)
+    """When it last changed (UTC)."""
+    assigned_to: str | None = None
+    """The orchestrator (or agent) it is assigned to, if any."""
+    metadata: Mapping[str, Any] | None = None
+    """Free-form JSON-compatible data."""
+
+
+@_frozen
+class OrchestratorCapabilities:
+    """The daemon's structured form of required capabilities (all fields optional).
+
+    A :class:`DelegationRequest` may carry its ``required_capabilities`` either as
+    a list of :class:`Capability` names or as this object. Routing reads the list
+    form; from this form it reads :attr:`specializations` as capability names.
+    """
+
+    max_sessions: int | None = None
+    """Concurrent sessions required."""
+    supported_task_types: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """Task types the executor must support."""
+    memory_tiers: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """Memory tiers required (``scratchpad``, ``episodic``, ``semantic``)."""
+    token_budget: Mapping[str, Any] | None = None
+    """The daemon's ``tokenBudget`` object, with its wire keys."""
+    resource_limits: Mapping[str, Any] | None = None
+    """The daemon's ``resourceLimits`` object, with its wire keys."""
+    specializations: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """Specialised capability names."""
+
+
+@_frozen
+class MemoryEntry:
+    """One episodic or semantic memory shared with a delegated task."""
+
+    id: str
+    """Memory id."""
+    content: str
+    """The remembered text."""
+    timestamp: datetime = attrs.field(converter=_utc)
+    """When it was recorded (UTC)."""
+    type: str
+    """``interaction``, ``observation``, ``decision`` or ``knowledge``."""
+
+
+@_frozen
+class TaskHistoryEntry:
+    """One step of a task's lineage."""
+
+    task_id: str
+    """The task."""
+    orchestrator_id: str
+    """The orchestrator that handled it."""
+    timestamp: datetime = attrs.field(converter=_utc)
+    """When (UTC)."""
+    outcome: str
+    """``completed``, ``failed`` or ``delegated``."""
+
+
+@_frozen
+class SharedContext:
+    """Memory handed over with a delegated task (all fields optional)."""
+
+    scratchpad: Mapping[str, Any] | None = None
+    """Immediate working memory."""
+    episodic: tuple[MemoryEntry, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """Relevant episodic memories."""
+    semantic: tuple[MemoryEntry, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """Relevant semantic knowledge."""
+    task_history: tuple[TaskHistoryEntry, ...] | None = attrs.field(
+        default=None, converter=_freeze_optional_tuple
+    )
+    """The task's lineage."""
+
+
+@_frozen
+class DelegationRequest:
+    """A request to run :attr:`task` on another orchestrator (``delegation`` payload)."""
+
+    from_orchestrator_id: str
+    """Who delegates."""
+    to_orchestrator_id: str
+    """Who is asked to run the task."""
+    task: Task
+    """The task."""
+    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=TaskPriority)
+    """Priority of the delegation."""
+    required_capabilities: tuple[str, ...] | OrchestratorCapabilities | None = attrs.field(
+        default=None,
+        converter=lambda v: (  # type: ignore[misc]
+            v if v is None or isinstance(v, OrchestratorCapabilities) else _freeze_str_tuple(v)
+        ),
+    )
+    """Capability names, or the daemon's structured form."""
+    context: SharedContext | None = None
+    """Memory handed over with the task."""
+    timeout: float | None = attrs.field(default=None, validator=_non_negative)
+    """Seconds the delegator will wait (milliseconds on the wire)."""
+    callback_id: str | None = None
+    """Where results should be reported, if not to the sender."""
+
+
+@_frozen
+class AssignedResources:
+    """Resources an orchestrator set aside for an accepted delegation."""
+
+    sessions: int
+    """Sessions reserved."""
+    tokens: int
+    """Token budget reserved."""
+
+
+@_frozen
+class DelegationResponse:
+    """Acceptance or refusal of a delegation (a ``callback`` payload)."""
+
+    task_id: str
+    """The delegated task."""
+    accepted: bool
+    """Whether the task was accepted."""
+    reason: str | None = None
+    """Why it was refused (or any note)."""
+    estimated_completion: datetime | None = attrs.field(default=None, converter=_utc_or_none)
+    """When the executor expects to finish (UTC)."""
+    assigned_resources: AssignedResources | None = None
+    """What the executor set aside for it."""
+
+
+@_frozen
+class TaskCallback:
+    """Progress or outcome of a delegated task (a ``callback`` payload)."""
+
+    task_id: str
+    """The delegated task."""
+    status: CallbackStatus = attrs.field(converter=CallbackStatus)
+    """``progress``, ``completed`` or ``failed``."""
+    result: Any = None
+    """The result (any JSON value), usually with ``completed``."""
+    error: str | None = None
+    """What went wrong, usually with ``failed``."""
+    progress: float | None = None
+    """Progress so far, usually 0-100."""
+    metadata: Mapping[str, Any] | None = None
+    """Free-form JSON-compatible data."""
+
+
+@_frozen
+class BroadcastPayload:
+    """A federation-wide announcement on a topic (``broadcast`` payload)."""
+
+    topic: str
+    """What it is about."""
+    data: Any = None
+    """Any JSON value."""
+    ttl: float | None = attrs.field(default=None, validator=_non_negative)
+    """Seconds the announcement stays relevant (milliseconds on the wire)."""
+
+
+@_frozen
+class HeartbeatPayload:
+    """An orchestrator's load status (``heartbeat`` payload)."""
+
+    orchestrator_id: str
+    """Who is beating."""
+    timestamp: datetime = attrs.field(factory=_now, converter=_utc)
+    """When (UTC)."""
+    status: HeartbeatStatus = attrs.field(default=HeartbeatStatus.HEALTHY, converter=HeartbeatStatus)
+    """The sender's load status."""
+    active_connections: int = 0
+    """How many federation connections the sender has open."""
+
+
+@_frozen
+class ConnectionHealth:
+    """Health figures of a connection (``status`` payload; ``get_status()``)."""
+
+    status: ConnectionStatus = attrs.field(converter=ConnectionStatus)
+    """The connection's status."""
+    uptime: float = attrs.field(validator=_non_negative)
+    """Seconds since the connection opened (milliseconds on the wire)."""
+    last_heartbeat: datetime = attrs.field(converter=_utc)
+    """Time of the last liveness signal (UTC)."""
+    messages_sent: int = 0
+    """Messages written to the socket."""
+    messages_received: int = 0
+    """Well-formed messages read from the socket."""
+    errors: int = 0
+    """Malformed messages and other reported errors."""
+    latency: float | None = attrs.field(default=None, validator=_non_negative)
+    """Last measured ping round-trip time in seconds (milliseconds on the wire)."""
+
+
+Payload: TypeAlias = (
+    DelegationRequest
+    | DelegationResponse
+    | TaskCallback
+    | BroadcastPayload
+    | HeartbeatPayload
+    | ConnectionHealth
+)
+"""Any payload a :class:`FederationMessage` can carry."""
+
+_PAYLOAD_TYPES: dict[MessageType, tuple[type[Any], ...]] = {
+    MessageType.DELEGATION: (DelegationRequest,),
+    MessageType.CALLBACK: (TaskCallback, DelegationResponse),
+    MessageType.BROADCAST: (BroadcastPayload,),
+    MessageType.HEARTBEAT: (HeartbeatPayload,),
+    MessageType.STATUS: (ConnectionHealth,),
+}
+
+
+def _check_payload(inst: FederationMessage, _attribute: object, value: object) -> None:
+    allowed = _PAYLOAD_TYPES[inst.type]
+    if not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise TypeError(
+            f"a {inst.type.value!r} message carries a {names}, got {type(value).__name__}"
+        )
+
+
+@_frozen
+class FederationMessage:
+    """One message on the wire: an envelope around a typed payload.
+
+    The payload class must fit the type: ``delegation`` carries a
+    :class:`DelegationRequest`; ``callback`` a :class:`TaskCallback` or a
+    :class:`DelegationResponse`; ``broadcast`` a :class:`BroadcastPayload`;
+    ``heartbeat`` a :class:`HeartbeatPayload`; ``status`` a
+    :class:`ConnectionHealth`. A mismatch raises :exc:`TypeError`.
+    """
+
+    type: MessageType = attrs.field(converter=MessageType)
+    """What kind of message it is."""
+    payload: Payload = attrs.field(validator=_check_payload)
+    """The typed payload."""
+    sender: str
+    """The sending orchestrator's id (``from`` on the wire)."""
+    recipient: str
+    """The receiving orchestrator's id (``to`` on the wire)."""
+    timestamp: datetime = attrs.field(factory=_now, converter=_utc)
+    """When it was sent (UTC)."""
+    correlation_id: str | None = None
+    """Ties related messages together (usually a task id)."""
+
+
+for _cls in (
+    Task,
+    OrchestratorCapabilities,
+    MemoryEntry,
+    TaskHistoryEntry,
+    SharedContext,
+    DelegationRequest,
+    AssignedResources,
+    DelegationResponse,
+    TaskCallback,
+    BroadcastPayload,
+    HeartbeatPayload,
+    ConnectionHealth,
+    FederationMessage,
+):
+    attrs.resolve_types(_cls)

@@ -1,0 +1,184 @@
+"""The sans-IO core of a connection: status, liveness and timers.
+
+No trio, no sockets: time enters as an argument (``now``, seconds on any
+monotonic clock). The trio shell in ``_connection`` feeds it events and sleeps
+until :meth:`ConnectionState.next_deadline`, then calls
+:meth:`ConnectionState.handle_timer`.
+
+The status is *derived*, never stored, from a handful of facts, in one place
+(:meth:`ConnectionState.status`)::
+
+    closed by a protocol error         -> error
+    closed otherwise                   -> disconnected
+    not opened yet                     -> connecting
+    no liveness within the timeout,
+      or the peer says it is degraded  -> degraded
+    data flowed within idle_timeout    -> active
+    data flowed once, not since        -> idle
+    no data yet                        -> connected
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import attrs
+
+from ._messages import ConnectionStatus, HeartbeatStatus
+
+__all__ = ["PROTOCOL_ERROR_CODES", "ConnectionState", "TimerActions"]
+
+PROTOCOL_ERROR_CODES: Final = frozenset({1002, 1003, 1007, 1009, 1010})
+"""Close codes that mean a protocol error: the status becomes ``error``."""
+
+
+@attrs.frozen
+class TimerActions:
+    """What the shell must do after :meth:`ConnectionState.handle_timer`."""
+
+    ping: bool = False
+    """Send a ping (and a heartbeat message): the ping interval elapsed."""
+    liveness_lost: bool = False
+    """No liveness signal within the heartbeat timeout: report it."""
+
+
+@attrs.define
+class ConnectionState:
+    """Status, liveness and counters of one connection, driven by events.
+
+    Args:
+        heartbeat_timeout: seconds without a liveness signal before the
+            connection is degraded; pings go out every half of it.
+        idle_timeout: seconds without a data message before ``active`` turns
+            ``idle``.
+    """
+
+    heartbeat_timeout: float
+    idle_timeout: float
+    opened_at: float | None = None
+    last_liveness: float | None = None
+    last_activity: float | None = None
+    next_ping_at: float = math.inf
+    latency: float | None = None
+    close_code: int | None = None
+    liveness_ok: bool = True
+    remote_status: HeartbeatStatus = HeartbeatStatus.HEALTHY
+    active: bool = False
+    messages_sent: int = 0
+    messages_received: int = 0
+    errors: int = 0
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between pings: half the heartbeat timeout."""
+        return self.heartbeat_timeout / 2
+
+    @property
+    def is_open(self) -> bool:
+        """Opened and not closed."""
+        return self.opened_at is not None and self.close_code is None
+
+    @property
+    def status(self) -> ConnectionStatus:
+        """The status, derived from the facts above (see the module docstring)."""
+        if self.close_code is not None:
+            if self.close_code in PROTOCOL_ERROR_CODES:
+                return ConnectionStatus.ERROR
+            return ConnectionStatus.DISCONNECTED
+        if self.opened_at is None:
+            return ConnectionStatus.CONNECTING
+        if not self.liveness_ok or self.remote_status is not HeartbeatStatus.HEALTHY:
+            return ConnectionStatus.DEGRADED
+        if self.last_activity is None:
+            return ConnectionStatus.CONNECTED
+        return ConnectionStatus.ACTIVE if self.active else ConnectionStatus.IDLE
+
+    # -- events ---------------------------------------------------------------
+
+    def open(self, now: float) -> None:
+        """The transport is open: liveness and the ping cadence start now."""
+        if self.opened_at is not None:
+            raise RuntimeError("connection state opened twice")
+        self.opened_at = now
+        self.last_liveness = now
+        self.next_ping_at = now + self.ping_interval
+
+    def liveness(self, now: float, *, latency: float | None = None) -> None:
+        """A liveness signal arrived (a pong, a heartbeat, ``handle_heartbeat``)."""
+        self.last_liveness = now
+        self.liveness_ok = True
+        if latency is not None:
+            self.latency = latency
+
+    def remote_heartbeat(self, now: float, status: HeartbeatStatus) -> None:
+        """The peer sent a ``heartbeat`` message announcing ``status``."""
+        self.remote_status = status
+        self.liveness(now)
+
+    def sent(self, now: float) -> None:
+        """A message was written to the socket."""
+        self.messages_sent += 1
+        self._activity(now)
+
+    def received(self, now: float, *, data: bool) -> None:
+        """A well-formed message was read; ``data`` for non-control messages."""
+        self.messages_received += 1
+        if data:
+            self._activity(now)
+
+    def error(self) -> None:
+        """Count one error (a malformed frame, unsent messages...)."""
+        self.errors += 1
+
+    def close(self, code: int) -> None:
+        """The connection closed with ``code``; later closes do not override it."""
+        if self.close_code is None:
+            self.close_code = code
+            self.next_ping_at = math.inf
+
+    def _activity(self, now: float) -> None:
+        self.last_activity = now
+        self.active = True
+
+    # -- time -----------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """When :meth:`handle_timer` next has something to do (``inf``: never)."""
+        if not self.is_open:
+            return math.inf
+        assert self.last_liveness is not None
+        deadline = self.next_ping_at
+        if self.liveness_ok:
+            deadline = min(deadline, self.last_liveness + self.heartbeat_timeout)
+        if self.active and self.last_activity is not None:
+            deadline = min(deadline, self.last_activity + self.idle_timeout)
+        return deadline
+
+    def handle_timer(self, now: float) -> TimerActions:
+        """Act on every deadline that has passed by ``now``."""
+        if not self.is_open:
+            return TimerActions()
+        assert self.last_liveness is not None
+        ping = now >= self.next_ping_at
+        if ping:
+            self.next_ping_at += self.ping_interval
+            if self.next_ping_at <= now:  # woke late: do not fire a burst
+                self.next_ping_at = now + self.ping_interval
+        lost = self.liveness_ok and now - self.last_liveness >= self.heartbeat_timeout
+        if lost:
+            self.liveness_ok = False
+        if self.active and self.last_activity is not None:
+            if now - self.last_activity >= self.idle_timeout:
+                self.active = False
+        return TimerActions(ping=ping, liveness_lost=lost)
+
+    def is_healthy(self, now: float) -> bool:
+        """Open, with a liveness signal within the heartbeat timeout."""
+        if not self.is_open or self.last_liveness is None:
+            return False
+        return now - self.last_liveness <= self.heartbeat_timeout
+
+    def uptime(self, now: float) -> float:
+        """Seconds since the connection opened (0 before)."""
+        return 0.0 if self.opened_at is None else max(0.0, now - self.opened_at)

@@ -1,0 +1,180 @@
+"""Bounded buffers between a connection's tasks and its users."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+__all__ = ["EventStream", "MessageStream", "OutboundQueue"]
+
+
+class OutboundQueue(Generic[T]):
+    """A bounded FIFO with a readable snapshot, drained by one writer task.
+
+    Like a memory channel of ``capacity``, except that what it holds can be
+    listed (``message_queue``) and the writer *peeks* at the head and removes it
+    only once it is written, so "accepted but not yet written" is exact.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[T] = deque()
+        self._closed = False
+        self._not_empty = trio.lowlevel.ParkingLot()
+        self._not_full = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def snapshot(self) -> tuple[T, ...]:
+        """The waiting items, oldest first."""
+        return tuple(self._items)
+
+    def put_nowait(self, item: T) -> None:
+        """Append ``item``; :exc:`trio.WouldBlock` when full."""
+        if self._closed:
+            raise trio.ClosedResourceError("queue closed")
+        if len(self._items) >= self.capacity:
+            raise trio.WouldBlock
+        self._items.append(item)
+        self._not_empty.unpark()
+
+    async def put(self, item: T) -> None:
+        """Append ``item``, waiting for room while the queue is full."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if len(self._items) < self.capacity or self._closed:
+            self.put_nowait(item)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        while len(self._items) >= self.capacity and not self._closed:
+            await self._not_full.park()
+        self.put_nowait(item)
+
+    async def peek(self) -> T:
+        """The oldest item, waiting for one; :exc:`trio.EndOfChannel` once closed and empty."""
+        while not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._not_empty.park()
+        return self._items[0]
+
+    def pop(self) -> T:
+        """Remove the oldest item (after it was written)."""
+        item = self._items.popleft()
+        self._not_full.unpark()
+        return item
+
+    def close(self) -> None:
+        """Refuse new items; the writer drains what is left, then gets EndOfChannel."""
+        self._closed = True
+        self._not_empty.unpark_all()
+        self._not_full.unpark_all()
+
+
+class EventStream(Generic[T]):
+    """A stream of connection events (status changes or errors).
+
+    Returned by :meth:`OrchestratorConnection.watch_status` and
+    :meth:`OrchestratorConnection.watch_errors`. It buffers at most
+    ``max_buffer`` events; an event that arrives when the buffer is full pushes
+    out the oldest one and is counted in :attr:`missed`, so a watcher that does
+    not keep up never slows the connection down. ``async for`` ends when the
+    connection has closed and every buffered event was read.
+    """
+
+    def __init__(self, max_buffer: int) -> None:
+        self._buffer: deque[T] = deque(maxlen=max_buffer)
+        self._lot = trio.lowlevel.ParkingLot()
+        self._ended = False
+        self.missed = 0
+        """Events dropped because the buffer was full."""
+
+    def _push(self, event: T) -> None:
+        if len(self._buffer) == self._buffer.maxlen:
+            self.missed += 1
+        self._buffer.append(event)
+        self._lot.unpark_all()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._lot.unpark_all()
+
+    def receive_nowait(self) -> T:
+        """The next buffered event; :exc:`trio.WouldBlock` if none, EndOfChannel at the end."""
+        if self._buffer:
+            return self._buffer.popleft()
+        if self._ended:
+            raise trio.EndOfChannel
+        raise trio.WouldBlock
+
+    async def receive(self) -> T:
+        """Wait for the next event; :exc:`trio.EndOfChannel` once the connection closed."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                event = self.receive_nowait()
+            except trio.WouldBlock:
+                await self._lot.park()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return event
+
+    def __aiter__(self) -> EventStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+class MessageStream(trio.abc.ReceiveChannel[T]):
+    """A receive channel of messages that raises on abnormal connection loss.
+
+    What :meth:`OrchestratorConnection.subscribe` yields: ``await
+    stream.receive()`` or ``async for m in stream``. When the connection closes
+    normally the stream ends (:exc:`trio.EndOfChannel`, or the end of ``async
+    for``) after the buffered messages; when it is lost it raises
+    :exc:`~trio_federation.ConnectionLost` instead.
+    """
+
+    def __init__(
+        self, channel: trio.MemoryReceiveChannel[T], check_lost: Callable[[], None]
+    ) -> None:
+        self._channel = channel
+        self._check_lost = check_lost
+
+    async def receive(self) -> T:
+        """The next message; see the class docstring for the end of the stream."""
+        try:
+            return await self._channel.receive()
+        except trio.EndOfChannel:
+            self._check_lost()
+            raise
+
+    def receive_nowait(self) -> T:
+        """The next buffered message, or :exc:`trio.WouldBlock`."""
+        try:
+            return self._channel.receive_nowait()
+        except trio.EndOfChannel:
+            self._check_lost()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop receiving; the connection stops routing messages here."""
+        await self._channel.aclose()
+
+    def close(self) -> None:
+        """Synchronous :meth:`aclose`."""
+        self._channel.close()

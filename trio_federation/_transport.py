@@ -1,0 +1,390 @@
+"""Dialing and listening: open_orchestrator_connection and serve_federation."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import ssl
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any, NoReturn
+
+import trio
+import trio_websocket
+from trio_websocket import WebSocketRequest
+
+from ._codec import MAX_FRAME_SIZE
+from ._connection import (
+    DEFAULT_DISCONNECT_TIMEOUT,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_RECEIVE_BUFFER,
+    OrchestratorConnection,
+    normalize_capabilities,
+    raise_single,
+)
+from ._exceptions import ConnectionLost, HandshakeError
+from ._handshake import identity_headers, parse_request_identity, parse_response_identity
+from ._messages import HeartbeatStatus
+
+__all__ = ["FederationListener", "open_orchestrator_connection", "serve_federation"]
+
+logger = logging.getLogger("trio_federation.transport")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds a dial (TCP, TLS and the upgrade) may take."""
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a listener waits for a dialer's upgrade request."""
+SOCKET_QUEUE_SIZE = 4
+"""Messages trio-websocket buffers between its reader and ours."""
+
+
+def _check_local_id(local_id: object) -> str:
+    if not isinstance(local_id, str):
+        raise TypeError(f"local_id must be a string, got {type(local_id).__name__}")
+    if not local_id.strip():
+        raise ValueError("local_id must not be empty")
+    return local_id
+
+
+class _SocketHost:
+    """Runs trio-websocket's own reader task under a shield.
+
+    So that a cancelled block can still finish the close handshake (bounded by
+    the connection's timers), and so that a failure inside that task (a refused
+    upgrade) is caught and reported where the dial waits, not as a group.
+    """
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope(shield=True)
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[], None] = lambda: None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        except Exception as exc:
+            self.failure = exc
+            self.on_failure()
+
+
+def _handshake_error(url: str, exc: BaseException) -> HandshakeError:
+    if isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(inner) == 1:
+            return _handshake_error(url, inner[0])
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        body = (exc.body or b"").decode("utf-8", "replace").strip()
+        detail = f": {body}" if body else ""
+        return HandshakeError(f"{url} refused the upgrade{detail}", exc.status_code)
+    return HandshakeError(f"cannot connect to {url}: {exc!r}")
+
+
+@contextlib.asynccontextmanager
+async def open_orchestrator_connection(
+    url: str,
+    *,
+    local_id: str,
+    capabilities: Iterable[str],
+    remote_id: str | None = None,
+    remote_capabilities: Iterable[str] | None = None,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    disconnect_timeout: float = DEFAULT_DISCONNECT_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    receive_buffer_size: int = DEFAULT_RECEIVE_BUFFER,
+    max_message_size: int = MAX_FRAME_SIZE,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ssl_context: ssl.SSLContext | None = None,
+    local_status: HeartbeatStatus | str = HeartbeatStatus.HEALTHY,
+) -> AsyncIterator[OrchestratorConnection]:
+    """Dial a federation listener and yield the open connection.
+
+    The dialer presents ``local_id`` and ``capabilities`` in the upgrade request
+    headers; the listener's answer headers give the connection's ``id`` and
+    ``capabilities``. Against a listener that does not identify itself (the
+    TypeScript daemon), ``id`` is ``remote_id`` if given, else the ``from`` of
+    the first message received, and ``capabilities`` is ``remote_capabilities``.
+
+    Entering blocks until the upgrade is done (at most ``connect_timeout``).
+    Leaving disconnects gracefully (see
+    :meth:`~trio_federation.OrchestratorConnection.disconnect`); on cancellation
+    it sends a 1001 close and waits at most ``CANCEL_CLOSE_GRACE`` for the
+    handshake. Exceptions leave the block as themselves, never as an exception
+    group. Other arguments are those of
+    :class:`~trio_federation.OrchestratorConnection`.
+
+    Raises:
+        HandshakeError: the TCP connection, TLS or the upgrade failed, timed out,
+            or the listener refused it (``status_code`` says how).
+        ValueError: ``url`` is not a ``ws://`` or ``wss://`` URL, or an argument
+            is out of range.
+    """
+    local_id = _check_local_id(local_id)
+    local_capabilities = normalize_capabilities(capabilities, strict=True)
+    if remote_id is not None:
+        _check_local_id(remote_id)
+    try:
+        async with trio.open_nursery() as nursery:
+            host = _SocketHost()
+            await nursery.start(host.run)
+            try:
+                socket = await _dial(
+                    host,
+                    url,
+                    ssl_context=ssl_context,
+                    headers=identity_headers(local_id, local_capabilities),
+                    max_message_size=max_message_size,
+                    connect_timeout=connect_timeout,
+                )
+                identity = parse_response_identity(socket.handshake_headers)
+                connection = OrchestratorConnection(
+                    id=identity.id or remote_id or "",
+                    socket=socket,
+                    capabilities=(
+                        identity.capabilities
+                        if identity.id is not None
+                        else tuple(remote_capabilities or ())
+                    ),
+                    local_id=local_id,
+                    heartbeat_timeout=heartbeat_timeout,
+                    max_queue_size=max_queue_size,
+                    disconnect_timeout=disconnect_timeout,
+                    idle_timeout=idle_timeout,
+                    receive_buffer_size=receive_buffer_size,
+                    max_message_size=max_message_size,
+                    local_status=local_status,
+                )
+                async with connection:
+                    yield connection
+            finally:
+                host.scope.cancel()
+    except BaseExceptionGroup as group:
+        raise_single(group)
+
+
+async def _dial(
+    host: _SocketHost,
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    headers: list[tuple[bytes, bytes]],
+    max_message_size: int,
+    connect_timeout: float,
+) -> trio_websocket.WebSocketConnection:
+    scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
+    host.on_failure = scope.cancel
+    socket: trio_websocket.WebSocketConnection | None = None
+    with scope:
+        try:
+            socket = await trio_websocket.connect_websocket_url(
+                host.nursery,
+                url,
+                ssl_context,
+                extra_headers=headers,
+                message_queue_size=SOCKET_QUEUE_SIZE,
+                max_message_size=max_message_size,
+            )
+        except (OSError, trio_websocket.HandshakeError, trio.BrokenResourceError) as exc:
+            raise _handshake_error(url, exc) from exc
+    host.on_failure = lambda: None
+    if socket is None:
+        if host.failure is not None:
+            raise _handshake_error(url, host.failure) from host.failure
+        raise HandshakeError(f"no answer from {url} within {connect_timeout:g}s")
+    return socket
+
+
+Handler = Callable[[OrchestratorConnection], Awaitable[object]]
+
+
+class FederationListener:
+    """A running :func:`serve_federation`: what ``nursery.start`` returns.
+
+    Attributes:
+        local_id: this listener's orchestrator id.
+        capabilities: the capabilities it announces.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        local_id: str,
+        capabilities: tuple[str, ...],
+        connection_options: Mapping[str, Any],
+    ) -> None:
+        self._handler = handler
+        self.local_id = local_id
+        self.capabilities = capabilities
+        self._options = connection_options
+        self._connections: dict[str, OrchestratorConnection] = {}
+        self._reserved: set[str] = set()
+        self._server: trio_websocket.WebSocketServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        assert self._server is not None
+        return self._server.port
+
+    @property
+    def connections(self) -> Mapping[str, OrchestratorConnection]:
+        """Live connections by remote orchestrator id (a read-only view)."""
+        return types.MappingProxyType(self._connections)
+
+    async def _refuse(self, request: WebSocketRequest, status: int, reason: str) -> None:
+        logger.warning("refused federation upgrade from %s: %s", request.remote, reason)
+        await request.reject(status, body=reason.encode())
+
+    async def _handle_request(self, request: WebSocketRequest) -> None:
+        try:
+            identity = parse_request_identity(request.headers, request.path)
+        except ValueError as exc:
+            await self._refuse(request, 400, str(exc))
+            return
+        if identity.id is None:
+            await self._refuse(
+                request,
+                400,
+                "missing orchestrator id: send the X-Federation-Id header or the ?id= query",
+            )
+            return
+        peer_id = identity.id
+        if peer_id in self._reserved:
+            await self._refuse(request, 409, f"an orchestrator named {peer_id!r} is already connected")
+            return
+        self._reserved.add(peer_id)
+        try:
+            socket = await request.accept(
+                extra_headers=identity_headers(self.local_id, self.capabilities)
+            )
+            connection = OrchestratorConnection(
+                id=peer_id,
+                socket=socket,
+                capabilities=identity.capabilities,
+                local_id=self.local_id,
+                active_connections=lambda: len(self._connections),
+                **self._options,
+            )
+            self._connections[peer_id] = connection
+            logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
+            try:
+                async with connection:
+                    await self._handler(connection)
+            except ConnectionLost as exc:
+                logger.info("handler for %r ended: %s", peer_id, exc)
+            except Exception:
+                logger.exception("handler for %r raised; its connection closed with 1011", peer_id)
+        finally:
+            self._connections.pop(peer_id, None)
+            self._reserved.discard(peer_id)
+
+    async def _close_all(self, code: int, reason: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for connection in list(self._connections.values()):
+                nursery.start_soon(connection._close, code, reason)
+
+
+async def _serve_shielded(
+    scope: trio.CancelScope,
+    serve: Callable[..., Awaitable[NoReturn]],
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await serve(task_status=task_status)
+
+
+async def serve_federation(
+    handler: Handler,
+    host: str | None,
+    port: int,
+    *,
+    local_id: str,
+    capabilities: Iterable[str],
+    ssl_context: ssl.SSLContext | None = None,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    disconnect_timeout: float = DEFAULT_DISCONNECT_TIMEOUT,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    receive_buffer_size: int = DEFAULT_RECEIVE_BUFFER,
+    max_message_size: int = MAX_FRAME_SIZE,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    task_status: trio.TaskStatus[FederationListener] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """Listen for orchestrators and run ``handler(conn)`` for each one.
+
+    Use with ``listener = await nursery.start(serve_federation, handler, host,
+    port, local_id=..., capabilities=...)``: it returns a
+    :class:`FederationListener` once it is accepting, with the bound ``port``
+    and the live ``connections``. Runs until cancelled.
+
+    A dialer identifies itself with the ``X-Federation-Id`` and
+    ``X-Federation-Capabilities`` headers, or with the ``?id=`` and
+    ``?capabilities=a,b`` query of its URL (plain clients such as the TypeScript
+    daemon). An upgrade without an id is refused with 400; one whose id is
+    already connected, with 409. The answer carries this listener's id and
+    capabilities in the same headers.
+
+    The connection closes gracefully (1000) when the handler returns. An
+    exception from a handler is logged and closes that connection with 1011;
+    the listener goes on. Cancelling the listener closes every connection with
+    1001 ("going away"), each within its ``disconnect_timeout``, then stops.
+    Other arguments are those of :class:`~trio_federation.OrchestratorConnection`.
+
+    Raises:
+        OSError: the address could not be bound.
+    """
+    local_id = _check_local_id(local_id)
+    listener = FederationListener(
+        handler,
+        local_id=local_id,
+        capabilities=normalize_capabilities(capabilities, strict=True),
+        connection_options={
+            "heartbeat_timeout": heartbeat_timeout,
+            "max_queue_size": max_queue_size,
+            "disconnect_timeout": disconnect_timeout,
+            "idle_timeout": idle_timeout,
+            "receive_buffer_size": receive_buffer_size,
+            "max_message_size": max_message_size,
+        },
+    )
+    serve = functools.partial(
+        trio_websocket.serve_websocket,
+        listener._handle_request,
+        host,
+        port,
+        ssl_context,
+        message_queue_size=SOCKET_QUEUE_SIZE,
+        max_message_size=max_message_size,
+        connect_timeout=handshake_timeout,
+        disconnect_timeout=disconnect_timeout,
+    )
+    scope = trio.CancelScope(shield=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                listener._server = await nursery.start(_serve_shielded, scope, serve)
+                logger.info("federation listener %r on port %d", local_id, listener.port)
+                task_status.started(listener)
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener._close_all(1001, "listener stopping")
+                scope.cancel()
+    except BaseExceptionGroup as group:
+        raise_single(group)
+    raise AssertionError("unreachable")  # pragma: no cover
