@@ -265,8 +265,6 @@ def _identity(value: Any) -> Any:
 def _orjson_default(value: object) -> object:
     if isinstance(value, Mapping):
         return dict(value)
-    if isinstance(value, (set, frozenset)):
-        raise TypeError("sets are not JSON-serializable; use a list")
     if attrs.has(type(value)):
         return _CONVERTER.unstructure(value)
     raise TypeError(f"{type(value).__name__} is not JSON-serializable")

@@ -652,15 +652,29 @@ class OrchestratorConnection:
         for subscription in tuple(self._subscriptions):
             if subscription.matches(message):
                 try:
-                    await subscription.send_channel.send(message)
+                    await self._deliver(subscription.send_channel, message)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     continue  # unsubscribed meanwhile: offer it to the next one
                 return
         if is_data:
-            try:
-                await self._inbound_send.send(message)
-            except trio.BrokenResourceError:
-                pass  # nobody will read `async for` any more: the user closed it
+            await self._deliver(self._inbound_send, message)
+
+    async def _deliver(
+        self, channel: trio.MemorySendChannel[FederationMessage], message: FederationMessage
+    ) -> None:
+        try:
+            channel.send_nowait(message)
+            return
+        except trio.WouldBlock:
+            pass
+        # The application is not keeping up: wait for it (back-pressure), and
+        # tell the watchdog that the peer's silence meanwhile is ours.
+        self._state.stall(trio.current_time(), stalled=True)
+        try:
+            await channel.send(message)
+        finally:
+            self._state.stall(trio.current_time(), stalled=False)
+            self._publish_status()
 
     async def _writer(self) -> None:
         queue = self._queue
@@ -668,7 +682,7 @@ class OrchestratorConnection:
         try:
             while True:
                 try:
-                    _message, text = await queue.peek()
+                    message, text = await queue.peek()
                 except trio.EndOfChannel:
                     return  # closed and drained: disconnect() goes on
                 try:
@@ -676,7 +690,7 @@ class OrchestratorConnection:
                 except ConnectionClosed:
                     return  # the reader sees the close and ends the connection
                 queue.pop()
-                self._state.sent(trio.current_time())
+                self._state.sent(trio.current_time(), data=message.type in DATA_TYPES)
                 self._publish_status()
         finally:
             self._writer_done.set()
@@ -783,8 +797,6 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> None:
     errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
     if len(errors) == 1:
         error = errors[0]
-        if isinstance(error, BaseExceptionGroup):
-            raise_single(error)
         context = error.__context__
         try:
             raise error

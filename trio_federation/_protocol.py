@@ -63,6 +63,8 @@ class ConnectionState:
     latency: float | None = None
     close_code: int | None = None
     liveness_ok: bool = True
+    stalled: bool = False
+    stall_ended_at: float = -math.inf
     remote_status: HeartbeatStatus = HeartbeatStatus.HEALTHY
     active: bool = False
     messages_sent: int = 0
@@ -111,15 +113,32 @@ class ConnectionState:
         if latency is not None:
             self.latency = latency
 
+    def stall(self, now: float, *, stalled: bool) -> None:
+        """The local consumer stopped (or resumed) taking messages.
+
+        While the reader waits for the application, the socket is not read, so
+        pongs cannot arrive: the peer's silence is then our own doing and no
+        liveness verdict is passed. When the stall ends, the peer gets a full
+        ``heartbeat_timeout`` again, counted from then.
+        """
+        self.stalled = stalled
+        if not stalled:
+            self.stall_ended_at = now
+
+    def _liveness_reference(self) -> float:
+        assert self.last_liveness is not None
+        return max(self.last_liveness, self.stall_ended_at)
+
     def remote_heartbeat(self, now: float, status: HeartbeatStatus) -> None:
         """The peer sent a ``heartbeat`` message announcing ``status``."""
         self.remote_status = status
         self.liveness(now)
 
-    def sent(self, now: float) -> None:
-        """A message was written to the socket."""
+    def sent(self, now: float, *, data: bool) -> None:
+        """A message was written; ``data`` for non-control messages."""
         self.messages_sent += 1
-        self._activity(now)
+        if data:
+            self._activity(now)
 
     def received(self, now: float, *, data: bool) -> None:
         """A well-formed message was read; ``data`` for non-control messages."""
@@ -149,8 +168,8 @@ class ConnectionState:
             return math.inf
         assert self.last_liveness is not None
         deadline = self.next_ping_at
-        if self.liveness_ok:
-            deadline = min(deadline, self.last_liveness + self.heartbeat_timeout)
+        if self.liveness_ok and not self.stalled:
+            deadline = min(deadline, self._liveness_reference() + self.heartbeat_timeout)
         if self.active and self.last_activity is not None:
             deadline = min(deadline, self.last_activity + self.idle_timeout)
         return deadline
@@ -165,7 +184,11 @@ class ConnectionState:
             self.next_ping_at += self.ping_interval
             if self.next_ping_at <= now:  # woke late: do not fire a burst
                 self.next_ping_at = now + self.ping_interval
-        lost = self.liveness_ok and now - self.last_liveness >= self.heartbeat_timeout
+        lost = (
+            self.liveness_ok
+            and not self.stalled
+            and now - self._liveness_reference() >= self.heartbeat_timeout
+        )
         if lost:
             self.liveness_ok = False
         if self.active and self.last_activity is not None:
@@ -174,10 +197,10 @@ class ConnectionState:
         return TimerActions(ping=ping, liveness_lost=lost)
 
     def is_healthy(self, now: float) -> bool:
-        """Open, with a liveness signal within the heartbeat timeout."""
+        """Open, with a liveness signal within the heartbeat timeout (or stalled locally)."""
         if not self.is_open or self.last_liveness is None:
             return False
-        return now - self.last_liveness <= self.heartbeat_timeout
+        return self.stalled or now - self._liveness_reference() < self.heartbeat_timeout
 
     def uptime(self, now: float) -> float:
         """Seconds since the connection opened (0 before)."""

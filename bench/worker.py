@@ -1,0 +1,311 @@
+"""One peer process of a benchmark run: ``python -m bench.worker ROLE ...``.
+
+``serve`` listens on 127.0.0.1 (an ephemeral port), takes one connection and
+prints ``{"event": "ready", "port": N}`` then ``{"event": "result", ...}``;
+``dial`` connects to that port, does the work and prints its result. Each
+report is one JSON line on stdout; a failure is reported as ``{"event":
+"error", ...}`` and a non-zero exit status. Logs go to stderr.
+
+The process ends by itself after ``--timeout`` seconds, and as soon as its
+stdin reaches end of file (the parent closes it, or died), so that it never
+outlives the benchmark.
+
+Throughput (``--mode throughput``): the dialer sends ``--warmup`` + ``--count``
+messages; the listener counts them and times from the last warm-up message to
+the last message, so its ``elapsed`` spans exactly ``count`` arrivals. Round
+trips (``--mode roundtrip``): the dialer sends one delegation at a time and
+waits for the answer; it reports the ``count`` latencies after the warm-up ones,
+in nanoseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal
+
+import trio
+import trio_websocket
+
+from trio_federation import (
+    DelegationRequest,
+    DelegationResponse,
+    FederationListener,
+    FederationMessage,
+    OrchestratorConnection,
+    encode_message,
+    open_orchestrator_connection,
+    serve_federation,
+)
+
+from ._workload import (
+    CAPABILITIES,
+    DIALER_ID,
+    FEDERATION_PATH,
+    HEARTBEAT_TIMEOUT,
+    HOST,
+    LISTENER_ID,
+    make_delegations,
+)
+
+Impl = Literal["lib", "raw"]
+Mode = Literal["throughput", "roundtrip"]
+Report = dict[str, Any]
+
+RAW_PATH: Final = "/raw"
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Report one event to the parent: a JSON line on stdout."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+# -- the listener side ------------------------------------------------------------------
+
+
+async def _count_lib(conn: OrchestratorConnection, warmup: int, count: int) -> Report:
+    total = warmup + count
+    received = 0
+    started = time.perf_counter()
+    async for _message in conn:
+        received += 1
+        if received == warmup:
+            started = time.perf_counter()
+        if received == total:
+            break
+    return {"received": received, "elapsed": time.perf_counter() - started}
+
+
+async def _answer_lib(conn: OrchestratorConnection) -> Report:
+    answered = 0
+    async for message in conn:
+        if isinstance(message.payload, DelegationRequest):
+            await conn.accept_delegation(message.payload)
+            answered += 1
+    return {"answered": answered}
+
+
+async def _count_raw(ws: trio_websocket.WebSocketConnection, warmup: int, count: int) -> Report:
+    total = warmup + count
+    received = 0
+    started = time.perf_counter()
+    while received < total:
+        await ws.get_message()
+        received += 1
+        if received == warmup:
+            started = time.perf_counter()
+    return {"received": received, "elapsed": time.perf_counter() - started}
+
+
+async def _echo_raw(ws: trio_websocket.WebSocketConnection) -> Report:
+    answered = 0
+    while True:
+        try:
+            frame = await ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            return {"answered": answered}
+        await ws.send_message(frame)
+        answered += 1
+
+
+async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
+    """Listen, take one connection, measure it, and return the listener's figures."""
+    done = trio.Event()
+    report: Report = {}
+
+    async def run(work: Callable[[], Awaitable[Report]]) -> None:
+        try:
+            report.update(await work())
+        except Exception as exc:
+            report["error"] = f"listener handler failed: {exc!r}"
+        finally:
+            done.set()
+
+    async def lib_handler(conn: OrchestratorConnection) -> None:
+        if mode == "throughput":
+            await run(functools.partial(_count_lib, conn, warmup, count))
+        else:
+            await run(functools.partial(_answer_lib, conn))
+
+    async def raw_handler(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        if mode == "throughput":
+            await run(functools.partial(_count_raw, ws, warmup, count))
+        else:
+            await run(functools.partial(_echo_raw, ws))
+
+    async with trio.open_nursery() as nursery:
+        if impl == "lib":
+            listener: FederationListener = await nursery.start(
+                functools.partial(
+                    serve_federation,
+                    lib_handler,
+                    HOST,
+                    0,
+                    local_id=LISTENER_ID,
+                    capabilities=CAPABILITIES,
+                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                )
+            )
+            port = listener.port
+        else:
+            server: trio_websocket.WebSocketServer = await nursery.start(
+                functools.partial(trio_websocket.serve_websocket, raw_handler, HOST, 0, None)
+            )
+            port = server.port
+        emit("ready", port=port)
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    if "error" in report:
+        raise RuntimeError(report["error"])
+    return report
+
+
+# -- the dialer side --------------------------------------------------------------------
+
+
+async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Report:
+    """Connect to the listener on ``port``, do the work, and return the dialer's figures."""
+    messages = make_delegations(warmup + count)
+    if impl == "lib":
+        url = f"ws://{HOST}:{port}{FEDERATION_PATH}"
+        started = time.perf_counter()
+        async with open_orchestrator_connection(
+            url,
+            local_id=DIALER_ID,
+            capabilities=CAPABILITIES,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        ) as conn:
+            if mode == "roundtrip":
+                return await _round_trips_lib(conn, messages, warmup)
+            started = time.perf_counter()
+            for message in messages:
+                await conn.send(message)  # the back-pressure path
+            queued = time.perf_counter() - started
+        # Leaving the block drained the queue and closed the connection.
+        return {"sent": len(messages), "queued": queued, "elapsed": time.perf_counter() - started}
+
+    frames = [encode_message(message) for message in messages]  # pre-encoded, once each
+    async with trio_websocket.open_websocket_url(f"ws://{HOST}:{port}{RAW_PATH}") as ws:
+        if mode == "roundtrip":
+            return await _round_trips_raw(ws, frames, warmup)
+        started = time.perf_counter()
+        for frame in frames:
+            await ws.send_message(frame)
+        queued = time.perf_counter() - started
+    return {"sent": len(frames), "queued": queued, "elapsed": time.perf_counter() - started}
+
+
+async def _round_trips_lib(
+    conn: OrchestratorConnection, messages: list[FederationMessage], warmup: int
+) -> Report:
+    latencies: list[int] = []
+    replies = aiter(conn)
+    for index, message in enumerate(messages):
+        started = time.perf_counter_ns()
+        await conn.send(message)
+        reply = await anext(replies)
+        elapsed = time.perf_counter_ns() - started
+        if not (
+            isinstance(reply.payload, DelegationResponse)
+            and reply.payload.accepted
+            and reply.correlation_id == message.correlation_id
+        ):
+            raise RuntimeError(f"unexpected answer to {message.correlation_id}: {reply!r}")
+        if index >= warmup:
+            latencies.append(elapsed)
+    return {"latencies_ns": latencies}
+
+
+async def _round_trips_raw(
+    ws: trio_websocket.WebSocketConnection, frames: list[str], warmup: int
+) -> Report:
+    latencies: list[int] = []
+    for index, frame in enumerate(frames):
+        started = time.perf_counter_ns()
+        await ws.send_message(frame)
+        echo = await ws.get_message()
+        elapsed = time.perf_counter_ns() - started
+        if echo != frame:
+            raise RuntimeError(f"the echo of frame {index} differs")
+        if index >= warmup:
+            latencies.append(elapsed)
+    return {"latencies_ns": latencies}
+
+
+# -- process plumbing -------------------------------------------------------------------
+
+
+async def _end_on_stdin_eof(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when stdin reaches end of file (the parent is gone)."""
+    if sys.platform == "win32":  # pragma: no cover - no FdStream there
+        await trio.sleep_forever()
+    else:
+        async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+            while await stdin.receive_some(4096):
+                pass
+        logging.getLogger("bench.worker").warning("stdin closed: stopping")
+        scope.cancel()
+
+
+async def _main(args: argparse.Namespace) -> Report | None:
+    report: Report | None = None
+    with trio.fail_after(args.timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_end_on_stdin_eof, nursery.cancel_scope)
+            if args.role == "serve":
+                report = await serve(args.impl, args.mode, args.warmup, args.count)
+            else:
+                report = await dial(args.impl, args.mode, args.port, args.warmup, args.count)
+            nursery.cancel_scope.cancel()
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
+    parser.add_argument("role", choices=["serve", "dial"])
+    parser.add_argument("--impl", choices=["lib", "raw"], required=True)
+    parser.add_argument("--mode", choices=["throughput", "roundtrip"], required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0, help="the listener's port (dial)")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one role; report on stdout; exit status 0 on success."""
+    args = _parser().parse_args(argv)
+    if args.warmup < 1 or args.count < 1:
+        emit("error", error="--warmup and --count must be at least 1")
+        return 2
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format=f"[{args.role}/{args.impl}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        report = trio.run(_main, args)
+    except trio.TooSlowError:
+        emit("error", error=f"{args.role} did not finish within {args.timeout:g}s")
+        return 1
+    except BaseException as exc:
+        logging.getLogger("bench.worker").exception("%s failed", args.role)
+        emit("error", error=f"{args.role} failed: {exc!r}")
+        return 1
+    if report is None:
+        emit("error", error=f"{args.role} stopped before finishing (stdin closed)")
+        return 1
+    emit("result", **report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Tutorial: a listener and a dialer exchange a delegation (docs/tutorial.rst)."""
+
+from functools import partial
+
+import trio
+
+from trio_federation import (
+    DelegationRequest,
+    DelegationResponse,
+    FederationMessage,
+    OrchestratorConnection,
+    Task,
+    TaskCallback,
+    open_orchestrator_connection,
+    serve_federation,
+)
+
+
+# -- the executor: orch-b listens and runs what it is asked to ----------------
+async def executor(conn: OrchestratorConnection) -> None:
+    """Called once per accepted peer; the connection closes when it returns."""
+    print(f"[orch-b] {conn.id} connected with {list(conn.capabilities)}")
+    async for msg in conn:  # data messages; ends when the peer disconnects
+        if msg.type != "delegation":
+            continue
+        request = msg.payload
+        assert isinstance(request, DelegationRequest)
+        response = await conn.accept_delegation(request)  # sends the acceptance
+        if not response.accepted:
+            continue
+        task = request.task
+        for percent in (25, 50, 75):
+            await trio.sleep(0.1)  # ... the actual work ...
+            await conn.send(
+                FederationMessage(
+                    type="callback",
+                    payload=TaskCallback(task_id=task.id, status="progress", progress=percent),
+                    sender=conn.local_id or "orch-b",
+                    recipient=request.from_orchestrator_id,
+                    correlation_id=task.id,
+                )
+            )
+        await conn.send(
+            FederationMessage(
+                type="callback",
+                payload=TaskCallback(
+                    task_id=task.id, status="completed", result={"files_changed": 3}
+                ),
+                sender=conn.local_id or "orch-b",
+                recipient=request.from_orchestrator_id,
+                correlation_id=task.id,
+            )
+        )
+    print(f"[orch-b] {conn.id} disconnected")
+
+
+# -- the delegator: orch-a dials orch-b and hands it a task -------------------
+async def delegator(url: str) -> None:
+    async with open_orchestrator_connection(
+        url, local_id="orch-a", capabilities=["research"]
+    ) as conn:
+        print(f"[orch-a] connected to {conn.id}, status {conn.status}")
+        if not conn.check_capability(["code-generation", "testing"]):
+            print(f"[orch-a] {conn.id} cannot do this task")
+            return
+        task = Task(id="task-123", description="Implement the login feature", priority="high")
+        request = DelegationRequest(
+            from_orchestrator_id="orch-a",
+            to_orchestrator_id=conn.id,
+            task=task,
+            priority="high",
+            required_capabilities=["code-generation", "testing"],
+            timeout=300.0,  # seconds (300000 ms on the wire)
+        )
+        # Subscribe *before* sending, so that no answer can slip past.
+        with conn.subscribe("callback", predicate=lambda m: m.correlation_id == task.id) as updates:
+            await conn.send_message(
+                FederationMessage(
+                    type="delegation",
+                    payload=request,
+                    sender="orch-a",
+                    recipient=conn.id,
+                    correlation_id=task.id,
+                )
+            )
+            async for msg in updates:
+                match msg.payload:
+                    case DelegationResponse(accepted=True):
+                        print(f"[orch-a] {msg.sender} accepted {task.id}")
+                    case DelegationResponse(accepted=False, reason=reason):
+                        print(f"[orch-a] {msg.sender} refused {task.id}: {reason}")
+                        break
+                    case TaskCallback(status="progress", progress=progress):
+                        print(f"[orch-a] {task.id}: {progress:g}%")
+                    case TaskCallback(status="completed", result=result):
+                        print(f"[orch-a] {task.id} completed: {result}")
+                        break
+                    case TaskCallback(status="failed", error=error):
+                        print(f"[orch-a] {task.id} failed: {error}")
+                        break
+        health = conn.get_status()
+        print(f"[orch-a] sent {health.messages_sent}, received {health.messages_received}")
+    # Leaving the block wrote anything still queued and closed with code 1000.
+
+
+async def main() -> None:
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(
+            partial(serve_federation, local_id="orch-b", capabilities=["code-generation", "testing"]),
+            executor,
+            "127.0.0.1",
+            0,  # any free port
+        )
+        await delegator(f"ws://127.0.0.1:{listener.port}/federation")
+        nursery.cancel_scope.cancel()  # stop the listener
+
+
+if __name__ == "__main__":
+    trio.run(main)

@@ -1,0 +1,198 @@
+"""The live demo (``trio-federation demo``) and the command line around it."""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from trio_federation import ConnectionLost, HandshakeError
+from trio_federation import _cli
+from trio_federation._cli import main
+from trio_federation._demo import COORDINATOR_ID, EXECUTORS, DemoReport, run_demo
+
+FAST = 20.0
+"""Speed factor for tests: the demo's ~4 s become ~0.2 s."""
+
+
+def health_rows(text: str) -> dict[str, list[str]]:
+    """The rows of the printed health table, by peer id."""
+    _, table = text.split(f"Connection health, as seen by {COORDINATOR_ID}:\n", 1)
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "peer", "status", "latency", "sent", "received", "errors", "uptime",
+    ]  # fmt: skip
+    rows: dict[str, list[str]] = {}
+    for line in lines[1:]:
+        if not line.startswith("  orch-"):
+            break
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    return rows
+
+
+async def test_demo_completes_every_task_and_reports_health() -> None:
+    out = io.StringIO()
+    with trio.fail_after(30):
+        report = await run_demo(tasks=6, speed=FAST, out=out)
+    text = out.getvalue()
+
+    assert "\x1b[" not in text, "no ANSI escapes when the output is not a terminal"
+    for number in range(1, 7):
+        task = f"task-{number}"
+        assert re.search(rf"^ *[\d.]+s  {task} +delegated to orch-", text, re.MULTILINE)
+        assert re.search(rf"^ *[\d.]+s  {task} +accepted by orch-", text, re.MULTILINE)
+        assert re.search(rf"^ *[\d.]+s  {task} +progress +\d+%$", text, re.MULTILINE)
+        assert re.search(rf"^ *[\d.]+s  {task} +completed by orch-\w+: ", text, re.MULTILINE)
+    assert "FAILED" not in text
+    assert "6 of 6 task(s) completed" in text
+
+    for spec in EXECUTORS:
+        assert f"{spec.id} received broadcast 'all-tasks-delegated' from orch-alpha" in text
+
+    rows = health_rows(text)
+    assert set(rows) == {"orch-beta", "orch-gamma"}
+    for peer, (_, status, latency, sent, received, errors, uptime) in rows.items():
+        assert status in {"connected", "active", "idle"}, peer
+        assert latency == "n/a" or latency.endswith(" ms")
+        # Three tasks each: 3 delegations and a broadcast out; for each task an
+        # acceptance, 4 progress reports and a completion back.
+        assert int(sent) >= 4
+        assert int(received) >= 18
+        assert errors == "0"
+        assert uptime.endswith(" s")
+
+    assert isinstance(report, DemoReport)
+    assert report.failed == ()
+    assert set(report.health) == {"orch-beta", "orch-gamma"}
+
+
+async def test_demo_routes_each_task_by_capability() -> None:
+    with trio.fail_after(30):
+        report = await run_demo(tasks=6, speed=FAST, out=io.StringIO())
+    capabilities = {spec.id: set(spec.capabilities) for spec in EXECUTORS}
+    for row in report.tasks:
+        assert set(row.needs) <= capabilities[row.executor], row
+    assert {row.executor for row in report.tasks} == {"orch-beta", "orch-gamma"}
+
+
+async def test_demo_live_table_redraws_in_place() -> None:
+    out = io.StringIO()
+    with trio.fail_after(30):
+        report = await run_demo(tasks=3, speed=FAST, out=out, live=True)
+    text = out.getvalue()
+    assert report.failed == ()
+    assert "\x1b[?25l" in text and text.rstrip().count("\x1b[?25h") == 1  # cursor restored
+    assert re.search(r"\x1b\[\d+F", text), "moves back up to redraw"
+    final_frame = text.rsplit("\x1b[?25h", 1)[0].rsplit("\x1b[2K  task", 1)[1]
+    assert final_frame.count("100%") == 3
+    assert "3 of 3 completed" in final_frame
+    assert set(health_rows(text)) == {"orch-beta", "orch-gamma"}
+
+
+async def test_demo_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="tasks"):
+        await run_demo(tasks=0, out=io.StringIO())
+    with pytest.raises(ValueError, match="speed"):
+        await run_demo(speed=0, out=io.StringIO())
+
+
+# -- the command line ----------------------------------------------------------------
+
+
+def test_cli_demo_in_a_subprocess() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_federation", "demo", "--tasks", "2", "--speed", "10"],
+        capture_output=True,
+        text=True,
+        timeout=25,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 task(s) completed" in result.stdout
+    assert "\x1b[" not in result.stdout  # a pipe is not a terminal
+    assert result.stderr == ""  # quiet logging by default
+
+
+def test_cli_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--tasks", "1", "--speed", str(FAST), "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"task-1 +completed by orch-beta", out)
+    assert "1 of 1 task(s) completed" in out
+
+
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(["--help"])
+    assert exc_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: trio-federation" in out
+    assert "demo" in out
+
+    with pytest.raises(SystemExit) as exc_info:
+        main(["demo", "--help"])
+    assert exc_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--tasks", "--speed", "--plain", "--verbose"):
+        assert option in out
+
+
+def test_cli_without_a_command_prints_help_and_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert "usage: trio-federation" in captured.err
+    assert "demo" in captured.err
+
+
+def test_cli_module_without_a_command_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trio_federation"],
+        capture_output=True,
+        text=True,
+        timeout=25,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "usage: trio-federation" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["demo", "--tasks", "0"], ["demo", "--speed", "-1"], ["nope"]])
+def test_cli_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc_info:
+        main(argv)
+    assert exc_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_cli_reports_a_failure_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken_demo(**kwargs: object) -> DemoReport:
+        async with trio.open_nursery():  # failures arrive inside exception groups
+            raise HandshakeError("cannot connect to ws://127.0.0.1:1/federation")
+
+    monkeypatch.setattr(_cli, "run_demo", broken_demo)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "trio-federation demo failed: cannot connect to ws://127.0.0.1:1/federation" in err
+
+
+def test_cli_reports_failed_tasks_with_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def demo_with_a_lost_executor(**kwargs: object) -> DemoReport:
+        report = await run_demo(tasks=1, speed=FAST, out=io.StringIO())
+        row = report.tasks[0]
+        row.state, row.detail = "failed", f"lost the connection to orch-beta: {ConnectionLost(1006)}"
+        return report
+
+    monkeypatch.setattr(_cli, "run_demo", demo_with_a_lost_executor)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert "trio-federation demo failed: task-1 on orch-beta: lost the connection" in err

@@ -1,0 +1,123 @@
+"""Helpers for testing code that uses trio-federation, without sockets.
+
+:func:`open_websocket_pair` gives two real trio-websocket connections joined by
+in-memory streams (real framing, real ping/pong, no network), and
+:func:`open_connection_pair` wraps them into two entered
+:class:`~trio_federation.OrchestratorConnection` objects. Both work under
+:class:`trio.testing.MockClock`, so heartbeats and timeouts can be tested
+deterministically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
+
+from ._connection import OrchestratorConnection, raise_single
+
+__all__ = ["WebSocketPair", "open_connection_pair", "open_websocket_pair"]
+
+
+@attrs.frozen
+class WebSocketPair:
+    """Two joined trio-websocket connections and the scopes that run them."""
+
+    client: WebSocketConnection
+    """The dialing side."""
+    server: WebSocketConnection
+    """The listening side."""
+    client_scope: trio.CancelScope
+    """Runs the client's trio-websocket reader; cancel it to freeze that side."""
+    server_scope: trio.CancelScope
+    """Runs the server's trio-websocket reader; cancel it to freeze that side
+    (it then stops reading: no pongs, no close handshake)."""
+
+
+async def _host(
+    scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
+
+
+@contextlib.asynccontextmanager
+async def open_websocket_pair(
+    *,
+    message_queue_size: int = 4,
+    max_message_size: int = 1024 * 1024,
+    buffer_size: int = 64 * 1024,
+) -> AsyncIterator[WebSocketPair]:
+    """Yield two trio-websocket connections joined by in-memory streams.
+
+    The upgrade runs for real (the client sends no identification headers)
+    over a kernel socket pair whose buffers are ``buffer_size`` bytes, so a side
+    that stops reading soon stops the other side's writes, as over TCP. Works
+    under :class:`trio.testing.MockClock`. Leaving the block stops both readers
+    and closes the sockets.
+    """
+    # A kernel socketpair: real buffers and real back-pressure, no network.
+    left, right = trio.socket.socketpair()
+    for sock in (left, right):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
+    client_stream, server_stream = trio.SocketStream(left), trio.SocketStream(right)
+    client_scope, server_scope = trio.CancelScope(), trio.CancelScope()
+    try:
+        async with trio.open_nursery() as nursery:
+            client_nursery = await nursery.start(_host, client_scope)
+            server_nursery = await nursery.start(_host, server_scope)
+            sockets: dict[str, WebSocketConnection] = {}
+
+            async def serve() -> None:
+                request = await wrap_server_stream(
+                    server_nursery,
+                    server_stream,
+                    message_queue_size=message_queue_size,
+                    max_message_size=max_message_size,
+                )
+                sockets["server"] = await request.accept()
+
+            async with trio.open_nursery() as handshake:
+                handshake.start_soon(serve)
+                sockets["client"] = await wrap_client_stream(
+                    client_nursery,
+                    client_stream,
+                    "127.0.0.1",
+                    "/federation",
+                    message_queue_size=message_queue_size,
+                    max_message_size=max_message_size,
+                )
+            try:
+                yield WebSocketPair(sockets["client"], sockets["server"], client_scope, server_scope)
+            finally:
+                client_scope.cancel()
+                server_scope.cancel()
+                await client_stream.aclose()
+                await server_stream.aclose()
+    except BaseExceptionGroup as group:
+        raise_single(group)
+
+
+@contextlib.asynccontextmanager
+async def open_connection_pair(
+    *, a_id: str = "orch-a", b_id: str = "orch-b", **options: Any
+) -> AsyncIterator[tuple[OrchestratorConnection, OrchestratorConnection]]:
+    """Yield two entered connections talking to each other in memory.
+
+    ``a`` is the dialing side (its ``id`` is ``b_id``); ``b`` the listening
+    side. ``options`` go to both :class:`~trio_federation.OrchestratorConnection`
+    constructors. Leaving the block disconnects both.
+    """
+    async with open_websocket_pair() as pair:
+        a = OrchestratorConnection(id=b_id, socket=pair.client, local_id=a_id, **options)
+        b = OrchestratorConnection(id=a_id, socket=pair.server, local_id=b_id, **options)
+        async with a, b:
+            yield a, b
