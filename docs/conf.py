@@ -22,7 +22,7 @@ import trio_federation
 
 project = "trio-federation"
 author = "the trio-federation developers"
-copyright = "the trio-federation developers"  # noqa: A001 - Sphinx's name
+copyright = "the trio-federation developers"
 version = trio_federation.__version__
 release = trio_federation.__version__
 

@@ -347,12 +347,20 @@ async def test_unknown_remote_id_is_learned_from_first_message() -> None:
 
 async def test_disconnect_drains_queue_then_closes_normally() -> None:
     async with open_connection_pair() as (a, b):
+        got: list[str | None] = []
+
+        async def consume() -> None:
+            got.extend([m.correlation_id async for m in b])  # ends normally: no exception
+
         for i in range(100):
             await a.send_message(delegation(f"d{i}"))
-        await a.disconnect()
-        assert a.message_queue == ()
-        assert a.status == "disconnected"
-        got = [m.correlation_id async for m in b]  # ends normally: no exception
+        assert len(a.message_queue) > 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            with trio.fail_after(5):
+                await a.disconnect()
+            assert a.message_queue == ()
+            assert a.status == "disconnected"
         assert got == [f"d{i}" for i in range(100)]
         assert b.status == "disconnected"
         with pytest.raises(trio.ClosedResourceError):

@@ -88,7 +88,7 @@ async def test_demo_live_table_redraws_in_place() -> None:
     assert report.failed == ()
     assert "\x1b[?25l" in text and text.rstrip().count("\x1b[?25h") == 1  # cursor restored
     assert re.search(r"\x1b\[\d+F", text), "moves back up to redraw"
-    final_frame = text.rsplit("\x1b[?25h", 1)[0].rsplit("\x1b[2K  task", 1)[1]
+    final_frame = text.rsplit("\x1b[?25h", 1)[0].rsplit("details", 1)[1]
     assert final_frame.count("100%") == 3
     assert "3 of 3 completed" in final_frame
     assert set(health_rows(text)) == {"orch-beta", "orch-gamma"}

@@ -138,10 +138,10 @@ def _json_object(value: object, _type: object) -> Mapping[str, Any]:
 
 
 def _string_tuple(value: object, _type: object) -> tuple[str, ...]:
-    if not isinstance(value, list):
+    if not isinstance(value, (list, tuple)):
         raise TypeError(f"expected an array, got {type(value).__name__}")
     for item in value:
-        if type(item) is not str:
+        if not isinstance(item, str):
             raise TypeError(f"expected an array of strings, found {type(item).__name__}")
     return tuple(value)
 

@@ -352,6 +352,8 @@ async def _follow(
 
     A connection that ends first fails the tasks still open; it does not raise.
     """
+    if not rows:
+        return  # nothing was delegated to this executor
     by_id = {row.task.id: row for row in rows}
     try:
         async for msg in conn:

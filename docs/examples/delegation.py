@@ -1,4 +1,8 @@
-"""Tutorial: a listener and a dialer exchange a delegation (docs/tutorial.rst)."""
+"""Tutorial, part 1: a listener and a dialer exchange a delegation.
+
+Run it with ``python docs/examples/delegation.py``; docs/tutorial.rst walks
+through it.
+"""
 
 from functools import partial
 
@@ -16,11 +20,10 @@ from trio_federation import (
 )
 
 
-# -- the executor: orch-b listens and runs what it is asked to ----------------
 async def executor(conn: OrchestratorConnection) -> None:
-    """Called once per accepted peer; the connection closes when it returns."""
-    print(f"[orch-b] {conn.id} connected with {list(conn.capabilities)}")
-    async for msg in conn:  # data messages; ends when the peer disconnects
+    """orch-b: run every task delegated to it, reporting progress."""
+    print(f"[orch-b] {conn.id} connected, capabilities: {', '.join(conn.capabilities)}")
+    async for msg in conn:  # every data message; ends when the peer disconnects
         if msg.type != "delegation":
             continue
         request = msg.payload
@@ -29,51 +32,46 @@ async def executor(conn: OrchestratorConnection) -> None:
         if not response.accepted:
             continue
         task = request.task
-        for percent in (25, 50, 75):
+        for percent in (25, 50, 75, 100):
             await trio.sleep(0.1)  # ... the actual work ...
+            if percent < 100:
+                update = TaskCallback(task_id=task.id, status="progress", progress=percent)
+            else:
+                update = TaskCallback(task_id=task.id, status="completed", result={"files": 3})
             await conn.send(
                 FederationMessage(
                     type="callback",
-                    payload=TaskCallback(task_id=task.id, status="progress", progress=percent),
-                    sender=conn.local_id or "orch-b",
+                    payload=update,
+                    sender="orch-b",
                     recipient=request.from_orchestrator_id,
                     correlation_id=task.id,
                 )
             )
-        await conn.send(
-            FederationMessage(
-                type="callback",
-                payload=TaskCallback(
-                    task_id=task.id, status="completed", result={"files_changed": 3}
-                ),
-                sender=conn.local_id or "orch-b",
-                recipient=request.from_orchestrator_id,
-                correlation_id=task.id,
-            )
-        )
     print(f"[orch-b] {conn.id} disconnected")
 
 
-# -- the delegator: orch-a dials orch-b and hands it a task -------------------
 async def delegator(url: str) -> None:
+    """orch-a: dial orch-b, delegate one task and follow it to the end."""
     async with open_orchestrator_connection(
         url, local_id="orch-a", capabilities=["research"]
     ) as conn:
-        print(f"[orch-a] connected to {conn.id}, status {conn.status}")
-        if not conn.check_capability(["code-generation", "testing"]):
-            print(f"[orch-a] {conn.id} cannot do this task")
+        print(f"[orch-a] connected to {conn.id} ({conn.status})")
+        needed = ["code-generation", "testing"]
+        if not conn.check_capability(needed):
+            print(f"[orch-a] {conn.id} lacks one of {needed}")
             return
-        task = Task(id="task-123", description="Implement the login feature", priority="high")
+        task = Task(id="task-123", description="Implement the login feature", type="code")
         request = DelegationRequest(
             from_orchestrator_id="orch-a",
             to_orchestrator_id=conn.id,
             task=task,
             priority="high",
-            required_capabilities=["code-generation", "testing"],
+            required_capabilities=needed,
             timeout=300.0,  # seconds (300000 ms on the wire)
         )
         # Subscribe *before* sending, so that no answer can slip past.
-        with conn.subscribe("callback", predicate=lambda m: m.correlation_id == task.id) as updates:
+        about_task = conn.subscribe("callback", predicate=lambda m: m.correlation_id == task.id)
+        with about_task as updates:
             await conn.send_message(
                 FederationMessage(
                     type="delegation",
@@ -91,7 +89,7 @@ async def delegator(url: str) -> None:
                         print(f"[orch-a] {msg.sender} refused {task.id}: {reason}")
                         break
                     case TaskCallback(status="progress", progress=progress):
-                        print(f"[orch-a] {task.id}: {progress:g}%")
+                        print(f"[orch-a] {task.id} at {progress:g}%")
                     case TaskCallback(status="completed", result=result):
                         print(f"[orch-a] {task.id} completed: {result}")
                         break
@@ -100,17 +98,15 @@ async def delegator(url: str) -> None:
                         break
         health = conn.get_status()
         print(f"[orch-a] sent {health.messages_sent}, received {health.messages_received}")
-    # Leaving the block wrote anything still queued and closed with code 1000.
+    # Leaving the block wrote what was still queued, then closed with code 1000.
 
 
 async def main() -> None:
     async with trio.open_nursery() as nursery:
-        listener = await nursery.start(
-            partial(serve_federation, local_id="orch-b", capabilities=["code-generation", "testing"]),
-            executor,
-            "127.0.0.1",
-            0,  # any free port
+        serve = partial(
+            serve_federation, local_id="orch-b", capabilities=["code-generation", "testing"]
         )
+        listener = await nursery.start(serve, executor, "127.0.0.1", 0)  # 0: any free port
         await delegator(f"ws://127.0.0.1:{listener.port}/federation")
         nursery.cancel_scope.cancel()  # stop the listener
 
