@@ -28,6 +28,7 @@ from typing import Any, Final, Self
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from ._compat import release_stream
 from ._codec import MAX_FRAME_SIZE, decode_message, encode_message
 from ._exceptions import (
     ConnectionLost,
@@ -778,6 +779,7 @@ class OrchestratorConnection:
             with trio.CancelScope() as abort:
                 abort.cancel()
                 await self._socket.aclose(code, reason)  # cancelled: closes the stream
+        await release_stream(self._socket)
         if self._nursery is None:
             self._finish()  # never entered: nothing else will
         else:

@@ -83,7 +83,7 @@ def parse_request_identity(
         ValueError: an id is present but empty, too long or not printable.
     """
     values = _headers(headers)
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query, keep_blank_values=True)
     peer_id = values.get(ID_HEADER.lower())
     where = f"the {ID_HEADER} header"
     if peer_id is None and "id" in query:

@@ -7,6 +7,7 @@ import functools
 import logging
 import ssl
 import types
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, NoReturn
 
@@ -15,6 +16,7 @@ import trio_websocket
 from trio_websocket import WebSocketRequest
 
 from ._codec import MAX_FRAME_SIZE
+from ._compat import release_stream
 from ._connection import (
     DEFAULT_DISCONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -175,6 +177,22 @@ async def open_orchestrator_connection(
         raise_single(group)
 
 
+def _parse_url(url: str, ssl_context: ssl.SSLContext | None) -> tuple[str, int, str, ssl.SSLContext | None]:
+    """Split a ``ws://`` or ``wss://`` URL into host, port, resource and TLS context."""
+    parts = urllib.parse.urlsplit(str(url))
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"a federation URL must start with ws:// or wss://, got {url!r}")
+    if parts.scheme == "ws" and ssl_context is not None:
+        raise ValueError("ssl_context is only for wss:// URLs")
+    if parts.scheme == "wss" and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    if not parts.hostname:
+        raise ValueError(f"the URL {url!r} names no host")
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.hostname, port, resource, ssl_context
+
+
 async def _dial(
     host: _SocketHost,
     url: str,
@@ -184,21 +202,34 @@ async def _dial(
     max_message_size: int,
     connect_timeout: float,
 ) -> trio_websocket.WebSocketConnection:
+    hostname, port, resource, tls = _parse_url(url, ssl_context)
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
     host.on_failure = scope.cancel
     socket: trio_websocket.WebSocketConnection | None = None
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
     with scope:
         try:
-            socket = await trio_websocket.connect_websocket_url(
+            if tls is None:
+                stream = await trio.open_tcp_stream(hostname, port)
+            else:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    hostname, port, ssl_context=tls, https_compatible=True
+                )
+            socket = await trio_websocket.wrap_client_stream(
                 host.nursery,
-                url,
-                ssl_context,
+                stream,
+                hostname if port in (80, 443) else f"{hostname}:{port}",
+                resource,
                 extra_headers=headers,
                 message_queue_size=SOCKET_QUEUE_SIZE,
                 max_message_size=max_message_size,
             )
-        except (OSError, trio_websocket.HandshakeError, trio.BrokenResourceError) as exc:
+        except (OSError, trio.BrokenResourceError) as exc:
             raise _handshake_error(url, exc) from exc
+        finally:
+            if socket is None and stream is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
     host.on_failure = lambda: None
     if socket is None:
         if host.failure is not None:
@@ -248,6 +279,7 @@ class FederationListener:
     async def _refuse(self, request: WebSocketRequest, status: int, reason: str) -> None:
         logger.warning("refused federation upgrade from %s: %s", request.remote, reason)
         await request.reject(status, body=reason.encode())
+        await release_stream(request)
 
     async def _handle_request(self, request: WebSocketRequest) -> None:
         try:

@@ -1,0 +1,308 @@
+"""Real sockets on 127.0.0.1: dialer, listener, handshake, refusals, cut links."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trio
+import trio_websocket
+
+from trio_federation import (
+    ConnectionLost,
+    ConnectionStatus,
+    FederationListener,
+    FederationMessage,
+    HandshakeError,
+    OrchestratorConnection,
+    open_orchestrator_connection,
+    serve_federation,
+)
+
+from ..conftest import delegation, progress, wait_for
+from .proxy import TcpProxy
+
+Handler = Callable[[OrchestratorConnection], Awaitable[object]]
+
+
+async def start_listener(
+    nursery: trio.Nursery, handler: Handler, local_id: str = "orch-b", **options: object
+) -> FederationListener:
+    listener: FederationListener = await nursery.start(
+        lambda task_status: serve_federation(
+            handler, "127.0.0.1", 0, local_id=local_id,
+            capabilities=["code-generation", "testing"], task_status=task_status, **options,
+        )
+    )
+    return listener
+
+
+async def echo_acceptances(conn: OrchestratorConnection) -> None:
+    """A listener handler: accept every delegation and report completion."""
+    async for msg in conn:
+        if msg.type == "delegation":
+            await conn.accept_delegation(msg.payload)  # type: ignore[arg-type]
+            await conn.send_message(progress(msg.payload.task.id, 100,  # type: ignore[union-attr]
+                                             sender="orch-b", recipient=conn.id))
+
+
+@pytest.fixture
+async def listener(nursery: trio.Nursery) -> AsyncIterator[FederationListener]:
+    yield await start_listener(nursery, echo_acceptances)
+
+
+async def test_dial_handshake_delegate_and_close(listener: FederationListener) -> None:
+    url = f"ws://127.0.0.1:{listener.port}/federation"
+    async with open_orchestrator_connection(
+        url, local_id="orch-a", capabilities=["research"]
+    ) as conn:
+        assert conn.id == "orch-b"
+        assert conn.capabilities == ("code-generation", "testing")
+        assert conn.check_capability(["testing"])
+        assert conn.status == ConnectionStatus.CONNECTED
+        assert conn.is_healthy()
+        await wait_for(lambda: "orch-a" in listener.connections)
+        remote_view = listener.connections["orch-a"]
+        assert remote_view.capabilities == ("research",)
+        assert remote_view.local_id == "orch-b"
+        await conn.send_message(delegation("net-1", recipient=conn.id))
+        accepted = await conn.receive()
+        assert accepted.payload.accepted  # type: ignore[union-attr]
+        assert accepted.sender == "orch-b"
+        done = await conn.receive()
+        assert done.payload.progress == 100  # type: ignore[union-attr]
+    assert conn.status == "disconnected"
+    await wait_for(lambda: not listener.connections)
+
+
+async def test_plain_client_identifies_with_the_query(listener: FederationListener) -> None:
+    url = f"ws://127.0.0.1:{listener.port}/federation?id=plain&capabilities=testing,research"
+    async with trio_websocket.open_websocket_url(url) as ws:
+        headers = dict(ws.handshake_headers)
+        assert headers[b"x-federation-id"] == b"orch-b"
+        assert headers[b"x-federation-capabilities"] == b"code-generation,testing"
+        assert headers[b"x-federation-protocol"] == b"1"
+        await wait_for(lambda: "plain" in listener.connections)
+        assert listener.connections["plain"].capabilities == ("testing", "research")
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "reason"),
+    [
+        ("", 400, "missing orchestrator id"),
+        ("?id=", 400, "empty orchestrator id"),
+        ("?id=" + "x" * 300, 400, "longer than 256"),
+    ],
+)
+async def test_listener_refuses_unidentified_dialers(
+    listener: FederationListener, query: str, status: int, reason: str
+) -> None:
+    # A hand-written upgrade request: the plainest client there is.
+    async with await trio.open_tcp_stream("127.0.0.1", listener.port) as stream:
+        await stream.send_all(
+            f"GET /federation{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        response = b""
+        while chunk := await stream.receive_some():
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode())
+    assert reason in body.decode()
+    assert not listener.connections
+
+
+async def test_duplicate_id_is_refused_with_409(listener: FederationListener) -> None:
+    url = f"ws://127.0.0.1:{listener.port}/"
+    async with open_orchestrator_connection(url, local_id="twin", capabilities=[]):
+        with pytest.raises(HandshakeError) as info:
+            async with open_orchestrator_connection(url, local_id="twin", capabilities=[]):
+                pass  # pragma: no cover
+        assert info.value.status_code == 409
+        assert "'twin' is already connected" in str(info.value)
+        assert set(listener.connections) == {"twin"}
+
+
+async def test_dial_errors_are_handshake_errors() -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    await listeners[0].aclose()  # nothing listens there now
+    with pytest.raises(HandshakeError, match="cannot connect to"):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=[]
+        ):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="ws:"):
+        async with open_orchestrator_connection("http://127.0.0.1/", local_id="a", capabilities=[]):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="unknown capability 'flying'"):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=["flying"]
+        ):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="local_id"):
+        async with open_orchestrator_connection(f"ws://127.0.0.1:{port}/", local_id=" ",
+                                                capabilities=[]):
+            pass  # pragma: no cover
+
+
+async def test_dial_times_out_against_a_silent_server(nursery: trio.Nursery) -> None:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, never_answer, listeners)
+    with pytest.raises(HandshakeError, match="no answer .* within 0.2s"):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=[], connect_timeout=0.2
+        ):
+            pass  # pragma: no cover
+
+
+async def test_handler_exception_closes_1011_and_listener_goes_on(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def failing(conn: OrchestratorConnection) -> None:
+        msg = await conn.receive()
+        if msg.correlation_id == "boom":
+            raise RuntimeError("handler failed")
+        await echo_acceptances(conn)
+
+    listener = await start_listener(nursery, failing)
+    url = f"ws://127.0.0.1:{listener.port}/"
+    async with open_orchestrator_connection(url, local_id="a", capabilities=[]) as conn:
+        await conn.send_message(delegation("boom"))
+        with pytest.raises(ConnectionLost) as info:
+            await conn.receive()
+        assert info.value.code == 1011
+    assert any("handler for 'a' raised" in r.message for r in caplog.records)
+    async with open_orchestrator_connection(url, local_id="a", capabilities=[]) as conn:
+        await conn.send_message(delegation("fine"))
+        await conn.send_message(delegation("again"))
+        assert (await conn.receive()).payload.accepted  # type: ignore[union-attr]
+
+
+async def test_handler_return_closes_normally(nursery: trio.Nursery) -> None:
+    async def one_reply(conn: OrchestratorConnection) -> None:
+        await conn.send_message(progress("t", 1, recipient=conn.id))
+
+    listener = await start_listener(nursery, one_reply)
+    async with open_orchestrator_connection(
+        f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+    ) as conn:
+        assert [m.correlation_id async for m in conn] == ["t"]  # then ends normally
+        with pytest.raises(ConnectionLost) as info:
+            await conn.send_message(delegation("late"))
+        assert info.value.code == 1000
+
+
+async def test_stopping_the_listener_closes_connections_with_1001() -> None:
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as serving:
+            listener = await start_listener(serving, echo_acceptances)
+            conn_ready = trio.Event()
+            codes: list[int] = []
+
+            async def client() -> None:
+                async with open_orchestrator_connection(
+                    f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+                ) as conn:
+                    conn_ready.set()
+                    await wait_for(lambda: conn.status == "disconnected")
+                    with pytest.raises(trio.EndOfChannel):
+                        await conn.receive()
+                    with pytest.raises(ConnectionLost) as info:
+                        await conn.send_message(delegation("late"))
+                    codes.append(info.value.code)
+
+            outer.start_soon(client)
+            await conn_ready.wait()
+            await wait_for(lambda: "a" in listener.connections)
+            with trio.fail_after(5):
+                serving.cancel_scope.cancel()
+    assert codes == [1001]
+
+
+async def test_cut_link_raises_connection_lost_on_both_sides(nursery: trio.Nursery) -> None:
+    served: list[OrchestratorConnection] = []
+    outcome: list[BaseException] = []
+    handler_done = trio.Event()
+
+    async def hold(conn: OrchestratorConnection) -> None:
+        served.append(conn)
+        try:
+            async for _ in conn:
+                pass
+        except ConnectionLost as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            handler_done.set()
+
+    listener = await start_listener(nursery, hold)
+    proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
+    async with open_orchestrator_connection(
+        f"ws://127.0.0.1:{proxy.port}/", local_id="a", capabilities=[]
+    ) as conn:
+        await conn.send_message(delegation("before-cut"))
+        await wait_for(lambda: bool(served) and served[0].get_status().messages_received > 0)
+        proxy.cut()
+        with pytest.raises(ConnectionLost) as info:
+            await conn.receive()
+        assert info.value.code == 1006
+        assert conn.status == "disconnected"
+        assert not conn.is_healthy()
+        with pytest.raises(ConnectionLost):
+            await conn.send_message(delegation("after-cut"))
+    # Leaving the block after the link died raised nothing: the loss was seen above.
+    with trio.fail_after(5):
+        await handler_done.wait()
+    assert isinstance(outcome[0], ConnectionLost) and outcome[0].code == 1006
+
+
+async def test_cancelled_dialer_closes_with_going_away(
+    listener: FederationListener, nursery: trio.Nursery
+) -> None:
+    with trio.move_on_after(0.2):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+        ):
+            await trio.sleep_forever()
+    with trio.fail_after(2):
+        await wait_for(lambda: not listener.connections)
+
+
+async def test_exceptions_leave_the_dialer_plain(listener: FederationListener) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+        ):
+            1 / 0  # noqa: B018
+
+
+async def test_remote_id_against_a_silent_listener(nursery: trio.Nursery) -> None:
+    async def plain_server(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()  # no identification headers, like the daemon
+        message = await ws.get_message()
+        await ws.send_message(message)
+
+    server = await nursery.start(trio_websocket.serve_websocket, plain_server, "127.0.0.1", 0, None)
+    url = f"ws://127.0.0.1:{server.port}/"
+    async with open_orchestrator_connection(
+        url, local_id="a", capabilities=[], remote_id="daemon",
+        remote_capabilities=["research"],
+    ) as conn:
+        assert conn.id == "daemon"
+        assert conn.capabilities == ("research",)
+        await conn.send_message(delegation("echo", sender="daemon", recipient="a"))
+        echoed = await conn.receive()
+        assert isinstance(echoed, FederationMessage) and echoed.correlation_id == "echo"
+
+
+def test_logger_names() -> None:
+    assert logging.getLogger("trio_federation.connection").name.startswith("trio_federation.")
