@@ -36,7 +36,9 @@ def time_guard() -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def delegation(task_id: str = "task-1", sender: str = "orch-a", recipient: str = "orch-b") -> FederationMessage:
+def delegation(
+    task_id: str = "task-1", sender: str = "orch-a", recipient: str = "orch-b"
+) -> FederationMessage:
     """A delegation message from ``sender`` to ``recipient``."""
     return FederationMessage(
         type=MessageType.DELEGATION,
@@ -52,7 +54,9 @@ def delegation(task_id: str = "task-1", sender: str = "orch-a", recipient: str =
     )
 
 
-def progress(task_id: str, value: float, sender: str = "orch-b", recipient: str = "orch-a") -> FederationMessage:
+def progress(
+    task_id: str, value: float, sender: str = "orch-b", recipient: str = "orch-a"
+) -> FederationMessage:
     """A progress callback for ``task_id``."""
     return FederationMessage(
         type=MessageType.CALLBACK,

@@ -67,11 +67,17 @@ tasks = st.builds(
     metadata=optional(json_objects),
 )
 memories = st.builds(
-    MemoryEntry, id=text, content=text, timestamp=times,
+    MemoryEntry,
+    id=text,
+    content=text,
+    timestamp=times,
     type=st.sampled_from(["interaction", "observation", "decision", "knowledge"]),
 )
 history = st.builds(
-    TaskHistoryEntry, task_id=text, orchestrator_id=text, timestamp=times,
+    TaskHistoryEntry,
+    task_id=text,
+    orchestrator_id=text,
+    timestamp=times,
     outcome=st.sampled_from(["completed", "failed", "delegated"]),
 )
 contexts = st.builds(
@@ -84,8 +90,12 @@ contexts = st.builds(
 structured_capabilities = st.builds(
     OrchestratorCapabilities,
     max_sessions=optional(counts),
-    supported_task_types=optional(st.lists(st.sampled_from(["code", "research"]), max_size=2).map(tuple)),
-    memory_tiers=optional(st.lists(st.sampled_from(["scratchpad", "semantic"]), max_size=2).map(tuple)),
+    supported_task_types=optional(
+        st.lists(st.sampled_from(["code", "research"]), max_size=2).map(tuple)
+    ),
+    memory_tiers=optional(
+        st.lists(st.sampled_from(["scratchpad", "semantic"]), max_size=2).map(tuple)
+    ),
     token_budget=optional(json_objects),
     resource_limits=optional(json_objects),
     specializations=optional(st.lists(text, max_size=3).map(tuple)),
@@ -121,8 +131,11 @@ task_callbacks = st.builds(
 )
 broadcasts = st.builds(BroadcastPayload, topic=text, data=json_values, ttl=optional(durations))
 heartbeats = st.builds(
-    HeartbeatPayload, orchestrator_id=text, timestamp=times,
-    status=st.sampled_from(HeartbeatStatus), active_connections=counts,
+    HeartbeatPayload,
+    orchestrator_id=text,
+    timestamp=times,
+    status=st.sampled_from(HeartbeatStatus),
+    active_connections=counts,
 )
 healths = st.builds(
     ConnectionHealth,
@@ -145,8 +158,10 @@ PAYLOADS_BY_TYPE: dict[MessageType, st.SearchStrategy[Any]] = {
 
 
 @st.composite
-def messages(draw: st.DrawFn, message_type: st.SearchStrategy[MessageType] = st.sampled_from(MessageType)) -> FederationMessage:
-    kind = draw(message_type)
+def messages(
+    draw: st.DrawFn, message_type: st.SearchStrategy[MessageType] | None = None
+) -> FederationMessage:
+    kind = draw(message_type or st.sampled_from(MessageType))
     return FederationMessage(
         type=kind,
         payload=draw(PAYLOADS_BY_TYPE[kind]),

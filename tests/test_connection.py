@@ -32,7 +32,9 @@ from .conftest import delegation, progress, wait_for
 
 def broadcast(topic: str, sender: str = "orch-a", recipient: str = "orch-b") -> FederationMessage:
     return FederationMessage(
-        type="broadcast", payload=BroadcastPayload(topic=topic, data={"n": 1}), sender=sender,
+        type="broadcast",
+        payload=BroadcastPayload(topic=topic, data={"n": 1}),
+        sender=sender,
         recipient=recipient,
     )
 
@@ -132,7 +134,9 @@ async def test_send_message_rejects_non_messages_and_unencodable_payloads() -> N
         with pytest.raises(TypeError, match="FederationMessage"):
             await a.send_message({"type": "delegation"})  # type: ignore[arg-type]
         bad = FederationMessage(
-            type="broadcast", payload=BroadcastPayload(topic="t", data={1, 2}), sender="a",
+            type="broadcast",
+            payload=BroadcastPayload(topic="t", data={1, 2}),
+            sender="a",
             recipient="b",
         )
         with pytest.raises(TypeError, match="not JSON serializable: set"):
@@ -144,8 +148,9 @@ async def test_subscriptions_route_each_message_exactly_once() -> None:
     async with open_connection_pair() as (a, b):
         with (
             b.subscribe("broadcast") as broadcasts,
-            b.subscribe(MessageType.DELEGATION, predicate=lambda m: m.correlation_id == "x")
-            as only_x,
+            b.subscribe(
+                MessageType.DELEGATION, predicate=lambda m: m.correlation_id == "x"
+            ) as only_x,
             b.subscribe("delegation", "broadcast") as rest,
         ):
             await a.send_message(broadcast("news"))
@@ -178,8 +183,9 @@ async def test_control_messages_reach_only_subscriptions_that_ask() -> None:
         with b.subscribe("heartbeat", "status") as control:
             await a.send_message(heartbeat("healthy"))
             await a.send_message(
-                FederationMessage(type="status", payload=a.get_status(), sender="orch-a",
-                                  recipient="orch-b")
+                FederationMessage(
+                    type="status", payload=a.get_status(), sender="orch-a", recipient="orch-b"
+                )
             )
             got = [await control.receive(), await control.receive()]
             assert [m.type for m in got] == ["heartbeat", "status"]
@@ -194,7 +200,9 @@ async def test_many_unread_control_messages_never_stall_data() -> None:
             assert (await b.receive()).correlation_id == "data"
 
 
-async def test_peer_heartbeat_status_degrades_and_recovers(autojump_clock: trio.testing.MockClock) -> None:
+async def test_peer_heartbeat_status_degrades_and_recovers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     async with open_connection_pair() as (a, b):
         with b.watch_status() as statuses:
             await a.send_message(heartbeat("overloaded"))
@@ -377,7 +385,10 @@ async def test_disconnect_is_bounded_when_the_peer_stopped_reading(
 ) -> None:
     async with open_websocket_pair() as pair:
         a = OrchestratorConnection(
-            id="orch-b", socket=pair.client, local_id="orch-a", disconnect_timeout=3.0,
+            id="orch-b",
+            socket=pair.client,
+            local_id="orch-a",
+            disconnect_timeout=3.0,
             heartbeat_timeout=1000.0,
         )
         async with a:
@@ -555,7 +566,10 @@ async def test_slow_consumer_applies_backpressure_and_peer_stays_healthy(
 
 async def test_errors_are_federation_errors() -> None:
     for error in (
-        QueueFull(1), MalformedMessage("x"), ConnectionLost(1006), HeartbeatTimeout("p", 1.0),
+        QueueFull(1),
+        MalformedMessage("x"),
+        ConnectionLost(1006),
+        HeartbeatTimeout("p", 1.0),
         UnsentMessages("p", 2),
     ):
         assert isinstance(error, FederationError)

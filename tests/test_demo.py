@@ -10,8 +10,7 @@ import sys
 import pytest
 import trio
 
-from trio_federation import ConnectionLost, HandshakeError
-from trio_federation import _cli
+from trio_federation import ConnectionLost, HandshakeError, _cli
 from trio_federation._cli import main
 from trio_federation._demo import COORDINATOR_ID, EXECUTORS, DemoReport, run_demo
 
@@ -189,7 +188,10 @@ def test_cli_reports_failed_tasks_with_exit_1(
     async def demo_with_a_lost_executor(**kwargs: object) -> DemoReport:
         report = await run_demo(tasks=1, speed=FAST, out=io.StringIO())
         row = report.tasks[0]
-        row.state, row.detail = "failed", f"lost the connection to orch-beta: {ConnectionLost(1006)}"
+        row.state, row.detail = (
+            "failed",
+            f"lost the connection to orch-beta: {ConnectionLost(1006)}",
+        )
         return report
 
     monkeypatch.setattr(_cli, "run_demo", demo_with_a_lost_executor)

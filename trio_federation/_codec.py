@@ -196,7 +196,9 @@ def make_converter() -> cattrs.Converter:
             return _string_tuple(value, None)
         if isinstance(value, dict):
             return conv.structure(value, OrchestratorCapabilities)
-        raise TypeError(f"expected an array of capability names or an object, got {type(value).__name__}")
+        raise TypeError(
+            f"expected an array of capability names or an object, got {type(value).__name__}"
+        )
 
     for cls in (
         Task,
@@ -440,5 +442,3 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
         timestamp=timestamp,
         correlation_id=correlation_id,
     )
-
-

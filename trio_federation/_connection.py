@@ -28,8 +28,8 @@ from typing import Any, Final, Self
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ._compat import release_stream
 from ._codec import MAX_FRAME_SIZE, decode_message, encode_message
+from ._compat import release_stream
 from ._exceptions import (
     ConnectionLost,
     FederationError,
@@ -96,9 +96,7 @@ def _check_size(name: str, value: int) -> int:
 def normalize_capabilities(capabilities: Iterable[str], *, strict: bool) -> tuple[str, ...]:
     """Validate capability names into a tuple (unknown names refused if ``strict``)."""
     if isinstance(capabilities, str):
-        raise TypeError(
-            f"capabilities must be a list of names, not the string {capabilities!r}"
-        )
+        raise TypeError(f"capabilities must be a list of names, not the string {capabilities!r}")
     result: list[str] = []
     for cap in capabilities:
         if not isinstance(cap, str):
@@ -178,7 +176,7 @@ class OrchestratorConnection:
     def __init__(
         self,
         *,
-        id: str,  # noqa: A002 - the seed's name
+        id: str,
         socket: WebSocketConnection,
         capabilities: Iterable[str] = (),
         local_id: str | None = None,
@@ -312,8 +310,11 @@ class OrchestratorConnection:
         self._publish_status()
 
     def is_healthy(self) -> bool:
-        """False if the socket is not open, if no liveness signal came within
-        ``heartbeat_timeout``, or if the status is disconnected or error."""
+        """Whether the link looks alive.
+
+        False if the socket is not open, if no liveness signal came within
+        ``heartbeat_timeout``, or if the status is disconnected or error.
+        """
         if self._socket.closed is not None:
             return False
         return self._state.is_healthy(trio.current_time())
@@ -620,8 +621,10 @@ class OrchestratorConnection:
         if unsent:
             self._report(UnsentMessages(self._id, unsent))
         self._publish_status()
-        for watcher in (*self._status_watchers, *self._error_watchers):
-            watcher._end()
+        for status_watcher in self._status_watchers:
+            status_watcher._end()
+        for error_watcher in self._error_watchers:
+            error_watcher._end()
         self._finished.set()
         logger.info("connection to %r closed with code %d", self._id, code)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "ConnectionLost",
-    "UnsentMessages",
     "FederationError",
     "HandshakeError",
     "HeartbeatTimeout",
     "MalformedMessage",
     "QueueFull",
+    "UnsentMessages",
 ]
 
 

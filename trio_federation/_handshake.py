@@ -74,9 +74,7 @@ def _check_id(value: str | None, where: str) -> str | None:
     return value
 
 
-def parse_request_identity(
-    headers: Iterable[tuple[bytes, bytes]], target: str
-) -> PeerIdentity:
+def parse_request_identity(headers: Iterable[tuple[bytes, bytes]], target: str) -> PeerIdentity:
     """Who a dialer is: headers first, else the ``?id=`` and ``?capabilities=`` query.
 
     Raises:

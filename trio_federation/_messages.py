@@ -167,10 +167,7 @@ def _freeze_optional_tuple(value: Any) -> Any:
     return None if value is None else tuple(value)
 
 
-_frozen = attrs.frozen(kw_only=True)
-
-
-@_frozen
+@attrs.frozen(kw_only=True)
 class Task:
     """A unit of work that one orchestrator can delegate to another."""
 
@@ -194,7 +191,7 @@ class Task:
     """Free-form JSON-compatible data."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class OrchestratorCapabilities:
     """The daemon's structured form of required capabilities (all fields optional).
 
@@ -223,7 +220,7 @@ class OrchestratorCapabilities:
     """Specialised capability names."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class MemoryEntry:
     """One episodic or semantic memory shared with a delegated task."""
 
@@ -237,7 +234,7 @@ class MemoryEntry:
     """``interaction``, ``observation``, ``decision`` or ``knowledge``."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class TaskHistoryEntry:
     """One step of a task's lineage."""
 
@@ -251,7 +248,7 @@ class TaskHistoryEntry:
     """``completed``, ``failed`` or ``delegated``."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class SharedContext:
     """Memory handed over with a delegated task (all fields optional)."""
 
@@ -271,7 +268,13 @@ class SharedContext:
     """The task's lineage."""
 
 
-@_frozen
+def _required_capabilities(value: Any) -> tuple[str, ...] | OrchestratorCapabilities | None:
+    if value is None or isinstance(value, OrchestratorCapabilities):
+        return value
+    return _freeze_str_tuple(value)
+
+
+@attrs.frozen(kw_only=True)
 class DelegationRequest:
     """A request to run :attr:`task` on another orchestrator (``delegation`` payload)."""
 
@@ -285,9 +288,7 @@ class DelegationRequest:
     """Priority of the delegation."""
     required_capabilities: tuple[str, ...] | OrchestratorCapabilities | None = attrs.field(
         default=None,
-        converter=lambda v: (  # type: ignore[misc]
-            v if v is None or isinstance(v, OrchestratorCapabilities) else _freeze_str_tuple(v)
-        ),
+        converter=_required_capabilities,
     )
     """Capability names, or the daemon's structured form."""
     context: SharedContext | None = None
@@ -298,7 +299,7 @@ class DelegationRequest:
     """Where results should be reported, if not to the sender."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class AssignedResources:
     """Resources an orchestrator set aside for an accepted delegation."""
 
@@ -308,7 +309,7 @@ class AssignedResources:
     """Token budget reserved."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class DelegationResponse:
     """Acceptance or refusal of a delegation (a ``callback`` payload)."""
 
@@ -324,7 +325,7 @@ class DelegationResponse:
     """What the executor set aside for it."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class TaskCallback:
     """Progress or outcome of a delegated task (a ``callback`` payload)."""
 
@@ -342,7 +343,7 @@ class TaskCallback:
     """Free-form JSON-compatible data."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class BroadcastPayload:
     """A federation-wide announcement on a topic (``broadcast`` payload)."""
 
@@ -354,7 +355,7 @@ class BroadcastPayload:
     """Seconds the announcement stays relevant (milliseconds on the wire)."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class HeartbeatPayload:
     """An orchestrator's load status (``heartbeat`` payload)."""
 
@@ -362,13 +363,15 @@ class HeartbeatPayload:
     """Who is beating."""
     timestamp: datetime = attrs.field(factory=_now, converter=_utc)
     """When (UTC)."""
-    status: HeartbeatStatus = attrs.field(default=HeartbeatStatus.HEALTHY, converter=HeartbeatStatus)
+    status: HeartbeatStatus = attrs.field(
+        default=HeartbeatStatus.HEALTHY, converter=HeartbeatStatus
+    )
     """The sender's load status."""
     active_connections: int = 0
     """How many federation connections the sender has open."""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class ConnectionHealth:
     """Health figures of a connection (``status`` payload; ``get_status()``)."""
 
@@ -407,7 +410,7 @@ _PAYLOAD_TYPES: dict[MessageType, tuple[type[Any], ...]] = {
 }
 
 
-def _check_payload(inst: FederationMessage, _attribute: object, value: object) -> None:
+def _check_payload(inst: FederationMessage, _attribute: object, value: Any) -> None:
     allowed = _PAYLOAD_TYPES[inst.type]
     if not isinstance(value, allowed):
         names = " or ".join(t.__name__ for t in allowed)
@@ -416,7 +419,7 @@ def _check_payload(inst: FederationMessage, _attribute: object, value: object) -
         )
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class FederationMessage:
     """One message on the wire: an envelope around a typed payload.
 
@@ -441,6 +444,7 @@ class FederationMessage:
     """Ties related messages together (usually a task id)."""
 
 
+_cls: type[Any]
 for _cls in (
     Task,
     OrchestratorCapabilities,

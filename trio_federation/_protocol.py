@@ -191,9 +191,9 @@ class ConnectionState:
         )
         if lost:
             self.liveness_ok = False
-        if self.active and self.last_activity is not None:
-            if now - self.last_activity >= self.idle_timeout:
-                self.active = False
+        idle_since = self.last_activity
+        if self.active and idle_since is not None and now - idle_since >= self.idle_timeout:
+            self.active = False
         return TimerActions(ping=ping, liveness_lost=lost)
 
     def is_healthy(self, now: float) -> bool:

@@ -177,7 +177,9 @@ async def open_orchestrator_connection(
         raise_single(group)
 
 
-def _parse_url(url: str, ssl_context: ssl.SSLContext | None) -> tuple[str, int, str, ssl.SSLContext | None]:
+def _parse_url(
+    url: str, ssl_context: ssl.SSLContext | None
+) -> tuple[str, int, str, ssl.SSLContext | None]:
     """Split a ``ws://`` or ``wss://`` URL into host, port, resource and TLS context."""
     parts = urllib.parse.urlsplit(str(url))
     if parts.scheme not in ("ws", "wss"):
@@ -296,7 +298,9 @@ class FederationListener:
             return
         peer_id = identity.id
         if peer_id in self._reserved:
-            await self._refuse(request, 409, f"an orchestrator named {peer_id!r} is already connected")
+            await self._refuse(
+                request, 409, f"an orchestrator named {peer_id!r} is already connected"
+            )
             return
         self._reserved.add(peer_id)
         try:

@@ -40,7 +40,9 @@ class WebSocketPair:
 
 
 async def _host(
-    scope: trio.CancelScope, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
         async with trio.open_nursery() as nursery:
@@ -96,7 +98,9 @@ async def open_websocket_pair(
                     max_message_size=max_message_size,
                 )
             try:
-                yield WebSocketPair(sockets["client"], sockets["server"], client_scope, server_scope)
+                yield WebSocketPair(
+                    sockets["client"], sockets["server"], client_scope, server_scope
+                )
             finally:
                 client_scope.cancel()
                 server_scope.cancel()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ import trio_websocket
 from trio_federation import (
     ConnectionLost,
     ConnectionStatus,
+    DelegationRequest,
     FederationListener,
     FederationMessage,
     HandshakeError,
@@ -27,12 +29,17 @@ Handler = Callable[[OrchestratorConnection], Awaitable[object]]
 
 
 async def start_listener(
-    nursery: trio.Nursery, handler: Handler, local_id: str = "orch-b", **options: object
+    nursery: trio.Nursery, handler: Handler, local_id: str = "orch-b", **options: Any
 ) -> FederationListener:
     listener: FederationListener = await nursery.start(
         lambda task_status: serve_federation(
-            handler, "127.0.0.1", 0, local_id=local_id,
-            capabilities=["code-generation", "testing"], task_status=task_status, **options,
+            handler,
+            "127.0.0.1",
+            0,
+            local_id=local_id,
+            capabilities=["code-generation", "testing"],
+            task_status=task_status,
+            **options,
         )
     )
     return listener
@@ -41,15 +48,16 @@ async def start_listener(
 async def echo_acceptances(conn: OrchestratorConnection) -> None:
     """A listener handler: accept every delegation and report completion."""
     async for msg in conn:
-        if msg.type == "delegation":
-            await conn.accept_delegation(msg.payload)  # type: ignore[arg-type]
-            await conn.send_message(progress(msg.payload.task.id, 100,  # type: ignore[union-attr]
-                                             sender="orch-b", recipient=conn.id))
+        if isinstance(msg.payload, DelegationRequest):
+            await conn.accept_delegation(msg.payload)
+            await conn.send_message(
+                progress(msg.payload.task.id, 100, sender="orch-b", recipient=conn.id)
+            )
 
 
 @pytest.fixture
-async def listener(nursery: trio.Nursery) -> AsyncIterator[FederationListener]:
-    yield await start_listener(nursery, echo_acceptances)
+async def listener(nursery: trio.Nursery) -> FederationListener:
+    return await start_listener(nursery, echo_acceptances)
 
 
 async def test_dial_handshake_delegate_and_close(listener: FederationListener) -> None:
@@ -143,8 +151,9 @@ async def test_dial_errors_are_handshake_errors() -> None:
         ):
             pass  # pragma: no cover
     with pytest.raises(ValueError, match="local_id"):
-        async with open_orchestrator_connection(f"ws://127.0.0.1:{port}/", local_id=" ",
-                                                capabilities=[]):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{port}/", local_id=" ", capabilities=[]
+        ):
             pass  # pragma: no cover
 
 
@@ -157,7 +166,7 @@ async def test_dial_times_out_against_a_silent_server(nursery: trio.Nursery) -> 
             await trio.sleep_forever()
 
     nursery.start_soon(trio.serve_listeners, never_answer, listeners)
-    with pytest.raises(HandshakeError, match="no answer .* within 0.2s"):
+    with pytest.raises(HandshakeError, match=r"no answer .* within 0\.2s"):
         async with open_orchestrator_connection(
             f"ws://127.0.0.1:{port}/", local_id="a", capabilities=[], connect_timeout=0.2
         ):
@@ -294,7 +303,10 @@ async def test_remote_id_against_a_silent_listener(nursery: trio.Nursery) -> Non
     server = await nursery.start(trio_websocket.serve_websocket, plain_server, "127.0.0.1", 0, None)
     url = f"ws://127.0.0.1:{server.port}/"
     async with open_orchestrator_connection(
-        url, local_id="a", capabilities=[], remote_id="daemon",
+        url,
+        local_id="a",
+        capabilities=[],
+        remote_id="daemon",
         remote_capabilities=["research"],
     ) as conn:
         assert conn.id == "daemon"
