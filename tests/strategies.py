@@ -161,7 +161,7 @@ PAYLOADS_BY_TYPE: dict[MessageType, st.SearchStrategy[Any]] = {
 def messages(
     draw: st.DrawFn, message_type: st.SearchStrategy[MessageType] | None = None
 ) -> FederationMessage:
-    kind = draw(message_type or st.sampled_from(MessageType))
+    kind = draw(st.sampled_from(MessageType) if message_type is None else message_type)
     return FederationMessage(
         type=kind,
         payload=draw(PAYLOADS_BY_TYPE[kind]),
