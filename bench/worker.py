@@ -6,9 +6,9 @@ prints ``{"event": "ready", "port": N}`` then ``{"event": "result", ...}``;
 report is one JSON line on stdout; a failure is reported as ``{"event":
 "error", ...}`` and a non-zero exit status. Logs go to stderr.
 
-The process ends by itself after ``--timeout`` seconds, and as soon as its
-stdin reaches end of file (the parent closes it, or died), so that it never
-outlives the benchmark.
+The process ends by itself after ``--timeout`` seconds (hard, a little later, if
+cancellation cannot reach a hung task), and as soon as its stdin reaches end of
+file (the parent closes it, or died), so that it never outlives the benchmark.
 
 Throughput (``--mode throughput``): the dialer sends ``--warmup`` + ``--count``
 messages; the listener counts them and times from the last warm-up message to
@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
@@ -59,6 +60,8 @@ Mode = Literal["throughput", "roundtrip"]
 Report = dict[str, Any]
 
 RAW_PATH: Final = "/raw"
+HARD_STOP_GRACE: Final = 10.0
+"""Seconds after ``--timeout`` at which the process exits whatever it is doing."""
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -268,6 +271,11 @@ async def _main(args: argparse.Namespace) -> Report | None:
     return report
 
 
+def _hard_stop(role: str) -> None:
+    emit("error", error=f"{role} hung past its timeout; exiting hard")
+    os._exit(3)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("role", choices=["serve", "dial"])
@@ -291,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"[{args.role}/{args.impl}] %(levelname)s %(name)s: %(message)s",
     )
+    # Last resort against a hang that cancellation cannot reach (a shielded task).
+    hard_stop = threading.Timer(args.timeout + HARD_STOP_GRACE, _hard_stop, (args.role,))
+    hard_stop.daemon = True
+    hard_stop.start()
     try:
         report = trio.run(_main, args)
     except trio.TooSlowError:

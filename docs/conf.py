@@ -6,8 +6,9 @@ the build. No network is needed (hence no intersphinx).
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import re
+import sys
 from typing import Any
 
 import attrs
@@ -71,23 +72,14 @@ html_title = f"trio-federation {release}"
 # attribute docs and definition order of the private modules the names come
 # from, so fields keep their docstrings and their declaration order.
 
-_PRIVATE_MODULES = (
-    "trio_federation._messages",
-    "trio_federation._codec",
-    "trio_federation._streams",
-    "trio_federation._connection",
-    "trio_federation._transport",
-    "trio_federation._exceptions",
-    "trio_federation._version",
-)
-
 
 def _merge_private_analyzers(_app: Sphinx) -> None:
     package = ModuleAnalyzer.for_module("trio_federation")
     package.analyze()
     offset = max(package.tagorder.values(), default=0) + 1
-    for modname in _PRIVATE_MODULES:
-        importlib.import_module(modname)
+    # Every private module the package imported (the ones public names come from).
+    private_modules = sorted(name for name in sys.modules if name.startswith("trio_federation._"))
+    for modname in private_modules:
         private = ModuleAnalyzer.for_module(modname)
         private.analyze()
         for key, doc in private.attr_docs.items():
@@ -103,8 +95,8 @@ def _merge_private_analyzers(_app: Sphinx) -> None:
 #
 # attrs generates __init__: its defaults for factory fields show as ``NOTHING``
 # and converted fields lose their annotation. Rebuild the signature of each attrs
-# class from its fields instead: ``name: type = default``, ``datetime.now(UTC)`` for a
-# timestamp taken when the object is made.
+# class from its fields instead: ``name: type = default``, with
+# ``datetime.now(UTC)`` for a timestamp taken when the object is made.
 
 
 def _attrs_signature(cls: type[Any]) -> str:
@@ -112,9 +104,9 @@ def _attrs_signature(cls: type[Any]) -> str:
     for field in attrs.fields(cls):
         text = f"{field.name}: {stringify_annotation(field.type, 'smart')}"
         default = field.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            factory = default.factory
-            text += " = datetime.now(UTC)" if factory.__name__ == "_now" else " = <factory>"
+        if isinstance(default, attrs.Factory):
+            name = default.factory.__name__
+            text += " = datetime.now(UTC)" if name == "_now" else f" = {name}()"
         elif default is not attrs.NOTHING:
             text += f" = {object_description(default)}"
         parts.append(text)
@@ -134,13 +126,14 @@ def _process_signature(
         return _attrs_signature(obj), return_annotation
     if signature and "task_status" in signature:
         # trio's sentinel has an unhelpful repr; show the name users know.
-        head, _, _ = signature.partition("task_status")
-        annotation = "TaskStatus[FederationListener]"
-        return f"{head}task_status: {annotation} = trio.TASK_STATUS_IGNORED)", return_annotation
+        signature = re.sub(
+            r"(task_status: [^=]+= )[^,)]+", r"\1trio.TASK_STATUS_IGNORED", signature
+        )
+        return signature, return_annotation
     return None
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("builder-inited", _merge_private_analyzers)
     app.connect("autodoc-process-signature", _process_signature)
-    return {"parallel_read_safe": False}
+    return {"parallel_read_safe": True}

@@ -209,7 +209,7 @@ CALLBACK = {"taskId": "t", "status": "progress"}
         (envelope({"taskId": "t"}), "callback payload is neither a DelegationResponse"),
         (
             envelope({"taskId": 5, "status": "progress"}),
-            "expected a string, got int @ payload.taskId",
+            "expected a string, got a number @ payload.taskId",
         ),
         (
             envelope({"taskId": "t", "status": "done"}),
@@ -218,11 +218,11 @@ CALLBACK = {"taskId": "t", "status": "progress"}
         ),
         (
             envelope({"taskId": "t", "accepted": "yes"}),
-            "expected a boolean, got str @ payload.accepted",
+            "expected a boolean, got a string @ payload.accepted",
         ),
         (
             envelope({"taskId": "t", "status": "progress", "progress": "50%"}),
-            "expected a number, got str @ payload.progress",
+            "expected a number, got a string @ payload.progress",
         ),
         (
             envelope({"taskId": "t", "accepted": True, "estimatedCompletion": "soon"}),
@@ -232,7 +232,10 @@ CALLBACK = {"taskId": "t", "status": "progress"}
             envelope({"taskId": "t", "accepted": True, "assignedResources": {"sessions": 1}}),
             "required field missing @ payload.assignedResources.tokens",
         ),
-        (envelope({"topic": "x", "ttl": -5}, type="broadcast"), "ttl must be >= 0"),
+        (
+            envelope({"topic": "x", "ttl": -5}, type="broadcast"),
+            "expected a duration >= 0 milliseconds, got -5 @ payload.ttl",
+        ),
         (
             envelope(
                 {
@@ -261,7 +264,7 @@ CALLBACK = {"taskId": "t", "status": "progress"}
                 },
                 type="delegation",
             ),
-            "expected an array of capability names or an object, got str"
+            "expected an array of capability names or an object, got a string"
             " @ payload.requiredCapabilities",
         ),
         (
@@ -274,7 +277,7 @@ CALLBACK = {"taskId": "t", "status": "progress"}
                 },
                 type="delegation",
             ),
-            "expected an array of strings, found int @ payload.requiredCapabilities",
+            "expected an array of strings, found a number @ payload.requiredCapabilities",
         ),
         ("x" * (MAX_FRAME_SIZE + 1), f"frame of {MAX_FRAME_SIZE + 1} characters exceeds the limit"),
         ("[" * 2000 + "]" * 2000, "invalid JSON"),

@@ -573,3 +573,16 @@ async def test_errors_are_federation_errors() -> None:
         UnsentMessages("p", 2),
     ):
         assert isinstance(error, FederationError)
+
+
+async def test_subscribing_before_the_first_checkpoint_misses_nothing() -> None:
+    async with open_websocket_pair() as pair:
+        b = OrchestratorConnection(id="orch-a", socket=pair.server)
+        # Messages already waiting when the connection opens.
+        await pair.client.send_message(encode_message(heartbeat("healthy")))
+        await pair.client.send_message(encode_message(broadcast("early")))
+        await trio.testing.wait_all_tasks_blocked()
+        async with b:
+            with b.subscribe("heartbeat", "broadcast") as early:
+                got = [await early.receive(), await early.receive()]
+        assert [m.type for m in got] == ["heartbeat", "broadcast"]

@@ -82,7 +82,7 @@ def format_timestamp(value: datetime) -> str:
 def parse_timestamp(value: object) -> datetime:
     """Parse any ISO 8601 form; a time without an offset is taken as UTC."""
     if not isinstance(value, str):
-        raise TypeError(f"expected an ISO 8601 string, got {type(value).__name__}")
+        raise TypeError(f"expected an ISO 8601 string, got {_json_type(value)}")
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -102,12 +102,15 @@ def _to_ms(seconds: float | None) -> float | int | None:
 def _from_ms(value: object, _type: object) -> float | None:
     if value is None:
         return None
-    return _strict_float(value, float) / 1000
+    ms = _strict_float(value, float)
+    if not ms >= 0:
+        raise ValueError(f"expected a duration >= 0 milliseconds, got {value!r}")
+    return ms / 1000
 
 
 def _strict_str(value: object, _type: object) -> str:
     if type(value) is not str:
-        raise TypeError(f"expected a string, got {type(value).__name__}")
+        raise TypeError(f"expected a string, got {_json_type(value)}")
     return value
 
 
@@ -116,33 +119,33 @@ def _strict_int(value: object, _type: object) -> int:
         return value
     if type(value) is float and value.is_integer():
         return int(value)
-    raise TypeError(f"expected an integer, got {type(value).__name__}")
+    raise TypeError(f"expected an integer, got {_json_type(value)}")
 
 
 def _strict_float(value: object, _type: object) -> float:
     if type(value) is float or type(value) is int:
         return float(value)
-    raise TypeError(f"expected a number, got {type(value).__name__}")
+    raise TypeError(f"expected a number, got {_json_type(value)}")
 
 
 def _strict_bool(value: object, _type: object) -> bool:
     if type(value) is not bool:
-        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+        raise TypeError(f"expected a boolean, got {_json_type(value)}")
     return value
 
 
 def _json_object(value: object, _type: object) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise TypeError(f"expected an object, got {type(value).__name__}")
+        raise TypeError(f"expected an object, got {_json_type(value)}")
     return value
 
 
 def _string_tuple(value: object, _type: object) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"expected an array, got {type(value).__name__}")
+        raise TypeError(f"expected an array, got {_json_type(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise TypeError(f"expected an array of strings, found {type(item).__name__}")
+            raise TypeError(f"expected an array of strings, found {_json_type(item)}")
     return tuple(value)
 
 
@@ -197,7 +200,7 @@ def make_converter() -> cattrs.Converter:
         if isinstance(value, dict):
             return conv.structure(value, OrchestratorCapabilities)
         raise TypeError(
-            f"expected an array of capability names or an object, got {type(value).__name__}"
+            f"expected an array of capability names or an object, got {_json_type(value)}"
         )
 
     for cls in (

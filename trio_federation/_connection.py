@@ -230,6 +230,7 @@ class OrchestratorConnection:
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
         self._peer_closed: ConnectionLost | None = None  # normal end by the peer
         self._writer_done = trio.Event()
+        self._handed_over = trio.Event()
         self._finished = trio.Event()
         self._exit_stack: contextlib.AsyncExitStack | None = None
 
@@ -539,6 +540,9 @@ class OrchestratorConnection:
             await stack.aclose()
             raise
         self._exit_stack = stack
+        # The reader routes nothing until the caller has the connection: code
+        # that subscribes before its first checkpoint misses no message.
+        self._handed_over.set()
         return self
 
     async def __aexit__(
@@ -631,6 +635,7 @@ class OrchestratorConnection:
     async def _reader(self) -> None:
         socket = self._socket
         state = self._state
+        await self._handed_over.wait()
         while True:
             try:
                 data = await socket.get_message()

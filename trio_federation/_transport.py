@@ -151,7 +151,10 @@ async def open_orchestrator_connection(
                     max_message_size=max_message_size,
                     connect_timeout=connect_timeout,
                 )
-                identity = parse_response_identity(socket.handshake_headers)
+                try:
+                    identity = parse_response_identity(socket.handshake_headers)
+                except ValueError as exc:
+                    raise HandshakeError(f"{url} answered with a bad identity: {exc}") from None
                 connection = OrchestratorConnection(
                     id=identity.id or remote_id or "",
                     socket=socket,
@@ -363,10 +366,18 @@ async def serve_federation(
 ) -> NoReturn:
     """Listen for orchestrators and run ``handler(conn)`` for each one.
 
-    Use with ``listener = await nursery.start(serve_federation, handler, host,
-    port, local_id=..., capabilities=...)``: it returns a
-    :class:`FederationListener` once it is accepting, with the bound ``port``
-    and the live ``connections``. Runs until cancelled.
+    Use with ``nursery.start``, binding the keyword arguments first::
+
+        listener = await nursery.start(
+            functools.partial(serve_federation, local_id="orch-b", capabilities=["testing"]),
+            handler, "127.0.0.1", 0,
+        )
+
+    It returns a :class:`FederationListener` once it is accepting, with the
+    bound ``port`` and the live ``connections``, and runs until cancelled. The
+    handler runs as soon as a connection opens; the connection routes no
+    message before the handler's first checkpoint, so subscriptions made at the
+    top of the handler miss nothing.
 
     A dialer identifies itself with the ``X-Federation-Id`` and
     ``X-Federation-Capabilities`` headers, or with the ``?id=`` and

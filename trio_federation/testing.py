@@ -1,7 +1,8 @@
 """Helpers for testing code that uses trio-federation, without sockets.
 
 :func:`open_websocket_pair` gives two real trio-websocket connections joined by
-in-memory streams (real framing, real ping/pong, no network), and
+a local socket pair (real framing, real ping/pong, real back-pressure, no
+network), and
 :func:`open_connection_pair` wraps them into two entered
 :class:`~trio_federation.OrchestratorConnection` objects. Both work under
 :class:`trio.testing.MockClock`, so heartbeats and timeouts can be tested
@@ -57,7 +58,7 @@ async def open_websocket_pair(
     max_message_size: int = 1024 * 1024,
     buffer_size: int = 64 * 1024,
 ) -> AsyncIterator[WebSocketPair]:
-    """Yield two trio-websocket connections joined by in-memory streams.
+    """Yield two trio-websocket connections joined by a local socket pair.
 
     The upgrade runs for real (the client sends no identification headers)
     over a kernel socket pair whose buffers are ``buffer_size`` bytes, so a side
@@ -114,7 +115,7 @@ async def open_websocket_pair(
 async def open_connection_pair(
     *, a_id: str = "orch-a", b_id: str = "orch-b", **options: Any
 ) -> AsyncIterator[tuple[OrchestratorConnection, OrchestratorConnection]]:
-    """Yield two entered connections talking to each other in memory.
+    """Yield two entered connections talking to each other over a socket pair.
 
     ``a`` is the dialing side (its ``id`` is ``b_id``); ``b`` the listening
     side. ``options`` go to both :class:`~trio_federation.OrchestratorConnection`

@@ -1,0 +1,135 @@
+"""Starting, reading and stopping the peer processes of a run (``bench.worker``).
+
+Every wait is bounded: a run that does not finish within its timeout raises
+:exc:`PeerError`, and a child still alive when its block is left is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import IO, Any, Final
+
+import trio
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+"""The directory holding the ``bench`` package: the children's working directory."""
+EXIT_GRACE: Final = 5.0
+"""Seconds a child may take to exit by itself after its last report."""
+STDERR_TAIL: Final = 2000
+"""Characters of a failed child's stderr quoted in the error."""
+
+
+class PeerError(Exception):
+    """A peer process failed, hung or reported an error."""
+
+
+class Peer:
+    """A running ``python -m bench.worker`` child that reports JSON lines on stdout."""
+
+    def __init__(self, name: str, process: trio.Process, stderr: IO[bytes]) -> None:
+        self.name = name
+        self.process = process
+        self._stderr = stderr
+        self._buffer = b""
+
+    def stderr_tail(self) -> str:
+        """The end of what the child wrote to stderr (its logs)."""
+        self._stderr.flush()
+        self._stderr.seek(0)
+        text = self._stderr.read().decode("utf-8", "replace").strip()
+        return text[-STDERR_TAIL:]
+
+    def _failure(self, what: str) -> PeerError:
+        tail = self.stderr_tail()
+        code = self.process.returncode
+        status = "still running" if code is None else f"exit status {code}"
+        return PeerError(f"{self.name}: {what} ({status})" + (f"\n{tail}" if tail else ""))
+
+    async def _line(self) -> bytes:
+        stdout = self.process.stdout
+        assert stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await stdout.receive_some(65536)
+            if not chunk:
+                with trio.move_on_after(EXIT_GRACE):
+                    await self.process.wait()
+                raise self._failure("exited without reporting")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    async def expect(self, event: str) -> dict[str, Any]:
+        """The next report, which must be ``event`` (an ``error`` report raises)."""
+        line = await self._line()
+        try:
+            report: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise self._failure(f"wrote something else than a report: {line[:200]!r}") from None
+        if report.get("event") == "error":
+            raise self._failure(str(report.get("error")))
+        if report.get("event") != event:
+            raise self._failure(f"expected a {event!r} report, got {line[:200]!r}")
+        return report
+
+
+@contextlib.asynccontextmanager
+async def spawn_peer(name: str, arguments: list[str]) -> AsyncIterator[Peer]:
+    """Run ``python -m bench.worker *arguments``; kill it if it is alive at the end.
+
+    Its stdin stays open (and empty) while the block runs: the child stops by
+    itself when it closes, should this process die without killing it.
+    """
+    with tempfile.TemporaryFile() as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "bench.worker", *arguments],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=ROOT,
+        )
+        peer = Peer(name, process, stderr)
+        try:
+            yield peer
+            with trio.move_on_after(EXIT_GRACE):
+                await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True), trio.move_on_after(EXIT_GRACE):
+                await process.wait()
+            for stream in (process.stdin, process.stdout):
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
+
+
+async def run_pair(
+    impl: str, mode: str, *, count: int, warmup: int, timeout: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One measurement: a listener child and a dialer child; their two results.
+
+    Raises:
+        PeerError: a child failed, or the whole run took longer than ``timeout``.
+    """
+    common = ["--impl", impl, "--mode", mode, "--count", str(count), "--warmup", str(warmup)]
+    common += ["--timeout", f"{timeout:g}"]
+    phase = "starting the listener"
+    try:
+        with trio.fail_after(timeout + EXIT_GRACE):
+            async with spawn_peer(f"{impl} {mode} listener", ["serve", *common]) as listener:
+                ready = await listener.expect("ready")
+                phase = "running the dialer"
+                dialer_args = ["dial", *common, "--port", str(ready["port"])]
+                async with spawn_peer(f"{impl} {mode} dialer", dialer_args) as dialer:
+                    dialed = await dialer.expect("result")
+                phase = "waiting for the listener's result"
+                served = await listener.expect("result")
+    except trio.TooSlowError:
+        raise PeerError(f"{impl} {mode}: timed out while {phase}") from None
+    return served, dialed

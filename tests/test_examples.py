@@ -1,0 +1,36 @@
+"""The examples in the README and the docs run as written."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_docs_example_runs(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runpy.run_path(str(path), run_name="__main__")
+    assert capsys.readouterr().out.strip(), f"{path.name} printed nothing"
+
+
+def test_readme_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README has no Python example"
+    script = tmp_path / "readme_example.py"
+    script.write_text(blocks[0])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "DelegationResponse(task_id='task-1', accepted=True" in out
+    assert "TaskCallback(task_id='task-1'" in out
+
+
+def test_examples_exist() -> None:
+    assert EXAMPLES, "docs/examples is empty"
+    assert sys.version_info >= (3, 11)
