@@ -110,18 +110,18 @@ async def spawn_peer(name: str, arguments: list[str]) -> AsyncIterator[Peer]:
 
 
 async def run_pair(
-    impl: str, mode: str, *, count: int, warmup: int, timeout: float
+    impl: str, mode: str, *, count: int, warmup: int, time_limit: float
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One measurement: a listener child and a dialer child; their two results.
 
     Raises:
-        PeerError: a child failed, or the whole run took longer than ``timeout``.
+        PeerError: a child failed, or the whole run took longer than ``time_limit`` seconds.
     """
     common = ["--impl", impl, "--mode", mode, "--count", str(count), "--warmup", str(warmup)]
-    common += ["--timeout", f"{timeout:g}"]
+    common += ["--timeout", f"{time_limit:g}"]
     phase = "starting the listener"
     try:
-        with trio.fail_after(timeout + EXIT_GRACE):
+        with trio.fail_after(time_limit + EXIT_GRACE):
             async with spawn_peer(f"{impl} {mode} listener", ["serve", *common]) as listener:
                 ready = await listener.expect("ready")
                 phase = "running the dialer"

@@ -371,3 +371,38 @@ def test_mappings_and_attrs_values_in_free_form_fields_are_encoded() -> None:
     payload = orjson.loads(orjson.loads(encode_message(message))["payload"])
     assert payload["metadata"] == {"k": 1}
     assert payload["result"]["task"]["createdAt"] == "2026-11-26T12:00:00.123Z"
+
+
+def test_free_form_datetimes_are_iso_strings() -> None:
+    from datetime import timedelta, timezone
+
+    paris = timezone(timedelta(hours=1))
+    message = FederationMessage(
+        type="callback",
+        payload=TaskCallback(
+            task_id="t",
+            status="completed",
+            result={
+                "at": datetime(2026, 11, 26, 13, 0, tzinfo=paris),
+                "naive": datetime(2026, 11, 26, 12, 0),
+            },
+        ),
+        sender="a",
+        recipient="b",
+    )
+    payload = orjson.loads(orjson.loads(encode_message(message))["payload"])
+    assert payload["result"] == {"at": "2026-11-26T12:00:00.000Z", "naive": "2026-11-26T12:00:00"}
+
+
+def test_string_arrays_must_be_arrays() -> None:
+    frame = envelope(
+        {
+            "fromOrchestratorId": "a",
+            "toOrchestratorId": "b",
+            "task": {"id": "t", "description": "d"},
+            "requiredCapabilities": {"supportedTaskTypes": "code"},
+        },
+        type="delegation",
+    )
+    with pytest.raises(MalformedMessage, match="expected an array, got a string"):
+        decode_message(frame)

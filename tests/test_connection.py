@@ -586,3 +586,117 @@ async def test_subscribing_before_the_first_checkpoint_misses_nothing() -> None:
             with b.subscribe("heartbeat", "broadcast") as early:
                 got = [await early.receive(), await early.receive()]
         assert [m.type for m in got] == ["heartbeat", "broadcast"]
+
+
+async def test_last_heartbeat_before_open_is_the_creation_time() -> None:
+    async with open_websocket_pair() as pair:
+        conn = OrchestratorConnection(id="x", socket=pair.client)
+        assert conn.last_heartbeat == conn.get_status().last_heartbeat
+        assert conn.get_status().uptime == 0.0
+        assert conn.get_status().status == "connecting"
+
+
+async def test_non_string_capabilities_are_refused() -> None:
+    async with open_websocket_pair() as pair:
+        with pytest.raises(TypeError, match="a capability must be a string, got int"):
+            OrchestratorConnection(id="x", socket=pair.client, capabilities=[5])  # type: ignore[list-item]
+
+
+async def test_send_waiting_for_room_fails_when_the_connection_is_closed() -> None:
+    async with open_websocket_pair() as pair:
+        a = OrchestratorConnection(id="x", socket=pair.client, max_queue_size=1)
+        await a.send(delegation("1"))
+        async with trio.open_nursery() as nursery:
+            failures: list[BaseException] = []
+
+            async def blocked() -> None:
+                try:
+                    await a.send(delegation("2"))
+                except trio.ClosedResourceError as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(blocked)
+            await trio.testing.wait_all_tasks_blocked()
+            await a.disconnect()  # never opened: closes the queue and the socket
+        assert len(failures) == 1
+        assert a.status == "disconnected"
+
+
+async def test_streams_made_after_the_end_are_already_over() -> None:
+    async with open_connection_pair() as (a, b):
+        await a.disconnect()
+        await wait_for(lambda: b.status == "disconnected")
+        with b.subscribe("delegation") as stream:
+            with pytest.raises(trio.EndOfChannel):
+                await stream.receive()
+        with b.watch_status() as statuses:
+            assert [s async for s in statuses] == []
+        with pytest.raises(trio.EndOfChannel):
+            b.watch_errors().__enter__().receive_nowait()
+
+
+async def test_entering_under_a_cancelled_scope_leaves_nothing_running() -> None:
+    async with open_websocket_pair() as pair:
+        conn = OrchestratorConnection(id="x", socket=pair.client)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with conn:
+                pytest.fail("entered under a cancelled scope")  # pragma: no cover
+        assert conn.status == "disconnected"
+
+
+async def test_a_failing_callback_ends_the_connection_with_1011_and_the_cause() -> None:
+    def broken() -> int:
+        raise ZeroDivisionError("load figure unavailable")
+
+    async with open_websocket_pair() as pair:
+        a = OrchestratorConnection(
+            id="orch-b",
+            socket=pair.client,
+            local_id="orch-a",
+            heartbeat_timeout=0.05,
+            active_connections=broken,
+        )
+        b = OrchestratorConnection(id="orch-a", socket=pair.server, local_id="orch-b")
+        async with b, a:
+            with pytest.raises(ConnectionLost) as info:
+                await a.receive()
+            assert info.value.code == 1011
+            assert "internal error in _watchdog" in info.value.reason
+            assert isinstance(info.value.__cause__, ZeroDivisionError)
+            with pytest.raises(ConnectionLost) as remote:
+                await b.receive()
+            assert remote.value.code == 1011
+
+
+async def test_a_subscription_closed_mid_delivery_passes_the_message_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with open_connection_pair() as (a, b):
+        with b.subscribe("broadcast", max_buffer=1) as first:
+            await a.send_message(broadcast("one"))
+            await a.send_message(broadcast("two"))
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits on `first`
+        # Unsubscribed with "one" unread (logged); "two", still in the reader's
+        # hands, goes to the next route: async for.
+        assert (await b.receive()).payload.topic == "two"  # type: ignore[union-attr]
+    assert "left with 1 unread message(s)" in caplog.text
+
+
+async def test_a_closed_subscription_is_skipped() -> None:
+    async with open_connection_pair() as (a, b):
+        with b.subscribe("broadcast") as closed, b.subscribe("broadcast") as open_:
+            closed.close()
+            await a.send_message(broadcast("x"))
+            assert (await open_.receive()).type == "broadcast"
+
+
+async def test_raise_single_keeps_real_groups() -> None:
+    from trio_federation._connection import raise_single
+
+    group = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+    with pytest.raises(ExceptionGroup) as info:
+        raise_single(group)
+    assert info.value is group
+    with pytest.raises(ValueError, match="a"):
+        raise_single(ExceptionGroup("one", [ValueError("a")]))

@@ -38,7 +38,6 @@ from ._messages import (
     MemoryEntry,
     MessageType,
     OrchestratorCapabilities,
-    Payload,
     SharedContext,
     Task,
     TaskCallback,
@@ -60,14 +59,8 @@ _MILLISECOND_FIELDS: Final[dict[type[Any], tuple[str, ...]]] = {
     ConnectionHealth: ("uptime", "latency"),
 }
 
-_RENAMES: Final[dict[str, str]] = {
-    "max_heap_mb": "maxHeapMB",
-}
-
 
 def _camel(name: str) -> str:
-    if name in _RENAMES:
-        return _RENAMES[name]
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() for part in rest)
 
@@ -92,9 +85,8 @@ def parse_timestamp(value: object) -> datetime:
     return parsed.astimezone(UTC)
 
 
-def _to_ms(seconds: float | None) -> float | int | None:
-    if seconds is None:
-        return None
+def _to_ms(seconds: float) -> float | int:
+    # Only called for values that are set: None fields are left out.
     ms = round(seconds * 1000, 6)
     return int(ms) if ms.is_integer() and abs(ms) < 2**53 else ms
 
@@ -268,6 +260,8 @@ def _identity(value: Any) -> Any:
 
 
 def _orjson_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return format_timestamp(value) if value.tzinfo is not None else value.isoformat()
     if isinstance(value, Mapping):
         return dict(value)
     if attrs.has(type(value)):
@@ -282,11 +276,6 @@ _DUMPS_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME
 
 def _dumps(value: object) -> bytes:
     return orjson.dumps(value, default=_orjson_default, option=_DUMPS_OPTIONS)
-
-
-def encode_payload(payload: Payload) -> str:
-    """Encode a payload alone as the JSON string the envelope carries."""
-    return _dumps(_UNSTRUCTURE(payload)).decode()
 
 
 def encode_message(message: FederationMessage) -> str:
@@ -327,11 +316,10 @@ _PAYLOAD_CLASS: Final[dict[MessageType, type[Any]]] = {
 _MESSAGE_TYPES: Final = {member.value: member for member in MessageType}
 
 
-def _describe(exc: BaseException, where: str) -> str:
-    if isinstance(exc, cattrs.BaseValidationError):
-        text = "; ".join(cattrs.transform_error(exc, path=where, format_exception=_format_error))
-        return _PATH_SEGMENT.sub(lambda m: "." + _camel(m.group(1)), text)
-    return f"{where}: {exc}"
+def _describe(exc: cattrs.BaseValidationError, where: str) -> str:
+    """Every failure in ``exc``, with its path in wire (camelCase) names."""
+    text = "; ".join(cattrs.transform_error(exc, path=where, format_exception=_format_error))
+    return _PATH_SEGMENT.sub(lambda m: "." + _camel(m.group(1)), text)
 
 
 def _format_error(exc: BaseException, _type: object) -> str:
@@ -429,14 +417,14 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
                 "nor a TaskCallback (no 'status')"
             )
     try:
+        # Detailed validation wraps every failure (of a field or of the class's
+        # own converters and validators) in a cattrs validation error.
         payload = _CONVERTER.structure(raw_payload, payload_class)
-    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError) as exc:
+    except cattrs.BaseValidationError as exc:
         raise MalformedMessage(
             f"invalid {message_type.value} payload ({payload_class.__name__}): "
             + _describe(exc, "payload")
         ) from None
-    except RecursionError:
-        raise MalformedMessage(f"{message_type.value} payload is nested too deeply") from None
     return FederationMessage(
         type=message_type,
         payload=payload,

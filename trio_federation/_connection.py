@@ -468,6 +468,7 @@ class OrchestratorConnection:
         try:
             with receive_channel:
                 yield MessageStream(receive_channel, self._raise_if_lost)
+                _discard_unread(receive_channel, self._id)
         finally:
             with contextlib.suppress(ValueError):
                 self._subscriptions.remove(subscription)
@@ -595,7 +596,7 @@ class OrchestratorConnection:
                 self._lost = lost
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True), trio.move_on_after(0):
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
                 await self._socket.aclose(1011, "internal error")
 
     def _finish(self) -> None:
@@ -794,6 +795,19 @@ class OrchestratorConnection:
             self._nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self._finished.wait()
+
+
+def _discard_unread(channel: trio.MemoryReceiveChannel[FederationMessage], peer: str) -> None:
+    """Say how many messages an unsubscribing stream leaves unread.
+
+    Counted, not drained: draining would admit a message the reader is still
+    offering, which then goes to the next route instead.
+    """
+    unread = channel.statistics().current_buffer_used
+    if unread:
+        logger.warning(
+            "connection to %r: a subscription was left with %d unread message(s)", peer, unread
+        )
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> None:

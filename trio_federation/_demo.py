@@ -32,6 +32,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -62,12 +63,17 @@ __all__ = [
     "COORDINATOR_ID",
     "EXECUTORS",
     "DemoReport",
+    "Display",
+    "EventLog",
     "ExecutorSpec",
+    "LiveTable",
     "TaskProgress",
     "format_health",
     "run_demo",
     "run_executor",
 ]
+
+logger = logging.getLogger("trio_federation.demo")
 
 HOST: Final = "127.0.0.1"
 """The demo listens on loopback only."""
@@ -250,24 +256,31 @@ async def run_executor(conn: OrchestratorConnection, *, speed: float, display: D
 
     Runs each delegated task in the background and reports broadcasts. Returns
     once the coordinator has disconnected and every task has finished; the
-    listener then closes the connection.
+    listener then closes the connection. If the coordinator goes away first,
+    the unfinished tasks are abandoned: nobody is left to report to.
 
     Args:
         conn: the connection to the coordinator.
         speed: how much faster than normal the simulated work goes.
         display: where broadcasts are reported.
     """
-    async with trio.open_nursery() as nursery:
-        async for msg in conn:
-            match msg.payload:
-                case DelegationRequest() as request:
-                    nursery.start_soon(_work_on, conn, request, speed)
-                case BroadcastPayload(topic=topic, data=data):
-                    display.note(
-                        f"{conn.local_id} received broadcast {topic!r} from {msg.sender}: {data}"
-                    )
-                case _:
-                    pass  # an executor has no use for other messages
+    try:
+        async with trio.open_nursery() as nursery:
+            async for msg in conn:
+                match msg.payload:
+                    case DelegationRequest() as request:
+                        nursery.start_soon(_work_on, conn, request, speed)
+                    case BroadcastPayload(topic=topic, data=data):
+                        display.note(
+                            f"{conn.local_id} received broadcast {topic!r} "
+                            f"from {msg.sender}: {data}"
+                        )
+                    case _:
+                        pass  # an executor has no use for other messages
+    except* ConnectionLost as group:
+        # Raised by `async for` (lost abnormally) or by a task's `send` (closed
+        # early); either way the nursery has cancelled the other tasks.
+        logger.info("%s: %s went away (%s)", conn.local_id, conn.id, group.exceptions[0])
 
 
 # -- the coordinator -------------------------------------------------------------------
@@ -302,32 +315,37 @@ async def _delegate(conn: OrchestratorConnection, row: TaskProgress, display: Di
     )
     row.state = "delegated"
     display.update(row)
-    await conn.send_message(
-        FederationMessage(
-            type="delegation",
-            payload=request,
-            sender=COORDINATOR_ID,
-            recipient=conn.id,
-            correlation_id=row.task.id,
+    try:
+        await conn.send_message(
+            FederationMessage(
+                type="delegation",
+                payload=request,
+                sender=COORDINATOR_ID,
+                recipient=conn.id,
+                correlation_id=row.task.id,
+            )
         )
-    )
+    except ConnectionLost as exc:
+        row.state, row.detail = "failed", f"{conn.id} has gone: {exc}"
+        display.update(row)
 
 
 async def _announce(
     executors: Sequence[OrchestratorConnection], tasks: int, display: Display
 ) -> None:
-    """Broadcast to every executor that all ``tasks`` tasks are out."""
+    """Broadcast to every executor still there that all ``tasks`` tasks are out."""
+    reached = []
     for conn in executors:
-        await conn.send_message(
-            FederationMessage(
-                type="broadcast",
-                payload=BroadcastPayload(topic=BROADCAST_TOPIC, data={"tasks": tasks}),
-                sender=COORDINATOR_ID,
-                recipient=conn.id,
-            )
+        message = FederationMessage(
+            type="broadcast",
+            payload=BroadcastPayload(topic=BROADCAST_TOPIC, data={"tasks": tasks}),
+            sender=COORDINATOR_ID,
+            recipient=conn.id,
         )
-    peers = ", ".join(conn.id for conn in executors)
-    display.note(f"{COORDINATOR_ID} broadcast {BROADCAST_TOPIC!r} to {peers}")
+        with contextlib.suppress(ConnectionLost):  # gone: `_follow` reports its tasks
+            await conn.send_message(message)
+            reached.append(conn.id)
+    display.note(f"{COORDINATOR_ID} broadcast {BROADCAST_TOPIC!r} to {', '.join(reached)}")
 
 
 def _apply(row: TaskProgress, payload: object) -> None:
@@ -398,8 +416,9 @@ async def _coordinate(
                 nursery.start_soon(_follow, conn, mine, display)
             by_id = {conn.id: conn for conn in executors}
             for row in plan:
-                await _delegate(by_id[row.executor], row, display)
-                await trio.sleep(DELEGATION_INTERVAL / speed)
+                if not row.settled:  # else its executor has already gone
+                    await _delegate(by_id[row.executor], row, display)
+                    await trio.sleep(DELEGATION_INTERVAL / speed)
             await _announce(executors, tasks, display)
         # Every task has settled: take the health figures while still connected.
         health = {conn.id: conn.get_status() for conn in executors}
@@ -472,6 +491,7 @@ class LiveTable:
 
     BAR_WIDTH: Final = 20
     MAX_NOTES: Final = 4
+    MIN_WIDTH: Final = 72  # columns: the fixed part of a row takes 62
     _STATE_COLORS: Final[Mapping[str, str]] = {
         "pending": "2",  # dim
         "delegated": "2",
@@ -483,7 +503,7 @@ class LiveTable:
 
     def __init__(self, out: TextIO, *, width: int, color: bool, unicode: bool) -> None:
         self._out = out
-        self._width = max(width, 40)
+        self._width = width
         self._color = color
         self._full, self._empty, self._dot = ("█", "░", "·") if unicode else ("#", "-", "-")
         self._rows: Sequence[TaskProgress] = ()
@@ -497,13 +517,16 @@ class LiveTable:
     def _clip(self, text: str, width: int) -> str:
         return text if len(text) <= width else text[: max(width - 3, 0)] + "..."
 
+    def _percent(self, value: float) -> str:
+        return f" {value:4.0f}%  "
+
     def _render_row(self, row: TaskProgress) -> str:
         filled = round(self.BAR_WIDTH * row.percent / 100)
         color = self._STATE_COLORS[row.state]
         bar = self._paint(self._full * filled, color) + self._empty * (self.BAR_WIDTH - filled)
         executor = row.executor if row.state != "pending" else ""
         prefix = f"  {row.task.id:<8} {executor:<11} "
-        middle = f" {row.percent:4.0f}%  "
+        middle = self._percent(row.percent)
         state = f"{row.state:<11}"
         used = len(prefix) + self.BAR_WIDTH + len(middle) + len(state)
         detail = self._clip(row.detail or row.task.description, self._width - used - 1)
@@ -512,7 +535,7 @@ class LiveTable:
     def _frame(self) -> list[str]:
         done = sum(row.state == "completed" for row in self._rows)
         elapsed = trio.current_time() - self._started
-        progress = f"{'progress':<{self.BAR_WIDTH + 7}}"
+        progress = "progress".ljust(self.BAR_WIDTH + len(self._percent(100)))
         header = f"  {'task':<8} {'executor':<11} {progress}{'state':<11}details"
         lines = [self._paint(header, "1")]
         lines += [self._render_row(row) for row in self._rows]
@@ -542,8 +565,7 @@ class LiveTable:
             self._draw()
 
     def close(self) -> None:
-        if self._rows:
-            self._draw()
+        # No last redraw: after an interruption, log lines may sit below the table.
         self._out.write("\x1b[?25h")  # show the cursor again
         self._out.flush()
 
@@ -590,10 +612,11 @@ def format_health(health: Mapping[str, ConnectionHealth]) -> str:
 
 
 def _use_live_table(out: TextIO, tasks: int) -> bool:
-    """Redraw in place only on a terminal tall enough for the whole table."""
+    """Redraw in place only on a terminal big enough for the whole table."""
     if not out.isatty():
         return False
-    return tasks + LiveTable.MAX_NOTES + 4 < shutil.get_terminal_size().lines
+    columns, lines = shutil.get_terminal_size()
+    return columns >= LiveTable.MIN_WIDTH and tasks + LiveTable.MAX_NOTES + 4 < lines
 
 
 async def run_demo(
@@ -615,7 +638,7 @@ async def run_demo(
             seconds, 10 is ten times faster.
         out: where to write (default: standard output).
         live: redraw a table in place (True) or print one line per event
-            (False); by default, live when ``out`` is a terminal tall enough.
+            (False); by default, live when ``out`` is a terminal big enough.
 
     Returns:
         The state of every task and the health of every connection. Failed

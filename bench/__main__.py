@@ -1,0 +1,296 @@
+"""``python -m bench``: trio-federation against raw trio-websocket, printed as a table.
+
+Runs (a) one-way throughput and (b) round trips with the two peers in two child
+processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate),
+and (c) the codec cost in this process. Each networked measurement is repeated
+``--repeat`` times: throughput is the median of the repeats; latency
+percentiles pool the samples of every repeat. ``--quick`` runs a small version
+for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
+status: 0 when every run completed (whether or not the targets are met), 1 when
+a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from trio_federation import FederationMessage, decode_message, encode_message
+
+from ._peers import PeerError, run_pair
+from ._report import (
+    P50_TARGET,
+    THROUGHPUT_TARGET,
+    Row,
+    format_table,
+    format_verdicts,
+    median,
+    percentile,
+)
+from ._workload import HEARTBEAT_TIMEOUT, HOST, equivalent_dict, frame_size, make_delegations
+
+FULL = {"messages": 50_000, "round_trips": 5_000, "repeat": 3, "codec_messages": 10_000}
+QUICK = {"messages": 2_000, "round_trips": 300, "repeat": 1, "codec_messages": 1_000}
+CODEC_REPEAT = 5
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark trio-federation against raw trio-websocket on loopback.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run, for smoke testing")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results here")
+    parser.add_argument("--messages", type=int, help="messages for (a) (default 50,000)")
+    parser.add_argument("--round-trips", type=int, help="round trips for (b) (default 5,000)")
+    parser.add_argument("--repeat", type=int, help="runs of (a) and (b) each (default 3)")
+    parser.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds one run may take (default 180)"
+    )
+    return parser
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- (a) and (b): two processes ---------------------------------------------------------
+
+
+async def _networked(
+    messages: int, round_trips: int, repeat: int, time_limit: float
+) -> tuple[Row, Row, Row, dict[str, Any]]:
+    throughput: dict[str, list[float]] = {"lib": [], "raw": []}
+    latencies: dict[str, list[float]] = {"lib": [], "raw": []}
+    run_p50: dict[str, list[float]] = {"lib": [], "raw": []}
+    sender: dict[str, list[float]] = {"lib": [], "raw": []}
+    tp_warmup = max(1, min(1000, messages // 10))
+    rt_warmup = max(1, min(200, round_trips // 10))
+    for run in range(1, repeat + 1):
+        for impl in ("raw", "lib"):
+            served, dialed = await run_pair(
+                impl, "throughput", count=messages, warmup=tp_warmup, time_limit=time_limit
+            )
+            rate = messages / served["elapsed"]
+            throughput[impl].append(rate)
+            sender[impl].append(dialed["sent"] / dialed["elapsed"])
+            _progress(f"run {run}/{repeat}: {impl} throughput {rate:,.0f} msg/s")
+        for impl in ("raw", "lib"):
+            served, dialed = await run_pair(
+                impl, "roundtrip", count=round_trips, warmup=rt_warmup, time_limit=time_limit
+            )
+            samples = [ns / 1000 for ns in dialed["latencies_ns"]]
+            latencies[impl].extend(samples)
+            run_p50[impl].append(percentile(samples, 0.5))
+            _progress(
+                f"run {run}/{repeat}: {impl} round trip p50 {run_p50[impl][-1]:.0f} us, "
+                f"p99 {percentile(samples, 0.99):.0f} us"
+            )
+    rows = (
+        Row(
+            key="throughput",
+            label="(a) one-way throughput",
+            unit="msg/s",
+            library=median(throughput["lib"]),
+            raw=median(throughput["raw"]),
+            better="higher",
+            target=THROUGHPUT_TARGET,
+            runs_library=tuple(throughput["lib"]),
+            runs_raw=tuple(throughput["raw"]),
+        ),
+        Row(
+            key="round_trip_p50",
+            label="(b) round trip p50",
+            unit="us",
+            library=percentile(latencies["lib"], 0.5),
+            raw=percentile(latencies["raw"], 0.5),
+            better="lower",
+            target=P50_TARGET,
+            runs_library=tuple(run_p50["lib"]),
+            runs_raw=tuple(run_p50["raw"]),
+        ),
+        Row(
+            key="round_trip_p99",
+            label="(b) round trip p99",
+            unit="us",
+            library=percentile(latencies["lib"], 0.99),
+            raw=percentile(latencies["raw"], 0.99),
+            better="lower",
+        ),
+    )
+    extra = {
+        "sender_side_throughput": sender,
+        "throughput_warmup": tp_warmup,
+        "round_trip_warmup": rt_warmup,
+    }
+    return (*rows, extra)
+
+
+# -- (c): the codec, in process -----------------------------------------------------------
+
+
+def _per_message_us(loop: Callable[[], object], count: int) -> float:
+    """Median over CODEC_REPEAT timings of ``loop``, in microseconds per message."""
+    timings = []
+    for _ in range(CODEC_REPEAT):
+        started = time.perf_counter()
+        loop()
+        timings.append((time.perf_counter() - started) / count * 1e6)
+    return median(timings)
+
+
+def _codec(count: int) -> tuple[Row, Row, Row]:
+    messages: list[FederationMessage] = make_delegations(count)
+    frames = [encode_message(message) for message in messages]
+    dicts = [equivalent_dict(message) for message in messages]
+    blobs = [orjson.dumps(value) for value in dicts]
+
+    def lib_round() -> None:
+        for message in messages:
+            decode_message(encode_message(message))
+
+    def json_round() -> None:
+        for value in dicts:
+            orjson.loads(orjson.dumps(value))
+
+    def lib_encode() -> None:
+        for message in messages:
+            encode_message(message)
+
+    def json_encode() -> None:
+        for value in dicts:
+            orjson.dumps(value)
+
+    def lib_decode() -> None:
+        for frame in frames:
+            decode_message(frame)
+
+    def json_decode() -> None:
+        for blob in blobs:
+            orjson.loads(blob)
+
+    if decode_message(frames[0]) != messages[0]:
+        raise AssertionError("the codec does not round-trip the benchmark message")
+    pairs = {
+        "codec": (lib_round, json_round, "(c) codec encode+decode"),
+        "codec_encode": (lib_encode, json_encode, "    encode only"),
+        "codec_decode": (lib_decode, json_decode, "    decode only"),
+    }
+    rows = []
+    for key, (library, plain, label) in pairs.items():
+        rows.append(
+            Row(
+                key=key,
+                label=label,
+                unit="us/msg",
+                library=_per_message_us(library, count),
+                raw=_per_message_us(plain, count),
+                better="lower",
+            )
+        )
+    return rows[0], rows[1], rows[2]
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def _environment() -> dict[str, Any]:
+    versions = {}
+    for name in ("trio-federation", "trio", "trio-websocket", "wsproto", "orjson", "cattrs"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "?"
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks, print the table; see the module docstring."""
+    args = _parser().parse_args(argv)
+    config = dict(QUICK if args.quick else FULL)
+    for key in ("messages", "round_trips", "repeat"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                _parser().error(f"--{key.replace('_', '-')} must be at least 1")
+            config[key] = value
+    env = _environment()
+    size = frame_size()
+    _progress(
+        f"benchmarking on {HOST}: {config['messages']:,} messages, "
+        f"{config['round_trips']:,} round trips, {config['repeat']} repeat(s)"
+    )
+    try:
+        throughput, p50, p99, extra = trio.run(
+            _networked, config["messages"], config["round_trips"], config["repeat"], args.timeout
+        )
+    except PeerError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    codec_rows = _codec(config["codec_messages"])
+    rows = (throughput, p50, p99, *codec_rows)
+
+    versions = env["versions"]
+    print()
+    print(
+        f"trio-federation {versions['trio-federation']} vs raw trio-websocket "
+        f"{versions['trio-websocket']} (trio {versions['trio']}, orjson {versions['orjson']}, "
+        f"cattrs {versions['cattrs']})"
+    )
+    print(
+        f"{env['implementation']} {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
+        f"two processes on {HOST}"
+    )
+    print(
+        f"delegation frame: {size} bytes; (a) {config['messages']:,} messages, "
+        f"median of {config['repeat']}; (b) {config['round_trips']:,} sequential round trips "
+        f"x {config['repeat']}, pooled; (c) {config['codec_messages']:,} messages x {CODEC_REPEAT}"
+    )
+    print(
+        "(c) baseline: orjson.dumps + orjson.loads of the same message as one dict "
+        "(payload as an object)"
+    )
+    print()
+    print(format_table(rows))
+    print()
+    print(format_verdicts(rows))
+    if args.quick:
+        print("(--quick: small counts, figures are indicative only)")
+
+    if args.json is not None:
+        document = {
+            "config": {
+                **config,
+                "quick": args.quick,
+                "frame_bytes": size,
+                "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+                **extra,
+            },
+            "environment": env,
+            "results": {row.key: row.as_json() for row in rows},
+            "targets_met": all(row.met for row in rows if row.met is not None),
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Figures, targets and the printed table."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+import attrs
+
+THROUGHPUT_TARGET: Final = 0.6
+"""Library throughput must be at least this fraction of raw trio-websocket's."""
+P50_TARGET: Final = 1.3
+"""Library p50 round trip must be at most this multiple of raw trio-websocket's."""
+
+
+def percentile(samples: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (``fraction`` in (0, 1]) of unsorted ``samples``."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+@attrs.frozen(kw_only=True)
+class Row:
+    """One line of the table: the library against the baseline."""
+
+    key: str
+    label: str
+    unit: str
+    library: float
+    raw: float
+    better: Literal["higher", "lower"]
+    target: float | None = None
+    """A bound on the ratio library/raw (``>=`` if higher is better, else ``<=``)."""
+    runs_library: tuple[float, ...] = ()
+    runs_raw: tuple[float, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        """library / raw."""
+        return self.library / self.raw if self.raw else math.inf
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the target is met (None when there is none)."""
+        if self.target is None:
+            return None
+        if self.better == "higher":
+            return self.ratio >= self.target
+        return self.ratio <= self.target
+
+    def target_text(self) -> str:
+        """The target as printed (``>= 0.60x``), or empty."""
+        if self.target is None:
+            return ""
+        return f"{'>=' if self.better == 'higher' else '<='} {self.target:.2f}x"
+
+    def as_json(self) -> dict[str, Any]:
+        """The row for ``--json``."""
+        return {
+            "label": self.label,
+            "unit": self.unit,
+            "library": self.library,
+            "raw": self.raw,
+            "ratio": self.ratio,
+            "better": self.better,
+            "target": self.target,
+            "met": self.met,
+            "runs": {"library": list(self.runs_library), "raw": list(self.runs_raw)},
+        }
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of the repeats."""
+    return statistics.median(values)
+
+
+def _number(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.2f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The table: absolute figures, ratio library/raw, target and verdict."""
+    headers = ("measurement", "unit", "library", "raw", "lib/raw", "target", "met")
+    lines = [
+        (
+            row.label,
+            row.unit,
+            _number(row.library),
+            _number(row.raw),
+            f"{row.ratio:.2f}x",
+            row.target_text(),
+            {True: "yes", False: "NO", None: ""}[row.met],
+        )
+        for row in rows
+    ]
+    widths = [max(len(cells[i]) for cells in (headers, *lines)) for i in range(len(headers))]
+    aligns = ("<", "<", ">", ">", ">", "<", "<")
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            f"{cell:{align}{width}}"
+            for cell, align, width in zip(cells, aligns, widths, strict=True)
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([fmt(headers), rule, *(fmt(cells) for cells in lines)])
+
+
+def format_verdicts(rows: Sequence[Row]) -> str:
+    """One line per target: met or missed, with the figures."""
+    out = []
+    for row in rows:
+        if row.met is None:
+            continue
+        verdict = "met" if row.met else "MISSED"
+        out.append(
+            f"target {row.label}: library/raw = {row.ratio:.2f}x, wanted "
+            f"{row.target_text()}: {verdict}"
+        )
+    return "\n".join(out)
