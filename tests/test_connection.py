@@ -673,7 +673,7 @@ async def test_a_subscription_closed_mid_delivery_passes_the_message_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with open_connection_pair() as (a, b):
-        with b.subscribe("broadcast", max_buffer=1) as first:
+        with b.subscribe("broadcast", max_buffer=1):
             await a.send_message(broadcast("one"))
             await a.send_message(broadcast("two"))
             await trio.testing.wait_all_tasks_blocked()  # the reader waits on `first`
