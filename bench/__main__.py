@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import trio
@@ -70,11 +70,14 @@ def _progress(text: str) -> None:
 
 async def _networked(
     messages: int, round_trips: int, repeat: int, time_limit: float
-) -> tuple[Row, Row, Row, dict[str, Any]]:
-    throughput: dict[str, list[float]] = {"lib": [], "raw": []}
+) -> tuple[list[Row], dict[str, Any]]:
+    # figure name -> impl -> one value per repeat
+    runs: dict[str, dict[str, list[float]]] = {}
     latencies: dict[str, list[float]] = {"lib": [], "raw": []}
-    run_p50: dict[str, list[float]] = {"lib": [], "raw": []}
-    sender: dict[str, list[float]] = {"lib": [], "raw": []}
+
+    def record(name: str, impl: str, value: float) -> None:
+        runs.setdefault(name, {"lib": [], "raw": []})[impl].append(value)
+
     tp_warmup = max(1, min(1000, messages // 10))
     rt_warmup = max(1, min(200, round_trips // 10))
     for run in range(1, repeat + 1):
@@ -83,8 +86,10 @@ async def _networked(
                 impl, "throughput", count=messages, warmup=tp_warmup, time_limit=time_limit
             )
             rate = messages / served["elapsed"]
-            throughput[impl].append(rate)
-            sender[impl].append(dialed["sent"] / dialed["elapsed"])
+            record("throughput", impl, rate)
+            record("throughput_listener_cpu", impl, served["cpu"] / messages * 1e6)
+            record("throughput_dialer_cpu", impl, dialed["cpu"] / dialed["sent"] * 1e6)
+            record("throughput_sender_side", impl, dialed["sent"] / dialed["elapsed"])
             _progress(f"run {run}/{repeat}: {impl} throughput {rate:,.0f} msg/s")
         for impl in ("raw", "lib"):
             served, dialed = await run_pair(
@@ -92,49 +97,73 @@ async def _networked(
             )
             samples = [ns / 1000 for ns in dialed["latencies_ns"]]
             latencies[impl].extend(samples)
-            run_p50[impl].append(percentile(samples, 0.5))
+            record("round_trip_p50", impl, percentile(samples, 0.5))
+            record("round_trip_p99", impl, percentile(samples, 0.99))
+            record("round_trip_dialer_cpu", impl, dialed["cpu"] / round_trips * 1e6)
+            record("round_trip_listener_cpu", impl, served["cpu"] / served["answered"] * 1e6)
             _progress(
-                f"run {run}/{repeat}: {impl} round trip p50 {run_p50[impl][-1]:.0f} us, "
-                f"p99 {percentile(samples, 0.99):.0f} us"
+                f"run {run}/{repeat}: {impl} round trip p50 {runs['round_trip_p50'][impl][-1]:.0f}"
+                f" us, p99 {runs['round_trip_p99'][impl][-1]:.0f} us"
             )
-    rows = (
-        Row(
-            key="throughput",
-            label="(a) one-way throughput",
-            unit="msg/s",
-            library=median(throughput["lib"]),
-            raw=median(throughput["raw"]),
-            better="higher",
-            target=THROUGHPUT_TARGET,
-            runs_library=tuple(throughput["lib"]),
-            runs_raw=tuple(throughput["raw"]),
-        ),
-        Row(
-            key="round_trip_p50",
-            label="(b) round trip p50",
-            unit="us",
-            library=percentile(latencies["lib"], 0.5),
-            raw=percentile(latencies["raw"], 0.5),
-            better="lower",
+
+    def row(
+        name: str,
+        label: str,
+        unit: str,
+        better: Literal["higher", "lower"],
+        *,
+        target: float | None = None,
+        pooled: dict[str, list[float]] | None = None,
+        fraction: float = 0.5,
+    ) -> Row:
+        """A table row: the median of the repeats, or a percentile of ``pooled`` samples."""
+        values = runs[name]
+        if pooled is None:
+            library, raw = median(values["lib"]), median(values["raw"])
+        else:
+            library = percentile(pooled["lib"], fraction)
+            raw = percentile(pooled["raw"], fraction)
+        return Row(
+            key=name,
+            label=label,
+            unit=unit,
+            library=library,
+            raw=raw,
+            better=better,
+            target=target,
+            runs_library=tuple(values["lib"]),
+            runs_raw=tuple(values["raw"]),
+        )
+
+    rows = [
+        row("throughput", "(a) one-way throughput", "msg/s", "higher", target=THROUGHPUT_TARGET),
+        row("throughput_listener_cpu", "    receiver CPU", "us/msg", "lower"),
+        row("throughput_dialer_cpu", "    sender CPU", "us/msg", "lower"),
+        row(
+            "round_trip_p50",
+            "(b) round trip p50",
+            "us",
+            "lower",
             target=P50_TARGET,
-            runs_library=tuple(run_p50["lib"]),
-            runs_raw=tuple(run_p50["raw"]),
+            pooled=latencies,
         ),
-        Row(
-            key="round_trip_p99",
-            label="(b) round trip p99",
-            unit="us",
-            library=percentile(latencies["lib"], 0.99),
-            raw=percentile(latencies["raw"], 0.99),
-            better="lower",
+        row(
+            "round_trip_p99",
+            "(b) round trip p99",
+            "us",
+            "lower",
+            pooled=latencies,
+            fraction=0.99,
         ),
-    )
+        row("round_trip_dialer_cpu", "    dialer CPU", "us/trip", "lower"),
+        row("round_trip_listener_cpu", "    listener CPU", "us/trip", "lower"),
+    ]
     extra = {
-        "sender_side_throughput": sender,
+        "sender_side_throughput": runs["throughput_sender_side"],
         "throughput_warmup": tp_warmup,
         "round_trip_warmup": rt_warmup,
     }
-    return (*rows, extra)
+    return rows, extra
 
 
 # -- (c): the codec, in process -----------------------------------------------------------
@@ -238,14 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config['round_trips']:,} round trips, {config['repeat']} repeat(s)"
     )
     try:
-        throughput, p50, p99, extra = trio.run(
+        network_rows, extra = trio.run(
             _networked, config["messages"], config["round_trips"], config["repeat"], args.timeout
         )
     except PeerError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     codec_rows = _codec(config["codec_messages"])
-    rows = (throughput, p50, p99, *codec_rows)
+    rows = (*network_rows, *codec_rows)
 
     versions = env["versions"]
     print()

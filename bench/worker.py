@@ -70,50 +70,71 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+class Stopwatch:
+    """Wall-clock and CPU time (this process) since :meth:`restart`."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """Start counting now."""
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+
+    def read(self) -> Report:
+        """``elapsed`` (wall) and ``cpu`` seconds since the start."""
+        return {
+            "elapsed": time.perf_counter() - self._wall,
+            "cpu": time.process_time() - self._cpu,
+        }
+
+
 # -- the listener side ------------------------------------------------------------------
 
 
 async def _count_lib(conn: OrchestratorConnection, warmup: int, count: int) -> Report:
     total = warmup + count
     received = 0
-    started = time.perf_counter()
+    clock = Stopwatch()
     async for _message in conn:
         received += 1
         if received == warmup:
-            started = time.perf_counter()
+            clock.restart()
         if received == total:
             break
-    return {"received": received, "elapsed": time.perf_counter() - started}
+    return {"received": received, **clock.read()}
 
 
 async def _answer_lib(conn: OrchestratorConnection) -> Report:
     answered = 0
+    clock = Stopwatch()
     async for message in conn:
         if isinstance(message.payload, DelegationRequest):
             await conn.accept_delegation(message.payload)
             answered += 1
-    return {"answered": answered}
+    return {"answered": answered, **clock.read()}
 
 
 async def _count_raw(ws: trio_websocket.WebSocketConnection, warmup: int, count: int) -> Report:
     total = warmup + count
     received = 0
-    started = time.perf_counter()
+    clock = Stopwatch()
     while received < total:
         await ws.get_message()
         received += 1
         if received == warmup:
-            started = time.perf_counter()
-    return {"received": received, "elapsed": time.perf_counter() - started}
+            clock.restart()
+    return {"received": received, **clock.read()}
 
 
 async def _echo_raw(ws: trio_websocket.WebSocketConnection) -> Report:
     answered = 0
+    clock = Stopwatch()
     while True:
         try:
             frame = await ws.get_message()
         except trio_websocket.ConnectionClosed:
-            return {"answered": answered}
+            return {"answered": answered, **clock.read()}
         await ws.send_message(frame)
         answered += 1
 
@@ -179,7 +200,7 @@ async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Re
     messages = make_delegations(warmup + count)
     if impl == "lib":
         url = f"ws://{HOST}:{port}{FEDERATION_PATH}"
-        started = time.perf_counter()
+        clock = Stopwatch()
         async with open_orchestrator_connection(
             url,
             local_id=DIALER_ID,
@@ -188,30 +209,32 @@ async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Re
         ) as conn:
             if mode == "roundtrip":
                 return await _round_trips_lib(conn, messages, warmup)
-            started = time.perf_counter()
+            clock.restart()
             for message in messages:
                 await conn.send(message)  # the back-pressure path
-            queued = time.perf_counter() - started
         # Leaving the block drained the queue and closed the connection.
-        return {"sent": len(messages), "queued": queued, "elapsed": time.perf_counter() - started}
+        return {"sent": len(messages), **clock.read()}
 
     frames = [encode_message(message) for message in messages]  # pre-encoded, once each
     async with trio_websocket.open_websocket_url(f"ws://{HOST}:{port}{RAW_PATH}") as ws:
         if mode == "roundtrip":
             return await _round_trips_raw(ws, frames, warmup)
-        started = time.perf_counter()
+        clock = Stopwatch()
         for frame in frames:
             await ws.send_message(frame)
-        queued = time.perf_counter() - started
-    return {"sent": len(frames), "queued": queued, "elapsed": time.perf_counter() - started}
+    # Leaving the block closed the connection.
+    return {"sent": len(frames), **clock.read()}
 
 
 async def _round_trips_lib(
     conn: OrchestratorConnection, messages: list[FederationMessage], warmup: int
 ) -> Report:
     latencies: list[int] = []
+    clock = Stopwatch()
     replies = aiter(conn)
     for index, message in enumerate(messages):
+        if index == warmup:
+            clock.restart()
         started = time.perf_counter_ns()
         await conn.send(message)
         reply = await anext(replies)
@@ -224,14 +247,17 @@ async def _round_trips_lib(
             raise RuntimeError(f"unexpected answer to {message.correlation_id}: {reply!r}")
         if index >= warmup:
             latencies.append(elapsed)
-    return {"latencies_ns": latencies}
+    return {"latencies_ns": latencies, **clock.read()}
 
 
 async def _round_trips_raw(
     ws: trio_websocket.WebSocketConnection, frames: list[str], warmup: int
 ) -> Report:
     latencies: list[int] = []
+    clock = Stopwatch()
     for index, frame in enumerate(frames):
+        if index == warmup:
+            clock.restart()
         started = time.perf_counter_ns()
         await ws.send_message(frame)
         echo = await ws.get_message()
@@ -240,7 +266,7 @@ async def _round_trips_raw(
             raise RuntimeError(f"the echo of frame {index} differs")
         if index >= warmup:
             latencies.append(elapsed)
-    return {"latencies_ns": latencies}
+    return {"latencies_ns": latencies, **clock.read()}
 
 
 # -- process plumbing -------------------------------------------------------------------
@@ -272,8 +298,10 @@ async def _main(args: argparse.Namespace) -> Report | None:
 
 
 def _hard_stop(role: str) -> None:
-    emit("error", error=f"{role} hung past its timeout; exiting hard")
-    os._exit(3)
+    try:
+        emit("error", error=f"{role} hung past its timeout; exiting hard")
+    finally:  # even when the parent is gone and stdout is a broken pipe
+        os._exit(3)
 
 
 def _parser() -> argparse.ArgumentParser:

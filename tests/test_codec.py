@@ -75,7 +75,7 @@ def test_encoding_is_byte_compatible_with_the_daemon() -> None:
     )
     progress = FederationMessage(
         type="callback",
-        payload=TaskCallback(task_id="task-123", status="progress", progress=50),
+        payload=TaskCallback(task_id="task-123", status="progress", progress=50.0),
         sender="orch-b",
         recipient="orch-a",
         timestamp=WHEN,

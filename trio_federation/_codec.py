@@ -85,10 +85,16 @@ def parse_timestamp(value: object) -> datetime:
     return parsed.astimezone(UTC)
 
 
+def _js_number(value: float) -> float | int:
+    """A float as JavaScript writes it: ``50.0`` becomes ``50``."""
+    if type(value) is float and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value  # an int passed for a float field, or a fractional float
+
+
 def _to_ms(seconds: float) -> float | int:
     # Only called for values that are set: None fields are left out.
-    ms = round(seconds * 1000, 6)
-    return int(ms) if ms.is_integer() and abs(ms) < 2**53 else ms
+    return _js_number(round(seconds * 1000, 6))
 
 
 def _from_ms(value: object, _type: object) -> float | None:
@@ -177,6 +183,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(bool, _strict_bool)
     conv.register_structure_hook(datetime, lambda v, _: parse_timestamp(v))
     conv.register_unstructure_hook(datetime, format_timestamp)
+    conv.register_unstructure_hook(float, _js_number)
     for enum_class in _ENUMS:
         # By class, not by predicate: a StrEnum would otherwise match the str hook.
         conv.register_structure_hook(enum_class, _structure_enum)

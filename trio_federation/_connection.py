@@ -144,8 +144,9 @@ class OrchestratorConnection:
 
     Leaving the block disconnects gracefully (:meth:`disconnect`) and closes the
     socket; if the block raised, the queue is still drained within
-    ``disconnect_timeout`` and the close code is 1011 (1001 on cancellation,
-    bounded by ``CANCEL_CLOSE_GRACE``). The block never raises because the link
+    ``disconnect_timeout`` and the close code is 1011; on cancellation,
+    KeyboardInterrupt or SystemExit it is 1001 ("going away"), bounded by
+    ``CANCEL_CLOSE_GRACE``. The block never raises because the link
     died earlier unseen: that is raised where it is observed, by ``async for``
     and :meth:`send_message`.
 
@@ -556,10 +557,10 @@ class OrchestratorConnection:
         try:
             if exc is None:
                 await self.disconnect()
-            elif isinstance(exc, trio.Cancelled):
-                await self._close(1001, "going away", trio.current_time() + CANCEL_CLOSE_GRACE)
-            else:
+            elif isinstance(exc, Exception):
                 await self._close(1011, "internal error")
+            else:  # cancelled, interrupted, exiting: this side is going away
+                await self._close(1001, "going away", trio.current_time() + CANCEL_CLOSE_GRACE)
         finally:
             try:
                 await self._exit_stack.__aexit__(exc_type, exc, tb)

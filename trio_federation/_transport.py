@@ -246,6 +246,21 @@ async def _dial(
 Handler = Callable[[OrchestratorConnection], Awaitable[object]]
 
 
+def _split_lost(exc: Exception) -> tuple[Exception | None, Exception | None]:
+    """Separate an expected ConnectionLost from real failures, through groups.
+
+    A handler that runs its own nursery hands a lost peer back as a group.
+    """
+    if isinstance(exc, ExceptionGroup):
+        lost, other = exc.split(ConnectionLost)
+        while isinstance(lost, ExceptionGroup):  # log the loss itself, not its wrapping
+            lost = lost.exceptions[0]
+        return lost, other
+    if isinstance(exc, ConnectionLost):
+        return exc, None
+    return None, exc
+
+
 class FederationListener:
     """A running :func:`serve_federation`: what ``nursery.start`` returns.
 
@@ -323,10 +338,16 @@ class FederationListener:
             try:
                 async with connection:
                     await self._handler(connection)
-            except ConnectionLost as exc:
-                logger.info("handler for %r ended: %s", peer_id, exc)
-            except Exception:
-                logger.exception("handler for %r raised; its connection closed with 1011", peer_id)
+            except Exception as exc:
+                lost, other = _split_lost(exc)
+                if lost is not None:
+                    logger.info("handler for %r ended: %s", peer_id, lost)
+                if other is not None:
+                    logger.error(
+                        "handler for %r raised; its connection closed with 1011",
+                        peer_id,
+                        exc_info=other,
+                    )
         finally:
             self._connections.pop(peer_id, None)
             self._reserved.discard(peer_id)

@@ -32,7 +32,7 @@ __all__ = [
 
 INTEROP_DIR: Final = Path(__file__).resolve().parent.parent / "interop"
 PEER_SCRIPT: Final = INTEROP_DIR / "peer.mjs"
-TERMINATE_GRACE: Final = 5.0
+TERMINATE_GRACE: Final = 3.0
 """Seconds the peer gets to exit after SIGTERM before it is killed."""
 
 JSEvent = dict[str, Any]

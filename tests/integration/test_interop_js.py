@@ -149,7 +149,7 @@ async def test_listener_exchanges_delegations_with_js_client(js_node: str) -> No
                 opened = await peer.expect("open")
                 acceptance = await peer.received("callback", payload_is("taskId", "js-task-1"))
                 ours = await peer.received("delegation")
-                completion_sent = await peer.expect("closed")
+                closed = await peer.expect("closed")
                 exit_code = await peer.wait_exit()
                 transcript = peer.transcript()
             await handler_done.wait()
@@ -157,7 +157,7 @@ async def test_listener_exchanges_delegations_with_js_client(js_node: str) -> No
 
     assert not failures, failures
     assert exit_code == 0, transcript
-    assert completion_sent["code"] == 1000, transcript
+    assert closed["code"] == 1000, transcript
 
     # Identification: the query string on our side, our headers on theirs.
     assert seen["id"] == "js-peer"
@@ -527,12 +527,29 @@ def js_payload_text(raw_line: str) -> str:
 
     That is exactly what the daemon would put in the envelope for this payload.
     """
-    message_at = raw_line.index('"message":') + len('"message":')
-    decoder = json.JSONDecoder()
-    _, _ = decoder.raw_decode(raw_line, message_at)
+    message_at = raw_line.index('"message":')
     start = raw_line.index('"payload":', message_at) + len('"payload":')
-    _, end = decoder.raw_decode(raw_line, start)
+    _, end = json.JSONDecoder().raw_decode(raw_line, start)
     return raw_line[start:end]
+
+
+def daemon_frame(js_message: dict[str, Any], payload_text: str) -> str:
+    """What the daemon's serializer writes for this message: ``JSON.stringify({type,
+    payload: JSON.stringify(payload), from, to, timestamp, correlationId})``.
+
+    The envelope holds only strings, whose escaping ``json.dumps`` without
+    ``ensure_ascii`` shares with ``JSON.stringify``.
+    """
+    envelope = {
+        "type": js_message["type"],
+        "payload": payload_text,
+        "from": js_message["from"],
+        "to": js_message["to"],
+        "timestamp": js_message["timestamp"],
+    }
+    if "correlationId" in js_message:
+        envelope["correlationId"] = js_message["correlationId"]
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False)
 
 
 async def test_frames_we_encode_are_what_js_decodes(js_node: str) -> None:
@@ -556,12 +573,12 @@ async def test_frames_we_encode_are_what_js_decodes(js_node: str) -> None:
     for message, frame, (js_message, raw_line) in zip(messages, frames, seen, strict=True):
         envelope = json.loads(frame)
         expected = {**envelope, "payload": json.loads(envelope["payload"])}
-        # What JS decoded is what we sent, key for key and in the same order.
+        # What JS decoded is what we sent.
         assert js_message == expected
-        assert list(js_message) == list(expected)
-        assert list(js_message["payload"]) == list(expected["payload"])
-        # Byte for byte what the daemon writes: JSON.stringify of the payload.
+        # Byte for byte what the daemon writes for what JS decoded, payload and
+        # envelope (keys in the daemon's order).
         assert envelope["payload"] == js_payload_text(raw_line)
+        assert frame == daemon_frame(js_message, js_payload_text(raw_line))
         assert ISO_MS_Z.fullmatch(js_message["timestamp"])
         if message.correlation_id is None:
             assert "correlationId" not in js_message

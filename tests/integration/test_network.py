@@ -318,3 +318,42 @@ async def test_remote_id_against_a_silent_listener(nursery: trio.Nursery) -> Non
 
 def test_logger_names() -> None:
     assert logging.getLogger("trio_federation.connection").name.startswith("trio_federation.")
+
+
+async def test_lost_peer_inside_a_handler_nursery_is_not_a_crash(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_federation")
+    done = trio.Event()
+
+    async def grouped(conn: OrchestratorConnection) -> None:
+        try:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(trio.sleep_forever)
+                async for _ in conn:
+                    pass
+        finally:
+            done.set()
+
+    listener = await start_listener(nursery, grouped)
+    proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
+    async with open_orchestrator_connection(
+        f"ws://127.0.0.1:{proxy.port}/", local_id="a", capabilities=[]
+    ):
+        await wait_for(lambda: "a" in listener.connections)
+        proxy.cut()
+    with trio.fail_after(5):
+        await done.wait()
+    await wait_for(lambda: not listener.connections)
+    assert "handler for 'a' ended: connection closed with code 1006" in caplog.text
+    assert "raised" not in caplog.text
+
+
+async def test_keyboard_interrupt_closes_with_going_away(listener: FederationListener) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+        ) as conn:
+            raise KeyboardInterrupt
+    assert conn.status == "disconnected"
+    await wait_for(lambda: not listener.connections)
