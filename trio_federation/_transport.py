@@ -252,7 +252,8 @@ def _split_lost(exc: Exception) -> tuple[Exception | None, Exception | None]:
     A handler that runs its own nursery hands a lost peer back as a group.
     """
     if isinstance(exc, ExceptionGroup):
-        lost, other = exc.split(ConnectionLost)
+        group, other = exc.split(ConnectionLost)
+        lost: Exception | None = group
         while isinstance(lost, ExceptionGroup):  # log the loss itself, not its wrapping
             lost = lost.exceptions[0]
         return lost, other
