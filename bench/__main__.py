@@ -28,7 +28,7 @@ import trio
 
 from trio_federation import FederationMessage, decode_message, encode_message
 
-from ._peers import PeerError, run_pair
+from ._peers import PeerError, pick_cpus, run_pair
 from ._report import (
     P50_TARGET,
     THROUGHPUT_TARGET,
@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--round-trips", type=int, help="round trips for (b) (default 5,000)")
     parser.add_argument("--repeat", type=int, help="runs of (a) and (b) each (default 3)")
     parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the kernel place the two processes (default: one CPU each, on Linux)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=180.0, help="seconds one run may take (default 180)"
     )
     return parser
@@ -69,7 +74,11 @@ def _progress(text: str) -> None:
 
 
 async def _networked(
-    messages: int, round_trips: int, repeat: int, time_limit: float
+    messages: int,
+    round_trips: int,
+    repeat: int,
+    time_limit: float,
+    cpus: tuple[int, int] | None,
 ) -> tuple[list[Row], dict[str, Any]]:
     # figure name -> impl -> one value per repeat
     runs: dict[str, dict[str, list[float]]] = {}
@@ -83,7 +92,12 @@ async def _networked(
     for run in range(1, repeat + 1):
         for impl in ("raw", "lib"):
             served, dialed = await run_pair(
-                impl, "throughput", count=messages, warmup=tp_warmup, time_limit=time_limit
+                impl,
+                "throughput",
+                count=messages,
+                warmup=tp_warmup,
+                time_limit=time_limit,
+                cpus=cpus,
             )
             rate = messages / served["elapsed"]
             record("throughput", impl, rate)
@@ -93,7 +107,12 @@ async def _networked(
             _progress(f"run {run}/{repeat}: {impl} throughput {rate:,.0f} msg/s")
         for impl in ("raw", "lib"):
             served, dialed = await run_pair(
-                impl, "roundtrip", count=round_trips, warmup=rt_warmup, time_limit=time_limit
+                impl,
+                "roundtrip",
+                count=round_trips,
+                warmup=rt_warmup,
+                time_limit=time_limit,
+                cpus=cpus,
             )
             samples = [ns / 1000 for ns in dialed["latencies_ns"]]
             latencies[impl].extend(samples)
@@ -261,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _parser().error(f"--{key.replace('_', '-')} must be at least 1")
             config[key] = value
     env = _environment()
+    cpus = None if args.no_pin else pick_cpus()
     size = frame_size()
     _progress(
         f"benchmarking on {HOST}: {config['messages']:,} messages, "
@@ -268,7 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         network_rows, extra = trio.run(
-            _networked, config["messages"], config["round_trips"], config["repeat"], args.timeout
+            _networked,
+            config["messages"],
+            config["round_trips"],
+            config["repeat"],
+            args.timeout,
+            cpus,
         )
     except PeerError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
@@ -285,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"{env['implementation']} {env['python']} on {env['platform']}, {env['cpus']} CPUs; "
-        f"two processes on {HOST}"
+        f"two processes on {HOST}, "
+        + ("not pinned" if cpus is None else f"listener on CPU {cpus[0]}, dialer on CPU {cpus[1]}")
     )
     print(
         f"delegation frame: {size} bytes; (a) {config['messages']:,} messages, "
@@ -310,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "quick": args.quick,
                 "frame_bytes": size,
                 "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+                "cpus": cpus,
                 **extra,
             },
             "environment": env,

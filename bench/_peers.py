@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,23 +110,47 @@ async def spawn_peer(name: str, arguments: list[str]) -> AsyncIterator[Peer]:
                         await stream.aclose()
 
 
+def pick_cpus() -> tuple[int, int] | None:
+    """Two CPUs for the listener and the dialer, or None where pinning is not possible."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return None
+    return available[0], available[1]
+
+
 async def run_pair(
-    impl: str, mode: str, *, count: int, warmup: int, time_limit: float
+    impl: str,
+    mode: str,
+    *,
+    count: int,
+    warmup: int,
+    time_limit: float,
+    cpus: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One measurement: a listener child and a dialer child; their two results.
+
+    With ``cpus``, the listener is pinned to the first and the dialer to the
+    second (otherwise the kernel may put both on one CPU in one run and on two
+    in the next, which halves or doubles the figures).
 
     Raises:
         PeerError: a child failed, or the whole run took longer than ``time_limit`` seconds.
     """
     common = ["--impl", impl, "--mode", mode, "--count", str(count), "--warmup", str(warmup)]
     common += ["--timeout", f"{time_limit:g}"]
+    listener_args, dialer_args = ["serve", *common], ["dial", *common]
+    if cpus is not None:
+        listener_args += ["--cpu", str(cpus[0])]
+        dialer_args += ["--cpu", str(cpus[1])]
     phase = "starting the listener"
     try:
         with trio.fail_after(time_limit + EXIT_GRACE):
-            async with spawn_peer(f"{impl} {mode} listener", ["serve", *common]) as listener:
+            async with spawn_peer(f"{impl} {mode} listener", listener_args) as listener:
                 ready = await listener.expect("ready")
                 phase = "running the dialer"
-                dialer_args = ["dial", *common, "--port", str(ready["port"])]
+                dialer_args += ["--port", str(ready["port"])]
                 async with spawn_peer(f"{impl} {mode} dialer", dialer_args) as dialer:
                     dialed = await dialer.expect("result")
                 phase = "waiting for the listener's result"

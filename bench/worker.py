@@ -313,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--port", type=int, default=0, help="the listener's port (dial)")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--cpu", type=int, help="pin this process to that CPU (Linux)")
     return parser
 
 
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 1 or args.count < 1:
         emit("error", error="--warmup and --count must be at least 1")
         return 2
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,

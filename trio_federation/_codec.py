@@ -24,7 +24,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 
 from ._exceptions import MalformedMessage
 from ._messages import (
-    AssignedResources,
+    PAYLOAD_PARTS,
     BroadcastPayload,
     CallbackStatus,
     Capability,
@@ -35,13 +35,9 @@ from ._messages import (
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
-    MemoryEntry,
     MessageType,
     OrchestratorCapabilities,
-    SharedContext,
-    Task,
     TaskCallback,
-    TaskHistoryEntry,
     TaskPriority,
     TaskStatus,
     TaskType,
@@ -202,20 +198,7 @@ def make_converter() -> cattrs.Converter:
             f"expected an array of capability names or an object, got {_json_type(value)}"
         )
 
-    for cls in (
-        Task,
-        OrchestratorCapabilities,
-        MemoryEntry,
-        TaskHistoryEntry,
-        SharedContext,
-        DelegationRequest,
-        AssignedResources,
-        DelegationResponse,
-        TaskCallback,
-        BroadcastPayload,
-        HeartbeatPayload,
-        ConnectionHealth,
-    ):
+    for cls in PAYLOAD_PARTS:
         ms_fields = _MILLISECOND_FIELDS.get(cls, ())
         struct_overrides: dict[str, Any] = {}
         unstruct_overrides: dict[str, Any] = {}

@@ -444,8 +444,7 @@ class FederationMessage:
     """Ties related messages together (usually a task id)."""
 
 
-_cls: type[Any]
-for _cls in (
+PAYLOAD_PARTS: tuple[type[Any], ...] = (
     Task,
     OrchestratorCapabilities,
     MemoryEntry,
@@ -458,6 +457,8 @@ for _cls in (
     BroadcastPayload,
     HeartbeatPayload,
     ConnectionHealth,
-    FederationMessage,
-):
+)
+"""Every attrs class that travels inside a payload (the codec's list)."""
+
+for _cls in (*PAYLOAD_PARTS, FederationMessage):
     attrs.resolve_types(_cls)
