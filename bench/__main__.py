@@ -7,7 +7,7 @@ and (c) the codec cost in this process. Each networked measurement is repeated
 percentiles pool the samples of every repeat. ``--quick`` runs a small version
 for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
 status: 0 when every run completed (whether or not the targets are met), 1 when
-a run failed.
+a run failed, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -298,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeerError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted (peer processes stopped)", file=sys.stderr)
+        return 130
     codec_rows = _codec(config["codec_messages"])
     rows = (*network_rows, *codec_rows)
 

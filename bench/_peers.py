@@ -22,6 +22,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 """The directory holding the ``bench`` package: the children's working directory."""
 EXIT_GRACE: Final = 5.0
 """Seconds a child may take to exit by itself after its last report."""
+FAILURE_EXIT_WAIT: Final = 2.0
+"""Seconds to wait for a failed child's exit before describing the failure."""
 STDERR_TAIL: Final = 2000
 """Characters of a failed child's stderr quoted in the error."""
 
@@ -46,7 +48,9 @@ class Peer:
         text = self._stderr.read().decode("utf-8", "replace").strip()
         return text[-STDERR_TAIL:]
 
-    def _failure(self, what: str) -> PeerError:
+    async def _failure(self, what: str) -> PeerError:
+        with trio.move_on_after(FAILURE_EXIT_WAIT):
+            await self.process.wait()  # for its exit status and its last logs
         tail = self.stderr_tail()
         code = self.process.returncode
         status = "still running" if code is None else f"exit status {code}"
@@ -58,9 +62,7 @@ class Peer:
         while b"\n" not in self._buffer:
             chunk = await stdout.receive_some(65536)
             if not chunk:
-                with trio.move_on_after(EXIT_GRACE):
-                    await self.process.wait()
-                raise self._failure("exited without reporting")
+                raise await self._failure("exited without reporting")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
@@ -71,11 +73,13 @@ class Peer:
         try:
             report: dict[str, Any] = json.loads(line)
         except ValueError:
-            raise self._failure(f"wrote something else than a report: {line[:200]!r}") from None
+            raise await self._failure(
+                f"wrote something else than a report: {line[:200]!r}"
+            ) from None
         if report.get("event") == "error":
-            raise self._failure(str(report.get("error")))
+            raise await self._failure(str(report.get("error")))
         if report.get("event") != event:
-            raise self._failure(f"expected a {event!r} report, got {line[:200]!r}")
+            raise await self._failure(f"expected a {event!r} report, got {line[:200]!r}")
         return report
 
 

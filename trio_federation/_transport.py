@@ -60,7 +60,10 @@ class _SocketHost:
     """
 
     def __init__(self) -> None:
-        self.scope = trio.CancelScope(shield=True)
+        # Shielded only once started (see open_orchestrator_connection): a task
+        # shielded before ``started()`` could never be cancelled by a caller
+        # that was cancelled meanwhile.
+        self.scope = trio.CancelScope()
         self.failure: BaseException | None = None
         self.on_failure: Callable[[], None] = lambda: None
         self._nursery: trio.Nursery | None = None
@@ -142,6 +145,7 @@ async def open_orchestrator_connection(
         async with trio.open_nursery() as nursery:
             host = _SocketHost()
             await nursery.start(host.run)
+            host.scope.shield = True
             try:
                 socket = await _dial(
                     host,
@@ -442,11 +446,12 @@ async def serve_federation(
         connect_timeout=handshake_timeout,
         disconnect_timeout=disconnect_timeout,
     )
-    scope = trio.CancelScope(shield=True)
+    scope = trio.CancelScope()  # shielded once started: see _SocketHost
     try:
         async with trio.open_nursery() as nursery:
             try:
                 listener._server = await nursery.start(_serve_shielded, scope, serve)
+                scope.shield = True
                 logger.info("federation listener %r on port %d", local_id, listener.port)
                 task_status.started(listener)
                 await trio.sleep_forever()

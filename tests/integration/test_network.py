@@ -357,3 +357,27 @@ async def test_keyboard_interrupt_closes_with_going_away(listener: FederationLis
             raise KeyboardInterrupt
     assert conn.status == "disconnected"
     await wait_for(lambda: not listener.connections)
+
+
+@pytest.mark.parametrize("delay", [0, 0.0001, 0.001])
+async def test_listener_cancelled_while_starting_stops(delay: float) -> None:
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_soon() -> None:
+                await trio.sleep(delay)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(cancel_soon)
+            await start_listener(nursery, echo_acceptances)
+            await trio.sleep_forever()
+
+
+async def test_dialer_entered_cancelled_returns_at_once() -> None:
+    with trio.fail_after(5):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with open_orchestrator_connection(
+                "ws://127.0.0.1:9/x", local_id="a", capabilities=[]
+            ):
+                pytest.fail("entered under a cancelled scope")  # pragma: no cover
