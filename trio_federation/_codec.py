@@ -65,7 +65,14 @@ def format_timestamp(value: datetime) -> str:
     """ISO 8601 UTC with milliseconds and ``Z``, as JavaScript's ``toISOString``."""
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
-    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    # orjson formats four times faster than isoformat(); it writes microseconds
+    # (or none when they are zero), JavaScript writes exactly three digits.
+    text = orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-2].decode()
+    return f"{text[:23]}Z" if len(text) > 19 else f"{text}.000Z"
+
+
+def _structure_timestamp(value: object, _type: object) -> datetime:
+    return parse_timestamp(value)
 
 
 def parse_timestamp(value: object) -> datetime:
@@ -144,6 +151,9 @@ def _string_tuple(value: object, _type: object) -> tuple[str, ...]:
 
 
 def _structure_enum(value: object, cls: type[enum.Enum]) -> enum.Enum:
+    member = cls._value2member_map_.get(value) if type(value) is str else None
+    if member is not None:
+        return member
     try:
         return cls(value)
     except ValueError:
@@ -163,7 +173,7 @@ _ENUMS: Final = (
 )
 
 
-def make_converter() -> cattrs.Converter:
+def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
     """Build a new converter between the message classes and wire dictionaries.
 
     The dictionaries use the wire's camelCase keys, ISO 8601 strings for times
@@ -171,13 +181,19 @@ def make_converter() -> cattrs.Converter:
     Structuring is strict (a string is never coerced to a number or back) and
     ignores unknown keys; optional fields that are ``None`` are left out when
     unstructuring, like ``JSON.stringify`` does with ``undefined``.
+
+    Args:
+        detailed_validation: collect every failure with its path (cattrs'
+            ``ClassValidationError``). Without it, structuring is about twice
+            as fast and stops at the first failure; both accept exactly the
+            same input.
     """
-    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    conv = cattrs.Converter(detailed_validation=detailed_validation, forbid_extra_keys=False)
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(int, _strict_int)
     conv.register_structure_hook(float, _strict_float)
     conv.register_structure_hook(bool, _strict_bool)
-    conv.register_structure_hook(datetime, lambda v, _: parse_timestamp(v))
+    conv.register_structure_hook(datetime, _structure_timestamp)
     conv.register_unstructure_hook(datetime, format_timestamp)
     conv.register_unstructure_hook(float, _js_number)
     for enum_class in _ENUMS:
@@ -212,6 +228,10 @@ def make_converter() -> cattrs.Converter:
                 unstruct_kwargs["unstruct_hook"] = _to_ms
             elif cls is DelegationRequest and field.name == "required_capabilities":
                 kwargs["struct_hook"] = required_capabilities
+            elif isinstance(field.type, type) and issubclass(field.type, enum.Enum):
+                kwargs["struct_hook"] = _structure_enum
+            elif field.type is datetime:
+                kwargs["struct_hook"] = _structure_timestamp
             elif field.converter is not None:
                 # cattrs would structure such a field by the converter's input
                 # type (often Any); structure it strictly by its declared type.
@@ -239,8 +259,13 @@ def _objects_only(structure: Callable[[Any, Any], Any]) -> Callable[[Any, Any], 
 
 
 def _by_declared_type(conv: cattrs.Converter, declared: Any) -> Callable[[Any, Any], Any]:
+    hook: Callable[[Any, Any], Any] | None = None
+
     def structure(value: Any, _type: Any) -> Any:
-        return conv.structure(value, declared)
+        nonlocal hook
+        if hook is None:  # looked up once, on first use: every class is registered by then
+            hook = conv.get_structure_hook(declared)
+        return hook(value, declared)
 
     return structure
 
@@ -260,6 +285,9 @@ def _orjson_default(value: object) -> object:
 
 
 _CONVERTER: Final = make_converter()
+# Decoding tries the fast converter first; only a frame it refuses goes through
+# the detailed one, which says everything that is wrong with it.
+_FAST_STRUCTURE: Final = make_converter(detailed_validation=False).structure
 _UNSTRUCTURE: Final[Callable[[Any], Any]] = _CONVERTER.unstructure
 _DUMPS_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME
 
@@ -304,6 +332,14 @@ _PAYLOAD_CLASS: Final[dict[MessageType, type[Any]]] = {
     MessageType.STATUS: ConnectionHealth,
 }
 _MESSAGE_TYPES: Final = {member.value: member for member in MessageType}
+
+
+def _structure_payload(raw: dict[str, Any], cls: type[Any]) -> Any:
+    try:
+        return _FAST_STRUCTURE(raw, cls)
+    except Exception:  # the detailed pass below reports what was wrong
+        # Same hooks, same verdict: this raises a ClassValidationError.
+        return _CONVERTER.structure(raw, cls)
 
 
 def _describe(exc: cattrs.BaseValidationError, where: str) -> str:
@@ -409,7 +445,7 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
     try:
         # Detailed validation wraps every failure (of a field or of the class's
         # own converters and validators) in a cattrs validation error.
-        payload = _CONVERTER.structure(raw_payload, payload_class)
+        payload = _structure_payload(raw_payload, payload_class)
     except cattrs.BaseValidationError as exc:
         raise MalformedMessage(
             f"invalid {message_type.value} payload ({payload_class.__name__}): "

@@ -349,13 +349,15 @@ class OrchestratorConnection:
             TypeError: ``message`` is not a FederationMessage or holds a value
                 JSON cannot represent.
         """
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._check_sendable()
         item = self._encode(message)
         try:
             self._queue.put_nowait(item)
         except trio.WouldBlock:
             raise QueueFull(self._max_queue_size) from None
+        # Queued, so not cancellable any more; yielding now lets the writer run.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send(self, message: FederationMessage) -> None:
         """Like :meth:`send_message`, but wait for room when the queue is full.

@@ -129,8 +129,40 @@ class HeartbeatStatus(enum.StrEnum):
     OVERLOADED = "overloaded"
 
 
+# Converters for the enum fields: members pass straight through (the codec hands
+# over members it already checked); plain strings are looked up.
+def _message_type(value: MessageType | str) -> MessageType:
+    return value if type(value) is MessageType else MessageType(value)
+
+
+def _task_type(value: TaskType | str) -> TaskType:
+    return value if type(value) is TaskType else TaskType(value)
+
+
+def _task_priority(value: TaskPriority | str) -> TaskPriority:
+    return value if type(value) is TaskPriority else TaskPriority(value)
+
+
+def _task_status(value: TaskStatus | str) -> TaskStatus:
+    return value if type(value) is TaskStatus else TaskStatus(value)
+
+
+def _callback_status(value: CallbackStatus | str) -> CallbackStatus:
+    return value if type(value) is CallbackStatus else CallbackStatus(value)
+
+
+def _heartbeat_status(value: HeartbeatStatus | str) -> HeartbeatStatus:
+    return value if type(value) is HeartbeatStatus else HeartbeatStatus(value)
+
+
+def _connection_status(value: ConnectionStatus | str) -> ConnectionStatus:
+    return value if type(value) is ConnectionStatus else ConnectionStatus(value)
+
+
 def _utc(value: datetime) -> datetime:
     """Normalise an aware datetime to UTC; reject naive ones with a clear error."""
+    if type(value) is datetime and value.tzinfo is UTC:
+        return value
     if not isinstance(value, datetime):
         raise TypeError(f"expected a datetime, got {type(value).__name__}: {value!r}")
     if value.tzinfo is None or value.utcoffset() is None:
@@ -175,11 +207,11 @@ class Task:
     """Unique task id; also used as the ``correlation_id`` of its callbacks."""
     description: str
     """What to do, for humans and agents."""
-    type: TaskType = attrs.field(default=TaskType.GENERAL, converter=TaskType)
+    type: TaskType = attrs.field(default=TaskType.GENERAL, converter=_task_type)
     """The kind of task."""
-    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=TaskPriority)
+    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=_task_priority)
     """How urgent it is."""
-    status: TaskStatus = attrs.field(default=TaskStatus.PENDING, converter=TaskStatus)
+    status: TaskStatus = attrs.field(default=TaskStatus.PENDING, converter=_task_status)
     """Where it is in its lifecycle."""
     created_at: datetime = attrs.field(factory=_now, converter=_utc)
     """When it was created (UTC)."""
@@ -284,7 +316,7 @@ class DelegationRequest:
     """Who is asked to run the task."""
     task: Task
     """The task."""
-    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=TaskPriority)
+    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=_task_priority)
     """Priority of the delegation."""
     required_capabilities: tuple[str, ...] | OrchestratorCapabilities | None = attrs.field(
         default=None,
@@ -331,7 +363,7 @@ class TaskCallback:
 
     task_id: str
     """The delegated task."""
-    status: CallbackStatus = attrs.field(converter=CallbackStatus)
+    status: CallbackStatus = attrs.field(converter=_callback_status)
     """``progress``, ``completed`` or ``failed``."""
     result: Any = None
     """The result (any JSON value), usually with ``completed``."""
@@ -364,7 +396,7 @@ class HeartbeatPayload:
     timestamp: datetime = attrs.field(factory=_now, converter=_utc)
     """When (UTC)."""
     status: HeartbeatStatus = attrs.field(
-        default=HeartbeatStatus.HEALTHY, converter=HeartbeatStatus
+        default=HeartbeatStatus.HEALTHY, converter=_heartbeat_status
     )
     """The sender's load status."""
     active_connections: int = 0
@@ -375,7 +407,7 @@ class HeartbeatPayload:
 class ConnectionHealth:
     """Health figures of a connection (``status`` payload; ``get_status()``)."""
 
-    status: ConnectionStatus = attrs.field(converter=ConnectionStatus)
+    status: ConnectionStatus = attrs.field(converter=_connection_status)
     """The connection's status."""
     uptime: float = attrs.field(validator=_non_negative)
     """Seconds since the connection opened (milliseconds on the wire)."""
@@ -430,7 +462,7 @@ class FederationMessage:
     :class:`ConnectionHealth`. A mismatch raises :exc:`TypeError`.
     """
 
-    type: MessageType = attrs.field(converter=MessageType)
+    type: MessageType = attrs.field(converter=_message_type)
     """What kind of message it is."""
     payload: Payload = attrs.field(validator=_check_payload)
     """The typed payload."""

@@ -41,6 +41,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a listener waits for a dialer's upgrade request."""
 SOCKET_QUEUE_SIZE = 4
 """Messages trio-websocket buffers between its reader and ours."""
+SOCKET_RECEIVE_BYTES = 64 * 1024
+"""Bytes trio-websocket asks the socket for at once (its default is 4 KiB)."""
 
 
 def _check_local_id(local_id: object) -> str:
@@ -232,6 +234,7 @@ async def _dial(
                 extra_headers=headers,
                 message_queue_size=SOCKET_QUEUE_SIZE,
                 max_message_size=max_message_size,
+                receive_buffer_size=SOCKET_RECEIVE_BYTES,
             )
         except (OSError, trio.BrokenResourceError) as exc:
             raise _handshake_error(url, exc) from exc
@@ -443,6 +446,7 @@ async def serve_federation(
         ssl_context,
         message_queue_size=SOCKET_QUEUE_SIZE,
         max_message_size=max_message_size,
+        receive_buffer_size=SOCKET_RECEIVE_BYTES,
         connect_timeout=handshake_timeout,
         disconnect_timeout=disconnect_timeout,
     )
