@@ -421,8 +421,9 @@ class OrchestratorConnection:
     async def __anext__(self) -> FederationMessage:
         """The next data message; see :meth:`receive`."""
         try:
-            return await self.receive()
+            return await self._inbound_recv.receive()
         except trio.EndOfChannel:
+            self._raise_if_lost()
             raise StopAsyncIteration from None
 
     async def receive(self) -> FederationMessage:
@@ -652,13 +653,15 @@ class OrchestratorConnection:
                 continue
             now = trio.current_time()
             is_data = message.type in DATA_TYPES
-            state.received(now, data=is_data)
+            changed = state.received(now, data=is_data)
             if not self._id:
                 self._id = message.sender
             if message.type is MessageType.HEARTBEAT:
                 assert isinstance(message.payload, HeartbeatPayload)
                 state.remote_heartbeat(now, message.payload.status)
-            self._publish_status()
+                changed = True
+            if changed:
+                self._publish_status()
             await self._route(message, is_data)
 
     async def _route(self, message: FederationMessage, is_data: bool) -> None:
@@ -703,8 +706,8 @@ class OrchestratorConnection:
                 except ConnectionClosed:
                     return  # the reader sees the close and ends the connection
                 queue.pop()
-                self._state.sent(trio.current_time(), data=message.type in DATA_TYPES)
-                self._publish_status()
+                if self._state.sent(trio.current_time(), data=message.type in DATA_TYPES):
+                    self._publish_status()
         finally:
             self._writer_done.set()
 

@@ -134,17 +134,21 @@ class ConnectionState:
         self.remote_status = status
         self.liveness(now)
 
-    def sent(self, now: float, *, data: bool) -> None:
-        """A message was written; ``data`` for non-control messages."""
-        self.messages_sent += 1
-        if data:
-            self._activity(now)
+    def sent(self, now: float, *, data: bool) -> bool:
+        """A message was written; ``data`` for non-control messages.
 
-    def received(self, now: float, *, data: bool) -> None:
-        """A well-formed message was read; ``data`` for non-control messages."""
+        Returns whether the status may have changed (the shell then publishes it).
+        """
+        self.messages_sent += 1
+        return data and self._activity(now)
+
+    def received(self, now: float, *, data: bool) -> bool:
+        """A well-formed message was read; ``data`` for non-control messages.
+
+        Returns whether the status may have changed (the shell then publishes it).
+        """
         self.messages_received += 1
-        if data:
-            self._activity(now)
+        return data and self._activity(now)
 
     def error(self) -> None:
         """Count one error (a malformed frame, unsent messages...)."""
@@ -156,9 +160,12 @@ class ConnectionState:
             self.close_code = code
             self.next_ping_at = math.inf
 
-    def _activity(self, now: float) -> None:
+    def _activity(self, now: float) -> bool:
         self.last_activity = now
+        if self.active:
+            return False
         self.active = True
+        return True
 
     # -- time -----------------------------------------------------------------
 
