@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from trio_federation import (
     MAX_FRAME_SIZE,
+    BroadcastPayload,
     DelegationRequest,
     DelegationResponse,
     FederationMessage,
@@ -186,6 +187,15 @@ def envelope(payload: Any, **changes: Any) -> str:
 
 
 CALLBACK = {"taskId": "t", "status": "progress"}
+TASK = {
+    "id": "t",
+    "type": "code",
+    "description": "d",
+    "priority": "low",
+    "status": "pending",
+    "createdAt": "2026-11-26T12:00:00Z",
+    "updatedAt": "2026-11-26T12:00:00Z",
+}
 
 
 @pytest.mark.parametrize(
@@ -250,7 +260,8 @@ CALLBACK = {"taskId": "t", "status": "progress"}
         ),
         (
             envelope(
-                {"fromOrchestratorId": "a", "toOrchestratorId": "b", "task": 5}, type="delegation"
+                {"fromOrchestratorId": "a", "toOrchestratorId": "b", "priority": "low", "task": 5},
+                type="delegation",
             ),
             "expected an object (Task), got a number @ payload.task",
         ),
@@ -259,7 +270,8 @@ CALLBACK = {"taskId": "t", "status": "progress"}
                 {
                     "fromOrchestratorId": "a",
                     "toOrchestratorId": "b",
-                    "task": {"id": "t", "description": "d"},
+                    "priority": "low",
+                    "task": TASK,
                     "requiredCapabilities": "testing",
                 },
                 type="delegation",
@@ -272,7 +284,8 @@ CALLBACK = {"taskId": "t", "status": "progress"}
                 {
                     "fromOrchestratorId": "a",
                     "toOrchestratorId": "b",
-                    "task": {"id": "t", "description": "d"},
+                    "priority": "low",
+                    "task": TASK,
                     "requiredCapabilities": [1],
                 },
                 type="delegation",
@@ -399,10 +412,100 @@ def test_string_arrays_must_be_arrays() -> None:
         {
             "fromOrchestratorId": "a",
             "toOrchestratorId": "b",
-            "task": {"id": "t", "description": "d"},
+            "priority": "low",
+            "task": TASK,
             "requiredCapabilities": {"supportedTaskTypes": "code"},
         },
         type="delegation",
     )
     with pytest.raises(MalformedMessage, match="expected an array, got a string"):
         decode_message(frame)
+
+
+def test_converters_from_the_factory_are_independent() -> None:
+    first, second = make_converter(), make_converter()
+    assert first is not second
+    first.register_structure_hook(Task, lambda value, _: "replaced")
+    assert first.structure(TASK, Task) == "replaced"
+    assert isinstance(second.structure(TASK, Task), Task)
+    frame = envelope(
+        {"fromOrchestratorId": "a", "toOrchestratorId": "b", "priority": "low", "task": TASK},
+        type="delegation",
+    )
+    assert isinstance(decode_message(frame).payload, DelegationRequest)
+
+
+def test_out_of_range_times_are_malformed() -> None:
+    for when in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(MalformedMessage, match="timestamp out of range"):
+            decode_message(envelope(CALLBACK, timestamp=when))
+
+
+def test_missing_wire_keys_with_python_defaults_are_malformed() -> None:
+    with pytest.raises(
+        MalformedMessage, match=r"required field missing @ payload\.activeConnections"
+    ):
+        decode_message(
+            envelope(
+                {"orchestratorId": "x", "timestamp": "2026-11-26T12:00:00Z", "status": "healthy"},
+                type="heartbeat",
+            )
+        )
+    with pytest.raises(
+        MalformedMessage, match=r"expected an array, got an object @ payload\.context\.episodic"
+    ):
+        decode_message(
+            envelope(
+                {
+                    "fromOrchestratorId": "a",
+                    "toOrchestratorId": "b",
+                    "priority": "low",
+                    "task": TASK,
+                    "context": {"episodic": {}},
+                },
+                type="delegation",
+            )
+        )
+
+
+def test_free_form_floats_are_written_as_javascript_writes_them() -> None:
+    message = FederationMessage(
+        type="broadcast",
+        payload=BroadcastPayload(topic="t", data={"score": 50.0, "list": [1.0, -0.0, 1.5]}),
+        sender="a",
+        recipient="b",
+        timestamp=WHEN,
+    )
+    payload = orjson.loads(encode_message(message))["payload"]
+    assert payload == '{"topic":"t","data":{"score":50,"list":[1,0,1.5]}}'
+
+
+def test_task_keys_follow_the_daemons_order() -> None:
+    task = Task(
+        id="t",
+        type="code",
+        description="d",
+        priority="high",
+        status="pending",
+        created_at=WHEN,
+        updated_at=WHEN,
+    )
+    message = FederationMessage(
+        type="delegation",
+        sender="a",
+        recipient="b",
+        timestamp=WHEN,
+        payload=DelegationRequest(
+            from_orchestrator_id="a", to_orchestrator_id="b", task=task, priority="high"
+        ),
+    )
+    payload = orjson.loads(orjson.loads(encode_message(message))["payload"])
+    assert list(payload["task"]) == [
+        "id",
+        "type",
+        "description",
+        "priority",
+        "status",
+        "createdAt",
+        "updatedAt",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -557,7 +558,7 @@ async def test_slow_consumer_applies_backpressure_and_peer_stays_healthy(
             nursery.start_soon(producer)
             await trio.sleep(60)  # b reads nothing for six heartbeat timeouts
             assert sent < 500  # the producer was slowed down, nothing grew
-            assert len(a.message_queue) <= 8
+            assert len(a.message_queue) <= 8 + 1  # plus at most one heartbeat
             assert b.is_healthy()  # b's stall is its own doing, not a's
             assert b.status != "degraded"
             got = [(await b.receive()).correlation_id for _ in range(500)]
@@ -700,3 +701,107 @@ async def test_raise_single_keeps_real_groups() -> None:
     assert info.value is group
     with pytest.raises(ValueError, match="a"):
         raise_single(ExceptionGroup("one", [ValueError("a")]))
+
+
+async def test_a_crash_of_trio_websockets_reader_ends_the_connection_as_lost() -> None:
+    from trio_federation.testing import _HOSTS
+
+    async with open_websocket_pair() as pair:
+        a = OrchestratorConnection(id="orch-b", socket=pair.client, local_id="orch-a")
+        host, _ = _HOSTS[id(pair)]
+        host.on_failure = a._transport_failed
+        async with a:
+
+            async def crash() -> None:
+                raise RuntimeError("wsproto refused a pong")
+
+            host.nursery.start_soon(crash)
+            with pytest.raises(ConnectionLost) as info:
+                await a.receive()
+            assert info.value.code == 1006
+            assert "transport" in info.value.reason
+        assert a.status == "disconnected"
+
+
+async def test_heartbeats_never_take_room_from_the_user(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_websocket_pair() as pair:
+        a = OrchestratorConnection(
+            id="orch-b",
+            socket=pair.client,
+            local_id="orch-a",
+            max_queue_size=2,
+            heartbeat_timeout=2.0,
+            disconnect_timeout=1.0,
+        )
+        async with a:
+            pair.server_scope.cancel()  # nothing is read: the queue stays put
+            for i in range(10_000):  # until the socket buffers are full too
+                with trio.move_on_after(0.5) as waited:
+                    await a.send(delegation(f"fill-{i}"))
+                if waited.cancelled_caught:
+                    break
+            else:
+                pytest.fail("the queue never filled")
+            await trio.sleep(5)  # heartbeats are due meanwhile
+            kinds = [str(m.type) for m in a.message_queue]
+            assert kinds.count("heartbeat") == 1
+            assert kinds.count("delegation") == 2
+            with pytest.raises(QueueFull):
+                await a.send_message(delegation("one more"))
+
+
+async def test_returning_pongs_end_the_degraded_state(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trio_federation")
+    async with open_websocket_pair() as pair:
+        # The peer is plain trio-websocket: it answers pings and sends nothing,
+        # so only a pong can bring the connection back.
+        a = OrchestratorConnection(
+            id="orch-b", socket=pair.client, local_id="orch-a", heartbeat_timeout=10.0
+        )
+        async with a:
+            with a.watch_status() as statuses:
+                a._state.liveness_ok = False  # as after a missed deadline
+                a._publish_status()
+                assert await statuses.receive() == "degraded"
+                assert await statuses.receive() == "connected"
+            latency = a.get_status().latency
+            assert latency is not None and latency >= 0
+    assert "connection to 'orch-b': connected -> degraded" in caplog.text
+    assert "connection to 'orch-b': degraded -> connected" in caplog.text
+
+
+async def test_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async with open_connection_pair() as (a, b):
+        await a.socket.send_message("not json")
+        await a.send_message(delegation("sync"))
+        await b.receive()
+    assert "connection to 'orch-a': invalid JSON" in caplog.text
+
+
+async def test_a_failing_predicate_ends_only_its_subscription(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with open_connection_pair() as (a, b):
+        with b.subscribe("broadcast", predicate=lambda m: 1 / 0 > 0) as broken:
+            await a.send_message(broadcast("x"))
+            assert (await b.receive()).type == "broadcast"  # passed on to async for
+            with pytest.raises(ZeroDivisionError):
+                await broken.receive()
+        await a.send_message(delegation("still-up"))
+        assert (await b.receive()).correlation_id == "still-up"
+    assert "a subscription's predicate raised" in caplog.text
+
+
+async def test_subscribe_without_types_takes_data_messages_only() -> None:
+    async with open_connection_pair() as (a, b):
+        with b.subscribe() as everything:
+            await a.send_message(heartbeat("healthy"))
+            await a.send_message(broadcast("data"))
+            got = await everything.receive()
+            assert got.type == "broadcast"
+            with pytest.raises(trio.WouldBlock):
+                everything.receive_nowait()

@@ -30,8 +30,9 @@ def test_status_lifecycle() -> None:
         state.open(101.0)
     state.received(101.0, data=True)
     assert state.status is ConnectionStatus.ACTIVE
-    state.close(1000)
-    state.close(1006)  # the first close wins
+    state.close(1000, 102.0)
+    state.close(1006, 103.0)  # the first close wins
+    assert state.uptime(200.0) == 2.0  # frozen at the close
     assert state.status is ConnectionStatus.DISCONNECTED
     assert state.close_code == 1000
     assert not state.is_healthy(101.0)
@@ -40,14 +41,14 @@ def test_status_lifecycle() -> None:
 @pytest.mark.parametrize("code", [1002, 1003, 1007, 1009, 1010])
 def test_protocol_error_codes_mean_error(code: int) -> None:
     state = opened()
-    state.close(code)
+    state.close(code, 101.0)
     assert state.status is ConnectionStatus.ERROR
 
 
 @pytest.mark.parametrize("code", [1000, 1001, 1006, 1011, 4000])
 def test_other_codes_mean_disconnected(code: int) -> None:
     state = opened()
-    state.close(code)
+    state.close(code, 101.0)
     assert state.status is ConnectionStatus.DISCONNECTED
 
 
@@ -82,9 +83,10 @@ def test_liveness_lost_once_then_recovered() -> None:
     assert not state.is_healthy(126.0)
 
 
-def test_remote_heartbeat_status() -> None:
+@pytest.mark.parametrize("status", [HeartbeatStatus.DEGRADED, HeartbeatStatus.OVERLOADED])
+def test_remote_heartbeat_status(status: HeartbeatStatus) -> None:
     state = opened(100.0)
-    state.remote_heartbeat(101.0, HeartbeatStatus.OVERLOADED)
+    state.remote_heartbeat(101.0, status)
     assert state.status is ConnectionStatus.DEGRADED
     assert state.is_healthy(101.0)
     assert state.last_liveness == 101.0

@@ -20,6 +20,7 @@ from typing import Any, Final
 import attrs
 import cattrs
 import orjson
+from cattrs.errors import AttributeValidationNote, ClassValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from ._exceptions import MalformedMessage
@@ -35,9 +36,12 @@ from ._messages import (
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
+    MemoryEntry,
     MessageType,
     OrchestratorCapabilities,
+    Task,
     TaskCallback,
+    TaskHistoryEntry,
     TaskPriority,
     TaskStatus,
     TaskType,
@@ -47,6 +51,14 @@ __all__ = ["MAX_FRAME_SIZE", "decode_message", "encode_message", "make_converter
 
 MAX_FRAME_SIZE: Final = 1024 * 1024
 """Largest frame, in characters, that is decoded (larger ones are refused first)."""
+
+# Fields with a default in Python (for convenience) that the wire requires.
+_WIRE_REQUIRED: Final[dict[type[Any], frozenset[str]]] = {
+    Task: frozenset({"type", "priority", "status", "created_at", "updated_at"}),
+    DelegationRequest: frozenset({"priority"}),
+    HeartbeatPayload: frozenset({"timestamp", "status", "active_connections"}),
+    ConnectionHealth: frozenset({"messages_sent", "messages_received", "errors"}),
+}
 
 # Fields whose Python value is seconds and whose wire value is milliseconds.
 _MILLISECOND_FIELDS: Final[dict[type[Any], tuple[str, ...]]] = {
@@ -81,17 +93,19 @@ def parse_timestamp(value: object) -> datetime:
         raise TypeError(f"expected an ISO 8601 string, got {_json_type(value)}")
     try:
         parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
     except ValueError:
         raise ValueError(f"not an ISO 8601 timestamp: {value[:64]!r}") from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    except OverflowError:  # a valid form whose UTC time is outside years 1-9999
+        raise ValueError(f"timestamp out of range: {value[:64]!r}") from None
 
 
 def _js_number(value: float) -> float | int:
     """A float as JavaScript writes it: ``50.0`` becomes ``50``."""
     if type(value) is float and value.is_integer() and abs(value) < 2**53:
-        return int(value)
+        return int(value)  # also turns -0.0 into 0, as JSON.stringify does
     return value  # an int passed for a float field, or a fractional float
 
 
@@ -201,7 +215,7 @@ def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
         conv.register_structure_hook(enum_class, _structure_enum)
     conv.register_structure_hook_func(lambda t: t == Mapping[str, Any], _json_object)
     conv.register_structure_hook_func(lambda t: t == tuple[str, ...], _string_tuple)
-    conv.register_unstructure_hook_func(lambda t: t == Mapping[str, Any], _identity)
+    conv.register_unstructure_hook_func(lambda t: t == Mapping[str, Any], _js_values)
 
     def required_capabilities(value: object, _type: object) -> object:
         if value is None:
@@ -236,26 +250,75 @@ def make_converter(*, detailed_validation: bool = True) -> cattrs.Converter:
                 # cattrs would structure such a field by the converter's input
                 # type (often Any); structure it strictly by its declared type.
                 kwargs["struct_hook"] = _by_declared_type(conv, field.type)
-            if field.type is Any:
-                unstruct_kwargs["unstruct_hook"] = _identity
+            if field.type is Any or field.type == Mapping[str, Any] | None:
+                unstruct_kwargs["unstruct_hook"] = _js_values
             struct_overrides[field.name] = override(**kwargs)
             unstruct_overrides[field.name] = override(**unstruct_kwargs)
         conv.register_structure_hook(
-            cls, _objects_only(make_dict_structure_fn(cls, conv, **struct_overrides))
+            cls,
+            _objects_only(
+                make_dict_structure_fn(cls, conv, **struct_overrides),
+                tuple(f for f in attrs.fields(cls) if f.name in _WIRE_REQUIRED.get(cls, ())),
+            ),
         )
         conv.register_unstructure_hook(
             cls, make_dict_unstructure_fn(cls, conv, **unstruct_overrides)
         )
+    for element in (MemoryEntry, TaskHistoryEntry):
+        # cattrs makes a tuple of any iterable (a string, an object's keys):
+        # the wire has arrays only.
+        sequence = tuple[element, ...]  # type: ignore[valid-type]
+        conv.register_structure_hook_func(
+            _is(sequence), _arrays_only(conv.get_structure_hook(sequence))
+        )
     return conv
 
 
-def _objects_only(structure: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _is(expected: Any) -> Callable[[Any], bool]:
+    def predicate(candidate: Any) -> bool:
+        return bool(candidate == expected)
+
+    return predicate
+
+
+def _arrays_only(structure: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     def hook(value: Any, cls: Any) -> Any:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected an object ({cls.__name__}), got {_json_type(value)}")
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {_json_type(value)}")
         return structure(value, cls)
 
     return hook
+
+
+def _objects_only(
+    structure: Callable[[Any, Any], Any], required: tuple[attrs.Attribute[Any], ...]
+) -> Callable[[Any, Any], Any]:
+    """Refuse non-objects, and objects without the keys the wire requires."""
+
+    def hook(value: Any, cls: Any) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object ({cls.__name__}), got {_json_type(value)}")
+        missing = [field for field in required if _camel(field.name) not in value]
+        if missing:
+            raise ClassValidationError(
+                f"While structuring {cls.__name__}",
+                [_missing_key(cls, field) for field in missing],
+                cls,
+            )
+        return structure(value, cls)
+
+    return hook
+
+
+def _missing_key(cls: type[Any], field: attrs.Attribute[Any]) -> KeyError:
+    # Shaped as cattrs reports a missing key, so transform_error names its path.
+    error = KeyError(field.name)
+    error.__notes__ = [
+        AttributeValidationNote(
+            f"Structuring class {cls.__name__} @ attribute {field.name}", field.name, field.type
+        )
+    ]
+    return error
 
 
 def _by_declared_type(conv: cattrs.Converter, declared: Any) -> Callable[[Any, Any], Any]:
@@ -270,7 +333,22 @@ def _by_declared_type(conv: cattrs.Converter, declared: Any) -> Callable[[Any, A
     return structure
 
 
-def _identity(value: Any) -> Any:
+def _js_values(value: Any) -> Any:
+    """Free-form JSON as JavaScript writes it: integral floats without ``.0``.
+
+    ``JSON.stringify`` writes ``50.0`` as ``50`` and ``-0.0`` as ``0``; orjson
+    keeps the ``.0``. Walks only containers that hold floats, and returns the
+    value itself when nothing needs changing.
+    """
+    kind = type(value)
+    if kind is float:
+        return _js_number(value)
+    if kind is dict:
+        new = {k: _js_values(v) for k, v in value.items()}
+        return value if all(new[k] is v for k, v in value.items()) else new
+    if kind is list or kind is tuple:
+        items = [_js_values(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     return value
 
 

@@ -115,7 +115,7 @@ def _shielded_deadline(deadline: float) -> Iterator[trio.CancelScope]:
 
 
 class _Subscription:
-    __slots__ = ("predicate", "send_channel", "types")
+    __slots__ = ("failure", "predicate", "send_channel", "types")
 
     def __init__(
         self,
@@ -126,9 +126,10 @@ class _Subscription:
         self.types = types
         self.predicate = predicate
         self.send_channel = send_channel
+        self.failure: Exception | None = None
 
     def matches(self, message: FederationMessage) -> bool:
-        if self.types and message.type not in self.types:
+        if message.type not in self.types:
             return False
         return self.predicate is None or bool(self.predicate(message))
 
@@ -231,6 +232,8 @@ class OrchestratorConnection:
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
         self._peer_closed: ConnectionLost | None = None  # normal end by the peer
         self._writer_done = trio.Event()
+        self._close_scope: trio.CancelScope | None = None
+        self._transport_broken = False
         self._handed_over = trio.Event()
         self._finished = trio.Event()
         self._exit_stack: contextlib.AsyncExitStack | None = None
@@ -452,15 +455,20 @@ class OrchestratorConnection:
 
         Each incoming message goes to the first subscription that matches it (in
         the order they were made), else to ``async for msg in conn``. With no
-        types, every type matches. Control messages (``heartbeat``, ``status``)
-        reach only subscriptions that ask for them. A full subscription buffer
-        makes the reader wait, like a slow ``async for``. Leaving the block
-        unsubscribes; messages still buffered in it are discarded.
+        types, the data types (``delegation``, ``callback``, ``broadcast``)
+        match; control messages (``heartbeat``, ``status``) reach only
+        subscriptions that name them. A full subscription buffer makes the
+        reader wait, like a slow ``async for``. Leaving the block unsubscribes;
+        messages still buffered in it are discarded (their number is logged).
+
+        If ``predicate`` raises, that subscription ends: the exception is logged
+        and raised by the stream's next ``receive()`` (after what it buffered),
+        and the message goes on to the next route. The connection goes on.
 
         Yields:
             A :class:`~trio_federation.MessageStream`.
         """
-        wanted = frozenset(MessageType(t) for t in types)
+        wanted = frozenset(MessageType(t) for t in types) or DATA_TYPES
         send_channel, receive_channel = trio.open_memory_channel[FederationMessage](
             _check_size("max_buffer", max_buffer)
         )
@@ -470,8 +478,14 @@ class OrchestratorConnection:
         else:
             self._subscriptions.append(subscription)
         try:
+
+            def check_end() -> None:
+                if subscription.failure is not None:
+                    raise subscription.failure
+                self._raise_if_lost()
+
             with receive_channel:
-                yield MessageStream(receive_channel, self._raise_if_lost)
+                yield MessageStream(receive_channel, check_end)
                 _discard_unread(receive_channel, self._id)
         finally:
             with contextlib.suppress(ValueError):
@@ -619,7 +633,7 @@ class OrchestratorConnection:
                 self._peer_closed = ConnectionLost(closed.code, closed.reason or "")
         ended = self._lost or self._peer_closed
         code = 1000 if ended is None else ended.code
-        self._state.close(code)
+        self._state.close(code, trio.current_time())
         unsent = len(self._queue)
         self._queue.close()
         self._inbound_send.close()
@@ -645,6 +659,9 @@ class OrchestratorConnection:
             try:
                 data = await socket.get_message()
             except ConnectionClosed:
+                if socket.closed is None and not self._closing and self._lost is None:
+                    # trio-websocket's reader stopped without any close: it died.
+                    self._lost = ConnectionLost(1006, "the WebSocket transport stopped")
                 return
             try:
                 message = decode_message(data, max_size=self._max_message_size)
@@ -666,7 +683,15 @@ class OrchestratorConnection:
 
     async def _route(self, message: FederationMessage, is_data: bool) -> None:
         for subscription in tuple(self._subscriptions):
-            if subscription.matches(message):
+            try:
+                matched = subscription.matches(message)
+            except Exception as exc:
+                logger.exception("connection to %r: a subscription's predicate raised", self._id)
+                subscription.failure = exc
+                self._subscriptions.remove(subscription)
+                subscription.send_channel.close()
+                continue
+            if matched:
                 try:
                     await self._deliver(subscription.send_channel, message)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -742,10 +767,12 @@ class OrchestratorConnection:
             recipient=self._id,
         )
         try:
-            self._queue.put_nowait(self._encode(message))
+            # Beyond max_queue_size, so it never takes room from the user.
+            self._queue.put_extra_nowait(self._encode(message))
         except (trio.WouldBlock, trio.ClosedResourceError):
-            # The queue is full of user messages: they carry liveness enough.
-            logger.debug("connection to %r: queue full, heartbeat message skipped", self._id)
+            # The previous heartbeat is still waiting (the peer is not reading):
+            # one pending heartbeat says as much as two.
+            logger.debug("connection to %r: heartbeat still queued, next one skipped", self._id)
 
     async def _pinger(self) -> None:
         async for _ in self._ping_pending:
@@ -771,6 +798,22 @@ class OrchestratorConnection:
         """
         await self._close(1000, "Graceful disconnect")
 
+    def _transport_failed(self, error: BaseException) -> None:
+        """trio-websocket's own reader task died: the socket is unusable now.
+
+        Called by the task hosting that reader (see ``_compat.SocketHost``).
+        Ends the connection as lost (1006) unless it was closing anyway.
+        """
+        if not self._closed_locally and (self._lost is None or self._lost.code == 1006):
+            lost = ConnectionLost(1006, f"transport failed: {error!r}")
+            lost.__cause__ = error
+            self._lost = lost
+        self._transport_broken = True
+        if self._close_scope is not None:
+            self._close_scope.cancel()  # no close handshake can complete now
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     async def _close(self, code: int, reason: str, deadline: float | None = None) -> None:
         if deadline is None:
             deadline = trio.current_time() + self._disconnect_timeout
@@ -783,13 +826,17 @@ class OrchestratorConnection:
             self._closed_locally = True
         self._queue.close()
         with _shielded_deadline(deadline) as scope:
+            self._close_scope = scope
+            if self._transport_broken:
+                scope.cancel()
             if self._nursery is not None:
                 await self._writer_done.wait()
-            if not scope.cancelled_caught:
+            if not scope.cancel_called:
                 await self._socket.aclose(code, reason)
-        if scope.cancelled_caught:
+        if scope.cancel_called:
             logger.warning(
-                "connection to %r: close not done within its time bound; aborting", self._id
+                "connection to %r: close not completed (time bound or transport failure); aborting",
+                self._id,
             )
             with trio.CancelScope() as abort:
                 abort.cancel()

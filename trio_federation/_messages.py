@@ -203,12 +203,13 @@ def _freeze_optional_tuple(value: Any) -> Any:
 class Task:
     """A unit of work that one orchestrator can delegate to another."""
 
+    # Fields in the daemon's order, so encodings match it key for key.
     id: str
     """Unique task id; also used as the ``correlation_id`` of its callbacks."""
-    description: str
-    """What to do, for humans and agents."""
     type: TaskType = attrs.field(default=TaskType.GENERAL, converter=_task_type)
     """The kind of task."""
+    description: str
+    """What to do, for humans and agents."""
     priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=_task_priority)
     """How urgent it is."""
     status: TaskStatus = attrs.field(default=TaskStatus.PENDING, converter=_task_status)

@@ -62,6 +62,7 @@ class ConnectionState:
     next_ping_at: float = math.inf
     latency: float | None = None
     close_code: int | None = None
+    closed_at: float | None = None
     liveness_ok: bool = True
     stalled: bool = False
     stall_ended_at: float = -math.inf
@@ -154,10 +155,11 @@ class ConnectionState:
         """Count one error (a malformed frame, unsent messages...)."""
         self.errors += 1
 
-    def close(self, code: int) -> None:
+    def close(self, code: int, now: float) -> None:
         """The connection closed with ``code``; later closes do not override it."""
         if self.close_code is None:
             self.close_code = code
+            self.closed_at = now
             self.next_ping_at = math.inf
 
     def _activity(self, now: float) -> bool:
@@ -210,5 +212,8 @@ class ConnectionState:
         return self.stalled or now - self._liveness_reference() < self.heartbeat_timeout
 
     def uptime(self, now: float) -> float:
-        """Seconds since the connection opened (0 before)."""
-        return 0.0 if self.opened_at is None else max(0.0, now - self.opened_at)
+        """Seconds the connection has been open: 0 before, frozen once closed."""
+        if self.opened_at is None:
+            return 0.0
+        end = now if self.closed_at is None else self.closed_at
+        return max(0.0, end - self.opened_at)

@@ -18,12 +18,15 @@ class OutboundQueue(Generic[T]):
 
     Like a memory channel of ``capacity``, except that what it holds can be
     listed (``message_queue``) and the writer *peeks* at the head and removes it
-    only once it is written, so "accepted but not yet written" is exact.
+    only once it is written, so "accepted but not yet written" is exact. One
+    item beyond the capacity may be added with :meth:`put_extra_nowait` (the
+    connection's own heartbeat), so it never takes room from the user.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: deque[T] = deque()
+        self._items: deque[tuple[T, bool]] = deque()  # (item, is the extra one)
+        self._extra = False
         self._closed = False
         self._not_empty = trio.lowlevel.ParkingLot()
         self._not_full = trio.lowlevel.ParkingLot()
@@ -36,27 +39,40 @@ class OutboundQueue(Generic[T]):
         """True once :meth:`close` was called."""
         return self._closed
 
+    def _full(self) -> bool:
+        return len(self._items) - self._extra >= self.capacity
+
     def snapshot(self) -> tuple[T, ...]:
         """The waiting items, oldest first."""
-        return tuple(self._items)
+        return tuple(item for item, _ in self._items)
 
     def put_nowait(self, item: T) -> None:
         """Append ``item``; :exc:`trio.WouldBlock` when full."""
         if self._closed:
             raise trio.ClosedResourceError("queue closed")
-        if len(self._items) >= self.capacity:
+        if self._full():
             raise trio.WouldBlock
-        self._items.append(item)
+        self._items.append((item, False))
+        self._not_empty.unpark()
+
+    def put_extra_nowait(self, item: T) -> None:
+        """Append ``item`` beyond the capacity; :exc:`trio.WouldBlock` if one already waits."""
+        if self._closed:
+            raise trio.ClosedResourceError("queue closed")
+        if self._extra:
+            raise trio.WouldBlock
+        self._extra = True
+        self._items.append((item, True))
         self._not_empty.unpark()
 
     async def put(self, item: T) -> None:
         """Append ``item``, waiting for room while the queue is full."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        if len(self._items) < self.capacity or self._closed:
+        if not self._full() or self._closed:
             self.put_nowait(item)
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        while len(self._items) >= self.capacity and not self._closed:
+        while self._full() and not self._closed:
             await self._not_full.park()
         self.put_nowait(item)
 
@@ -66,11 +82,13 @@ class OutboundQueue(Generic[T]):
             if self._closed:
                 raise trio.EndOfChannel
             await self._not_empty.park()
-        return self._items[0]
+        return self._items[0][0]
 
     def pop(self) -> T:
         """Remove the oldest item (after it was written)."""
-        item = self._items.popleft()
+        item, extra = self._items.popleft()
+        if extra:
+            self._extra = False
         self._not_full.unpark()
         return item
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import ssl
 import types
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import trio
@@ -16,7 +15,7 @@ import trio_websocket
 from trio_websocket import WebSocketRequest
 
 from ._codec import MAX_FRAME_SIZE
-from ._compat import release_stream
+from ._compat import SocketHost, release_stream
 from ._connection import (
     DEFAULT_DISCONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -51,40 +50,6 @@ def _check_local_id(local_id: object) -> str:
     if not local_id.strip():
         raise ValueError("local_id must not be empty")
     return local_id
-
-
-class _SocketHost:
-    """Runs trio-websocket's own reader task under a shield.
-
-    So that a cancelled block can still finish the close handshake (bounded by
-    the connection's timers), and so that a failure inside that task (a refused
-    upgrade) is caught and reported where the dial waits, not as a group.
-    """
-
-    def __init__(self) -> None:
-        # Shielded only once started (see open_orchestrator_connection): a task
-        # shielded before ``started()`` could never be cancelled by a caller
-        # that was cancelled meanwhile.
-        self.scope = trio.CancelScope()
-        self.failure: BaseException | None = None
-        self.on_failure: Callable[[], None] = lambda: None
-        self._nursery: trio.Nursery | None = None
-
-    @property
-    def nursery(self) -> trio.Nursery:
-        assert self._nursery is not None
-        return self._nursery
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            with self.scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    task_status.started()
-                    await trio.sleep_forever()
-        except Exception as exc:
-            self.failure = exc
-            self.on_failure()
 
 
 def _handshake_error(url: str, exc: BaseException) -> HandshakeError:
@@ -145,7 +110,7 @@ async def open_orchestrator_connection(
         _check_local_id(remote_id)
     try:
         async with trio.open_nursery() as nursery:
-            host = _SocketHost()
+            host = SocketHost()
             await nursery.start(host.run)
             host.scope.shield = True
             try:
@@ -178,6 +143,7 @@ async def open_orchestrator_connection(
                     max_message_size=max_message_size,
                     local_status=local_status,
                 )
+                host.on_failure = connection._transport_failed
                 async with connection:
                     yield connection
             finally:
@@ -205,7 +171,7 @@ def _parse_url(
 
 
 async def _dial(
-    host: _SocketHost,
+    host: SocketHost,
     url: str,
     *,
     ssl_context: ssl.SSLContext | None,
@@ -215,7 +181,7 @@ async def _dial(
 ) -> trio_websocket.WebSocketConnection:
     hostname, port, resource, tls = _parse_url(url, ssl_context)
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
-    host.on_failure = scope.cancel
+    host.on_failure = lambda exc: scope.cancel()
     socket: trio_websocket.WebSocketConnection | None = None
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
     with scope:
@@ -242,7 +208,7 @@ async def _dial(
             if socket is None and stream is not None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
-    host.on_failure = lambda: None
+    host.on_failure = lambda exc: None
     if socket is None:
         if host.failure is not None:
             raise _handshake_error(url, host.failure) from host.failure
@@ -291,13 +257,17 @@ class FederationListener:
         self._options = connection_options
         self._connections: dict[str, OrchestratorConnection] = {}
         self._reserved: set[str] = set()
-        self._server: trio_websocket.WebSocketServer | None = None
+        self._sockets: Sequence[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = ()
+        self._handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT
 
     @property
     def port(self) -> int:
-        """The bound TCP port (useful with ``port=0``)."""
-        assert self._server is not None
-        return self._server.port
+        """The bound TCP port (useful with ``port=0``; the first one if several)."""
+        first = self._sockets[0]
+        tcp = first.transport_listener if isinstance(first, trio.SSLListener) else first
+        assert isinstance(tcp, trio.SocketListener)
+        port: int = tcp.socket.getsockname()[1]
+        return port
 
     @property
     def connections(self) -> Mapping[str, OrchestratorConnection]:
@@ -309,7 +279,34 @@ class FederationListener:
         await request.reject(status, body=reason.encode())
         await release_stream(request)
 
-    async def _handle_request(self, request: WebSocketRequest) -> None:
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """One accepted TCP (or TLS) stream: the upgrade, then the connection."""
+        host = SocketHost()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(host.run)
+                host.scope.shield = True
+                try:
+                    request: WebSocketRequest | None = None
+                    with trio.move_on_after(self._handshake_timeout) as waiting:
+                        host.on_failure = lambda exc: waiting.cancel()
+                        request = await trio_websocket.wrap_server_stream(
+                            host.nursery,
+                            stream,
+                            message_queue_size=SOCKET_QUEUE_SIZE,
+                            max_message_size=self._options["max_message_size"],
+                            receive_buffer_size=SOCKET_RECEIVE_BYTES,
+                        )
+                    if request is None:
+                        logger.info("no federation upgrade from a dialer: closing its stream")
+                    else:
+                        await self._handle_request(request, host)
+                finally:
+                    host.scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_request(self, request: WebSocketRequest, host: SocketHost) -> None:
         try:
             identity = parse_request_identity(request.headers, request.path)
         except ValueError as exc:
@@ -341,6 +338,7 @@ class FederationListener:
                 active_connections=lambda: len(self._connections),
                 **self._options,
             )
+            host.on_failure = connection._transport_failed
             self._connections[peer_id] = connection
             logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
             try:
@@ -368,12 +366,16 @@ class FederationListener:
 
 async def _serve_shielded(
     scope: trio.CancelScope,
-    serve: Callable[..., Awaitable[NoReturn]],
+    listener: FederationListener,
     *,
-    task_status: trio.TaskStatus[trio_websocket.WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[
+        list[trio.SocketListener | trio.SSLListener[trio.SocketStream]]
+    ] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with scope:
-        await serve(task_status=task_status)
+        await trio.serve_listeners(
+            listener._handle_stream, list(listener._sockets), task_status=task_status
+        )
 
 
 async def serve_federation(
@@ -438,23 +440,21 @@ async def serve_federation(
             "max_message_size": max_message_size,
         },
     )
-    serve = functools.partial(
-        trio_websocket.serve_websocket,
-        listener._handle_request,
-        host,
-        port,
-        ssl_context,
-        message_queue_size=SOCKET_QUEUE_SIZE,
-        max_message_size=max_message_size,
-        receive_buffer_size=SOCKET_RECEIVE_BYTES,
-        connect_timeout=handshake_timeout,
-        disconnect_timeout=disconnect_timeout,
-    )
-    scope = trio.CancelScope()  # shielded once started: see _SocketHost
+    # Our own listeners and our own accept loop: trio-websocket's serve_websocket
+    # leaks its listeners when cancelled before it serves, and a crash of its
+    # per-connection reader task would take the whole server down.
+    if ssl_context is None:
+        listener._sockets = await trio.open_tcp_listeners(port, host=host)
+    else:
+        listener._sockets = await trio.open_ssl_over_tcp_listeners(
+            port, ssl_context, host=host, https_compatible=True
+        )
+    listener._handshake_timeout = handshake_timeout
+    scope = trio.CancelScope()  # shielded once started: see SocketHost
     try:
         async with trio.open_nursery() as nursery:
             try:
-                listener._server = await nursery.start(_serve_shielded, scope, serve)
+                await nursery.start(_serve_shielded, scope, listener)
                 scope.shield = True
                 logger.info("federation listener %r on port %d", local_id, listener.port)
                 task_status.started(listener)
@@ -463,6 +463,8 @@ async def serve_federation(
                 with trio.CancelScope(shield=True):
                     await listener._close_all(1001, "listener stopping")
                 scope.cancel()
+                for socket_listener in listener._sockets:
+                    await trio.aclose_forcefully(socket_listener)
     except BaseExceptionGroup as group:
         raise_single(group)
     raise AssertionError("unreachable")  # pragma: no cover

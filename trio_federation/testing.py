@@ -20,6 +20,7 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
 
+from ._compat import SocketHost
 from ._connection import OrchestratorConnection, raise_single
 
 __all__ = ["WebSocketPair", "open_connection_pair", "open_websocket_pair"]
@@ -40,15 +41,8 @@ class WebSocketPair:
     (it then stops reading: no pongs, no close handshake)."""
 
 
-async def _host(
-    scope: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with scope:
-        async with trio.open_nursery() as nursery:
-            task_status.started(nursery)
-            await trio.sleep_forever()
+# The hosts of the live pairs, so that open_connection_pair can wire them.
+_HOSTS: dict[int, tuple[SocketHost, SocketHost]] = {}
 
 
 @contextlib.asynccontextmanager
@@ -72,11 +66,15 @@ async def open_websocket_pair(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_size)
     client_stream, server_stream = trio.SocketStream(left), trio.SocketStream(right)
-    client_scope, server_scope = trio.CancelScope(), trio.CancelScope()
+    # Each side's trio-websocket reader runs in a host that catches its crashes
+    # (see SocketHost); they are handed to the connections made on the pair.
+    client_host, server_host = SocketHost(), SocketHost()
+    client_scope, server_scope = client_host.scope, server_host.scope
     try:
         async with trio.open_nursery() as nursery:
-            client_nursery = await nursery.start(_host, client_scope)
-            server_nursery = await nursery.start(_host, server_scope)
+            await nursery.start(client_host.run)
+            await nursery.start(server_host.run)
+            client_nursery, server_nursery = client_host.nursery, server_host.nursery
             sockets: dict[str, WebSocketConnection] = {}
 
             async def serve() -> None:
@@ -99,9 +97,14 @@ async def open_websocket_pair(
                     max_message_size=max_message_size,
                 )
             try:
-                yield WebSocketPair(
+                pair = WebSocketPair(
                     sockets["client"], sockets["server"], client_scope, server_scope
                 )
+                _HOSTS[id(pair)] = (client_host, server_host)
+                try:
+                    yield pair
+                finally:
+                    del _HOSTS[id(pair)]
             finally:
                 client_scope.cancel()
                 server_scope.cancel()
@@ -124,5 +127,8 @@ async def open_connection_pair(
     async with open_websocket_pair() as pair:
         a = OrchestratorConnection(id=b_id, socket=pair.client, local_id=a_id, **options)
         b = OrchestratorConnection(id=a_id, socket=pair.server, local_id=b_id, **options)
+        client_host, server_host = _HOSTS[id(pair)]
+        client_host.on_failure = a._transport_failed
+        server_host.on_failure = b._transport_failed
         async with a, b:
             yield a, b
