@@ -46,25 +46,35 @@ class SocketHost:
     """
 
     def __init__(self) -> None:
-        # Shielded only once started (callers set ``scope.shield``): a task
-        # shielded before ``started()`` could never be cancelled by a caller
-        # that was cancelled meanwhile.
-        self.scope = trio.CancelScope()
+        self.scope = trio.CancelScope(shield=True)
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
         self._nursery: trio.Nursery | None = None
+        self._ready = trio.Event()
 
     @property
     def nursery(self) -> trio.Nursery:
+        """The nursery that trio-websocket's reader tasks are started in."""
         assert self._nursery is not None
         return self._nursery
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Run the host in ``nursery``; return once it is ready.
+
+        Not ``nursery.start``: a task shielded before ``started()`` cannot be
+        reached by its caller's cancellation, and ``start`` would wait for it
+        forever. Callers cancel :attr:`scope` in a ``finally`` of their own,
+        entered before this call.
+        """
+        nursery.start_soon(self._run)
+        await self._ready.wait()
+
+    async def _run(self) -> None:
         try:
             with self.scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    task_status.started()
+                    self._ready.set()
                     await trio.sleep_forever()
         except Exception as exc:
             while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:

@@ -111,9 +111,8 @@ async def open_orchestrator_connection(
     try:
         async with trio.open_nursery() as nursery:
             host = SocketHost()
-            await nursery.start(host.run)
-            host.scope.shield = True
             try:
+                await host.start(nursery)
                 socket = await _dial(
                     host,
                     url,
@@ -284,9 +283,8 @@ class FederationListener:
         host = SocketHost()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(host.run)
-                host.scope.shield = True
                 try:
+                    await host.start(nursery)
                     request: WebSocketRequest | None = None
                     with trio.move_on_after(self._handshake_timeout) as waiting:
                         host.on_failure = lambda exc: waiting.cancel()
@@ -364,18 +362,10 @@ class FederationListener:
                 nursery.start_soon(connection._close, code, reason)
 
 
-async def _serve_shielded(
-    scope: trio.CancelScope,
-    listener: FederationListener,
-    *,
-    task_status: trio.TaskStatus[
-        list[trio.SocketListener | trio.SSLListener[trio.SocketStream]]
-    ] = trio.TASK_STATUS_IGNORED,
-) -> None:
+async def _serve_shielded(scope: trio.CancelScope, listener: FederationListener) -> None:
+    # Started with start_soon, not start: see SocketHost.start.
     with scope:
-        await trio.serve_listeners(
-            listener._handle_stream, list(listener._sockets), task_status=task_status
-        )
+        await trio.serve_listeners(listener._handle_stream, list(listener._sockets))
 
 
 async def serve_federation(
@@ -450,12 +440,13 @@ async def serve_federation(
             port, ssl_context, host=host, https_compatible=True
         )
     listener._handshake_timeout = handshake_timeout
-    scope = trio.CancelScope()  # shielded once started: see SocketHost
+    # Shielded: stopping the listener first closes every connection with 1001
+    # (which needs their readers alive), then cancels this scope.
+    scope = trio.CancelScope(shield=True)
     try:
         async with trio.open_nursery() as nursery:
             try:
-                await nursery.start(_serve_shielded, scope, listener)
-                scope.shield = True
+                nursery.start_soon(_serve_shielded, scope, listener)
                 logger.info("federation listener %r on port %d", local_id, listener.port)
                 task_status.started(listener)
                 await trio.sleep_forever()

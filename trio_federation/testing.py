@@ -72,31 +72,30 @@ async def open_websocket_pair(
     client_scope, server_scope = client_host.scope, server_host.scope
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(client_host.run)
-            await nursery.start(server_host.run)
-            client_nursery, server_nursery = client_host.nursery, server_host.nursery
-            sockets: dict[str, WebSocketConnection] = {}
-
-            async def serve() -> None:
-                request = await wrap_server_stream(
-                    server_nursery,
-                    server_stream,
-                    message_queue_size=message_queue_size,
-                    max_message_size=max_message_size,
-                )
-                sockets["server"] = await request.accept()
-
-            async with trio.open_nursery() as handshake:
-                handshake.start_soon(serve)
-                sockets["client"] = await wrap_client_stream(
-                    client_nursery,
-                    client_stream,
-                    "127.0.0.1",
-                    "/federation",
-                    message_queue_size=message_queue_size,
-                    max_message_size=max_message_size,
-                )
             try:
+                await client_host.start(nursery)
+                await server_host.start(nursery)
+                sockets: dict[str, WebSocketConnection] = {}
+
+                async def serve() -> None:
+                    request = await wrap_server_stream(
+                        server_host.nursery,
+                        server_stream,
+                        message_queue_size=message_queue_size,
+                        max_message_size=max_message_size,
+                    )
+                    sockets["server"] = await request.accept()
+
+                async with trio.open_nursery() as handshake:
+                    handshake.start_soon(serve)
+                    sockets["client"] = await wrap_client_stream(
+                        client_host.nursery,
+                        client_stream,
+                        "127.0.0.1",
+                        "/federation",
+                        message_queue_size=message_queue_size,
+                        max_message_size=max_message_size,
+                    )
                 pair = WebSocketPair(
                     sockets["client"], sockets["server"], client_scope, server_scope
                 )
@@ -108,8 +107,8 @@ async def open_websocket_pair(
             finally:
                 client_scope.cancel()
                 server_scope.cancel()
-                await client_stream.aclose()
-                await server_stream.aclose()
+                await trio.aclose_forcefully(client_stream)
+                await trio.aclose_forcefully(server_stream)
     except BaseExceptionGroup as group:
         raise_single(group)
 
