@@ -295,10 +295,12 @@ def _objects_only(
 ) -> Callable[[Any, Any], Any]:
     """Refuse non-objects, and objects without the keys the wire requires."""
 
+    wire_keys = tuple((_camel(field.name), field) for field in required)
+
     def hook(value: Any, cls: Any) -> Any:
         if not isinstance(value, dict):
             raise TypeError(f"expected an object ({cls.__name__}), got {_json_type(value)}")
-        missing = [field for field in required if _camel(field.name) not in value]
+        missing = [field for key, field in wire_keys if key not in value]
         if missing:
             raise ClassValidationError(
                 f"While structuring {cls.__name__}",
