@@ -294,7 +294,6 @@ def _objects_only(
     structure: Callable[[Any, Any], Any], required: tuple[attrs.Attribute[Any], ...]
 ) -> Callable[[Any, Any], Any]:
     """Refuse non-objects, and objects without the keys the wire requires."""
-
     wire_keys = tuple((_camel(field.name), field) for field in required)
 
     def hook(value: Any, cls: Any) -> Any:
