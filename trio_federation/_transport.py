@@ -191,6 +191,9 @@ async def _dial(
                 stream = await trio.open_ssl_over_tcp_stream(
                     hostname, port, ssl_context=tls, https_compatible=True
                 )
+                # Handshake now: trio-websocket would meet a TLS failure in its
+                # reader, swallow it, and leave the dial waiting for its timeout.
+                await stream.do_handshake()
             socket = await trio_websocket.wrap_client_stream(
                 host.nursery,
                 stream,

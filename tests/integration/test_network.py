@@ -381,3 +381,35 @@ async def test_dialer_entered_cancelled_returns_at_once() -> None:
                 "ws://127.0.0.1:9/x", local_id="a", capabilities=[]
             ):
                 pytest.fail("entered under a cancelled scope")  # pragma: no cover
+
+
+async def test_tls_dial_and_listen(nursery: trio.Nursery) -> None:
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    authority.configure_trust(client_context)
+
+    listener = await start_listener(nursery, echo_acceptances, ssl_context=server_context)
+    url = f"wss://127.0.0.1:{listener.port}/federation"
+    async with open_orchestrator_connection(
+        url, local_id="orch-a", capabilities=[], ssl_context=client_context
+    ) as conn:
+        assert conn.id == "orch-b"
+        await conn.send_message(delegation("tls-1", recipient=conn.id))
+        assert (await conn.receive()).payload.accepted  # type: ignore[union-attr]
+    with pytest.raises(HandshakeError, match="cannot connect"):
+        async with open_orchestrator_connection(url, local_id="orch-c", capabilities=[]):
+            pass  # pragma: no cover  # the default context does not trust our CA
+    with pytest.raises(ValueError, match="ssl_context is only for wss"):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{listener.port}/",
+            local_id="x",
+            capabilities=[],
+            ssl_context=client_context,
+        ):
+            pass  # pragma: no cover
