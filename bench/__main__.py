@@ -82,15 +82,15 @@ async def _networked(
 ) -> tuple[list[Row], dict[str, Any]]:
     # figure name -> impl -> one value per repeat
     runs: dict[str, dict[str, list[float]]] = {}
-    latencies: dict[str, list[float]] = {"lib": [], "raw": []}
+    latencies: dict[str, list[float]] = {"lib": [], "raw": [], "codec": []}
 
     def record(name: str, impl: str, value: float) -> None:
-        runs.setdefault(name, {"lib": [], "raw": []})[impl].append(value)
+        runs.setdefault(name, {"lib": [], "raw": [], "codec": []})[impl].append(value)
 
     tp_warmup = max(1, min(1000, messages // 10))
     rt_warmup = max(1, min(200, round_trips // 10))
     for run in range(1, repeat + 1):
-        for impl in ("raw", "lib"):
+        for impl in ("raw", "codec", "lib"):
             served, dialed = await run_pair(
                 impl,
                 "throughput",
@@ -105,7 +105,7 @@ async def _networked(
             record("throughput_dialer_cpu", impl, dialed["cpu"] / dialed["sent"] * 1e6)
             record("throughput_sender_side", impl, dialed["sent"] / dialed["elapsed"])
             _progress(f"run {run}/{repeat}: {impl} throughput {rate:,.0f} msg/s")
-        for impl in ("raw", "lib"):
+        for impl in ("raw", "codec", "lib"):
             served, dialed = await run_pair(
                 impl,
                 "roundtrip",
@@ -134,13 +134,17 @@ async def _networked(
         target: float | None = None,
         pooled: dict[str, list[float]] | None = None,
         fraction: float = 0.5,
+        subject: str = "lib",
     ) -> Row:
-        """A table row: the median of the repeats, or a percentile of ``pooled`` samples."""
+        """A table row: the median of the repeats, or a percentile of ``pooled`` samples.
+
+        ``subject`` is what is compared with raw: the library, or ``codec``.
+        """
         values = runs[name]
         if pooled is None:
-            library, raw = median(values["lib"]), median(values["raw"])
+            library, raw = median(values[subject]), median(values["raw"])
         else:
-            library = percentile(pooled["lib"], fraction)
+            library = percentile(pooled[subject], fraction)
             raw = percentile(pooled["raw"], fraction)
         return Row(
             key=name,
@@ -150,7 +154,7 @@ async def _networked(
             raw=raw,
             better=better,
             target=target,
-            runs_library=tuple(values["lib"]),
+            runs_library=tuple(values[subject]),
             runs_raw=tuple(values["raw"]),
         )
 
@@ -158,6 +162,7 @@ async def _networked(
         row("throughput", "(a) one-way throughput", "msg/s", "higher", target=THROUGHPUT_TARGET),
         row("throughput_listener_cpu", "    receiver CPU", "us/msg", "lower"),
         row("throughput_dialer_cpu", "    sender CPU", "us/msg", "lower"),
+        row("throughput", "    floor: raw + our codec", "msg/s", "higher", subject="codec"),
         row(
             "round_trip_p50",
             "(b) round trip p50",
@@ -165,6 +170,14 @@ async def _networked(
             "lower",
             target=P50_TARGET,
             pooled=latencies,
+        ),
+        row(
+            "round_trip_p50",
+            "    floor: raw + our codec",
+            "us",
+            "lower",
+            pooled=latencies,
+            subject="codec",
         ),
         row(
             "round_trip_p99",

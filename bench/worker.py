@@ -39,7 +39,9 @@ from trio_federation import (
     DelegationResponse,
     FederationListener,
     FederationMessage,
+    MessageType,
     OrchestratorConnection,
+    decode_message,
     encode_message,
     open_orchestrator_connection,
     serve_federation,
@@ -55,7 +57,10 @@ from ._workload import (
     make_delegations,
 )
 
-Impl = Literal["lib", "raw"]
+Impl = Literal["lib", "raw", "codec"]
+"""``lib``: trio-federation; ``raw``: trio-websocket with pre-encoded frames;
+``codec``: trio-websocket, encoding and decoding every message with our codec
+(the floor for any connection that hands out typed messages)."""
 Mode = Literal["throughput", "roundtrip"]
 Report = dict[str, Any]
 
@@ -115,19 +120,23 @@ async def _answer_lib(conn: OrchestratorConnection) -> Report:
     return {"answered": answered, **clock.read()}
 
 
-async def _count_raw(ws: trio_websocket.WebSocketConnection, warmup: int, count: int) -> Report:
+async def _count_raw(
+    ws: trio_websocket.WebSocketConnection, warmup: int, count: int, *, decode: bool = False
+) -> Report:
     total = warmup + count
     received = 0
     clock = Stopwatch()
     while received < total:
-        await ws.get_message()
+        frame = await ws.get_message()
+        if decode:
+            decode_message(frame)
         received += 1
         if received == warmup:
             clock.restart()
     return {"received": received, **clock.read()}
 
 
-async def _echo_raw(ws: trio_websocket.WebSocketConnection) -> Report:
+async def _echo_raw(ws: trio_websocket.WebSocketConnection, *, accept: bool = False) -> Report:
     answered = 0
     clock = Stopwatch()
     while True:
@@ -135,6 +144,19 @@ async def _echo_raw(ws: trio_websocket.WebSocketConnection) -> Report:
             frame = await ws.get_message()
         except trio_websocket.ConnectionClosed:
             return {"answered": answered, **clock.read()}
+        if accept:  # what accept_delegation does, without a connection around it
+            request = decode_message(frame)
+            assert isinstance(request.payload, DelegationRequest)
+            task_id = request.payload.task.id
+            frame = encode_message(
+                FederationMessage(
+                    type=MessageType.CALLBACK,
+                    payload=DelegationResponse(task_id=task_id, accepted=True),
+                    sender=LISTENER_ID,
+                    recipient=request.sender,
+                    correlation_id=task_id,
+                )
+            )
         await ws.send_message(frame)
         answered += 1
 
@@ -160,10 +182,11 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
 
     async def raw_handler(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
+        codec = impl == "codec"
         if mode == "throughput":
-            await run(functools.partial(_count_raw, ws, warmup, count))
+            await run(functools.partial(_count_raw, ws, warmup, count, decode=codec))
         else:
-            await run(functools.partial(_echo_raw, ws))
+            await run(functools.partial(_echo_raw, ws, accept=codec))
 
     async with trio.open_nursery() as nursery:
         if impl == "lib":
@@ -215,8 +238,15 @@ async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Re
         # Leaving the block drained the queue and closed the connection.
         return {"sent": len(messages), **clock.read()}
 
-    frames = [encode_message(message) for message in messages]  # pre-encoded, once each
     async with trio_websocket.open_websocket_url(f"ws://{HOST}:{port}{RAW_PATH}") as ws:
+        if impl == "codec":
+            if mode == "roundtrip":
+                return await _round_trips_codec(ws, messages, warmup)
+            clock = Stopwatch()
+            for message in messages:
+                await ws.send_message(encode_message(message))
+            return {"sent": len(messages), **clock.read()}
+        frames = [encode_message(message) for message in messages]  # pre-encoded, once each
         if mode == "roundtrip":
             return await _round_trips_raw(ws, frames, warmup)
         clock = Stopwatch()
@@ -224,6 +254,25 @@ async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Re
             await ws.send_message(frame)
     # Leaving the block closed the connection.
     return {"sent": len(frames), **clock.read()}
+
+
+async def _round_trips_codec(
+    ws: trio_websocket.WebSocketConnection, messages: list[FederationMessage], warmup: int
+) -> Report:
+    latencies: list[int] = []
+    clock = Stopwatch()
+    for index, message in enumerate(messages):
+        if index == warmup:
+            clock.restart()
+        started = time.perf_counter_ns()
+        await ws.send_message(encode_message(message))
+        reply = decode_message(await ws.get_message())
+        elapsed = time.perf_counter_ns() - started
+        if not (isinstance(reply.payload, DelegationResponse) and reply.payload.accepted):
+            raise RuntimeError(f"unexpected answer to {message.correlation_id}: {reply!r}")
+        if index >= warmup:
+            latencies.append(elapsed)
+    return {"latencies_ns": latencies, **clock.read()}
 
 
 async def _round_trips_lib(
@@ -307,7 +356,7 @@ def _hard_stop(role: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("role", choices=["serve", "dial"])
-    parser.add_argument("--impl", choices=["lib", "raw"], required=True)
+    parser.add_argument("--impl", choices=["lib", "raw", "codec"], required=True)
     parser.add_argument("--mode", choices=["throughput", "roundtrip"], required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--warmup", type=int, default=1)
