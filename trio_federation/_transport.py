@@ -17,6 +17,7 @@ from trio_websocket import WebSocketRequest
 from ._codec import MAX_FRAME_SIZE
 from ._compat import SocketHost, release_stream
 from ._connection import (
+    CANCEL_CLOSE_GRACE,
     DEFAULT_DISCONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -53,10 +54,6 @@ def _check_local_id(local_id: object) -> str:
 
 
 def _handshake_error(url: str, exc: BaseException) -> HandshakeError:
-    if isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        if len(inner) == 1:
-            return _handshake_error(url, inner[0])
     if isinstance(exc, trio_websocket.ConnectionRejected):
         body = (exc.body or b"").decode("utf-8", "replace").strip()
         detail = f": {body}" if body else ""
@@ -124,6 +121,9 @@ async def open_orchestrator_connection(
                 try:
                     identity = parse_response_identity(socket.handshake_headers)
                 except ValueError as exc:
+                    with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
+                        await socket.aclose(1002, "bad identity")
+                    await release_stream(socket)
                     raise HandshakeError(f"{url} answered with a bad identity: {exc}") from None
                 connection = OrchestratorConnection(
                     id=identity.id or remote_id or "",

@@ -413,3 +413,36 @@ async def test_tls_dial_and_listen(nursery: trio.Nursery) -> None:
             ssl_context=client_context,
         ):
             pass  # pragma: no cover
+
+
+async def test_a_listener_answering_with_a_bad_identity_is_a_handshake_error(
+    nursery: trio.Nursery,
+) -> None:
+    async def bad_identity(request: trio_websocket.WebSocketRequest) -> None:
+        await request.accept(extra_headers=[(b"X-Federation-Id", b"x" * 300)])
+        await trio.sleep_forever()
+
+    server = await nursery.start(trio_websocket.serve_websocket, bad_identity, "127.0.0.1", 0, None)
+    with pytest.raises(HandshakeError, match=r"answered with a bad identity: .* longer than 256"):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{server.port}/", local_id="a", capabilities=[]
+        ):
+            pass  # pragma: no cover
+
+
+async def test_a_dialer_that_never_upgrades_is_dropped(nursery: trio.Nursery) -> None:
+    listener = await start_listener(nursery, echo_acceptances, handshake_timeout=0.2)
+    async with await trio.open_tcp_stream("127.0.0.1", listener.port) as stream:
+        with trio.fail_after(5):
+            assert await stream.receive_some() == b""  # closed by the listener
+    assert not listener.connections
+
+
+async def test_local_id_must_be_a_string() -> None:
+    with pytest.raises(TypeError, match="local_id must be a string"):
+        async with open_orchestrator_connection(
+            "ws://127.0.0.1:9/",
+            local_id=5,  # type: ignore[arg-type]
+            capabilities=[],
+        ):
+            pass  # pragma: no cover
