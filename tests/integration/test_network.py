@@ -316,10 +316,6 @@ async def test_remote_id_against_a_silent_listener(nursery: trio.Nursery) -> Non
         assert isinstance(echoed, FederationMessage) and echoed.correlation_id == "echo"
 
 
-def test_logger_names() -> None:
-    assert logging.getLogger("trio_federation.connection").name.startswith("trio_federation.")
-
-
 async def test_lost_peer_inside_a_handler_nursery_is_not_a_crash(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
