@@ -156,6 +156,9 @@ async def test_demo_reports_tasks_of_an_executor_that_leaves_early(
     assert "0 of 2 task(s) completed" in text
 
 
+SECRET = b"a secret of the demo tests"
+
+
 async def test_executor_abandons_its_tasks_quietly_when_the_coordinator_leaves(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -165,12 +168,18 @@ async def test_executor_abandons_its_tasks_quietly_when_the_coordinator_leaves(
         async with trio.open_nursery() as nursery:
             listener: FederationListener = await nursery.start(
                 functools.partial(
-                    serve_federation, handler, "127.0.0.1", 0, local_id="orch-beta", capabilities=[]
+                    serve_federation,
+                    handler,
+                    "127.0.0.1",
+                    0,
+                    local_id="orch-beta",
+                    capabilities=[],
+                    secrets={COORDINATOR_ID: SECRET},
                 )
             )
             url = f"ws://127.0.0.1:{listener.port}/federation"
             async with open_orchestrator_connection(
-                url, local_id=COORDINATOR_ID, capabilities=[]
+                url, local_id=COORDINATOR_ID, capabilities=[], secret=SECRET
             ) as conn:
                 task = Task(id="t1", description="slow", metadata={"seconds": 0.3})
                 request = DelegationRequest(

@@ -6,11 +6,13 @@ Every public name is re-exported here; the modules behind them are private.
 from ._codec import MAX_FRAME_SIZE, decode_message, encode_message, make_converter
 from ._connection import OrchestratorConnection
 from ._exceptions import (
+    AuthenticationError,
     ConnectionLost,
     FederationError,
     HandshakeError,
     HeartbeatTimeout,
     MalformedMessage,
+    PolicyViolation,
     QueueFull,
     UnsentMessages,
 )
@@ -39,12 +41,18 @@ from ._messages import (
     TaskType,
 )
 from ._streams import EventStream, MessageStream
-from ._transport import FederationListener, open_orchestrator_connection, serve_federation
+from ._transport import (
+    FederationListener,
+    ListenerStatistics,
+    open_orchestrator_connection,
+    serve_federation,
+)
 from ._version import __version__
 
 __all__ = [
     "MAX_FRAME_SIZE",
     "AssignedResources",
+    "AuthenticationError",
     "BroadcastPayload",
     "CallbackStatus",
     "Capability",
@@ -61,6 +69,7 @@ __all__ = [
     "HeartbeatPayload",
     "HeartbeatStatus",
     "HeartbeatTimeout",
+    "ListenerStatistics",
     "MalformedMessage",
     "MemoryEntry",
     "MessageStream",
@@ -68,6 +77,7 @@ __all__ = [
     "OrchestratorCapabilities",
     "OrchestratorConnection",
     "Payload",
+    "PolicyViolation",
     "QueueFull",
     "SharedContext",
     "Task",

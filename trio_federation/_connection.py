@@ -35,6 +35,7 @@ from ._exceptions import (
     FederationError,
     HeartbeatTimeout,
     MalformedMessage,
+    PolicyViolation,
     QueueFull,
     UnsentMessages,
 )
@@ -49,7 +50,7 @@ from ._messages import (
     HeartbeatStatus,
     MessageType,
 )
-from ._protocol import ConnectionState
+from ._protocol import ConnectionState, TokenBucket
 from ._streams import EventStream, MessageStream, OutboundQueue
 
 __all__ = ["OrchestratorConnection"]
@@ -70,6 +71,18 @@ EVENT_BUFFER: Final = 256
 """Status changes or errors buffered per watcher before the oldest are dropped."""
 CANCEL_CLOSE_GRACE: Final = 2.0
 """Upper bound, in seconds, on the close handshake when the block is cancelled."""
+DEFAULT_RATE_LIMIT: Final = 2000.0
+"""Incoming messages a second a peer may send, on average (None: no limit)."""
+DEFAULT_RATE_BURST: Final = 4000
+"""Incoming messages a peer may send at once above the rate."""
+DEFAULT_MAX_VIOLATIONS: Final = 20
+"""Refused messages (spoofed, misaddressed, over the rate) before a peer is cut off."""
+DEFAULT_MAX_SUBSCRIPTIONS: Final = 64
+"""Subscriptions open at once on one connection."""
+CLOSE_POLICY_VIOLATION: Final = 1008
+"""Close code for a peer cut off after ``max_violations`` refused messages."""
+BROADCAST_ADDRESSES: Final = frozenset({"*", "broadcast"})
+"""Recipients (``to``) that address every orchestrator."""
 
 DATA_TYPES: Final = frozenset({MessageType.DELEGATION, MessageType.CALLBACK, MessageType.BROADCAST})
 NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
@@ -173,6 +186,15 @@ class OrchestratorConnection:
         local_status: the load status announced in heartbeat messages.
         active_connections: called for the ``active_connections`` figure of
             heartbeat messages (default: 1).
+        rate_limit: incoming messages a second the peer may send on average
+            (a token bucket; None for no limit). A frame beyond it is refused
+            unread: reported as :exc:`~trio_federation.PolicyViolation`.
+        rate_burst: how many messages the peer may send at once above the rate.
+        max_violations: refused messages (over the rate, or breaking identity
+            binding: a ``from`` other than ``id``, a ``to`` other than
+            ``local_id`` or a broadcast address, a delegation from someone
+            else) after which the peer is disconnected with 1008.
+        max_subscriptions: subscriptions open at once.
     """
 
     def __init__(
@@ -190,6 +212,10 @@ class OrchestratorConnection:
         max_message_size: int = MAX_FRAME_SIZE,
         local_status: HeartbeatStatus | str = HeartbeatStatus.HEALTHY,
         active_connections: Callable[[], int] | None = None,
+        rate_limit: float | None = DEFAULT_RATE_LIMIT,
+        rate_burst: int = DEFAULT_RATE_BURST,
+        max_violations: int = DEFAULT_MAX_VIOLATIONS,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
     ) -> None:
         if not isinstance(id, str):
             raise TypeError(f"id must be a string, got {type(id).__name__}")
@@ -205,6 +231,16 @@ class OrchestratorConnection:
         self._max_message_size = _check_size("max_message_size", max_message_size)
         self._local_status = HeartbeatStatus(local_status)
         self._active_connections = active_connections or (lambda: 1)
+        self._bucket = (
+            None
+            if rate_limit is None
+            else TokenBucket(
+                _check_positive("rate_limit", rate_limit), _check_size("rate_burst", rate_burst)
+            )
+        )
+        self._max_violations = _check_size("max_violations", max_violations)
+        self._max_subscriptions = _check_size("max_subscriptions", max_subscriptions)
+        self._violations = 0
         self._state = ConnectionState(
             heartbeat_timeout=self._heartbeat_timeout,
             idle_timeout=_check_positive("idle_timeout", idle_timeout),
@@ -467,7 +503,15 @@ class OrchestratorConnection:
 
         Yields:
             A :class:`~trio_federation.MessageStream`.
+
+        Raises:
+            RuntimeError: ``max_subscriptions`` subscriptions are open already.
         """
+        if len(self._subscriptions) >= self._max_subscriptions:
+            raise RuntimeError(
+                f"too many subscriptions on the connection to {self._id!r} "
+                f"(max_subscriptions={self._max_subscriptions})"
+            )
         wanted = frozenset(MessageType(t) for t in types) or DATA_TYPES
         send_channel, receive_channel = trio.open_memory_channel[FederationMessage](
             _check_size("max_buffer", max_buffer)
@@ -608,14 +652,19 @@ class OrchestratorConnection:
             raise
         except BaseException as exc:
             logger.exception("connection to %r: internal error in %s", self._id, task.__name__)
-            if self._lost is None and not self._closed_locally:
-                lost = ConnectionLost(1011, f"internal error in {task.__name__}: {exc!r}")
-                lost.__cause__ = exc
-                self._lost = lost
-            assert self._nursery is not None
-            self._nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
-                await self._socket.aclose(1011, "internal error")
+            lost = ConnectionLost(1011, f"internal error in {task.__name__}: {exc!r}")
+            lost.__cause__ = exc
+            await self._abort(lost, "internal error")
+
+    async def _abort(self, lost: ConnectionLost, reason: str) -> None:
+        """End the connection now as ``lost``: no draining, a bounded close."""
+        if self._lost is None and not self._closed_locally:
+            self._lost = lost
+        self._queue.close()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
+            await self._socket.aclose(lost.code, reason)
 
     def _finish(self) -> None:
         """Record why the connection ended, then end every stream (in that order)."""
@@ -663,16 +712,28 @@ class OrchestratorConnection:
                     # trio-websocket's reader stopped without any close: it died.
                     self._lost = ConnectionLost(1006, "the WebSocket transport stopped")
                 return
+            if self._bucket is not None and not self._bucket.take(trio.current_time()):
+                # Refused unread: a flood costs no decoding.
+                if await self._violation(
+                    f"more than {self._bucket.rate:g} messages/s (burst {self._bucket.burst})"
+                ):
+                    return
+                continue
             try:
                 message = decode_message(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
                 self._report(exc)
                 continue
+            if not self._id:
+                self._id = message.sender
+            broken = self._check_binding(message)
+            if broken is not None:
+                if await self._violation(broken):
+                    return
+                continue
             now = trio.current_time()
             is_data = message.type in DATA_TYPES
             changed = state.received(now, data=is_data)
-            if not self._id:
-                self._id = message.sender
             if message.type is MessageType.HEARTBEAT:
                 assert isinstance(message.payload, HeartbeatPayload)
                 state.remote_heartbeat(now, message.payload.status)
@@ -680,6 +741,43 @@ class OrchestratorConnection:
             if changed:
                 self._publish_status()
             await self._route(message, is_data)
+
+    def _check_binding(self, message: FederationMessage) -> str | None:
+        """Why ``message`` breaks identity binding, or None if it does not."""
+        if message.sender != self._id:
+            return f"'from' is {message.sender!r}, but this peer is {self._id!r}"
+        local = self._local_id
+        if (
+            local is not None
+            and message.recipient != local
+            and message.recipient not in BROADCAST_ADDRESSES
+        ):
+            return f"'to' is {message.recipient!r}: neither {local!r} nor a broadcast address"
+        payload = message.payload
+        if isinstance(payload, DelegationRequest) and payload.from_orchestrator_id != self._id:
+            return (
+                f"a delegation from {payload.from_orchestrator_id!r} "
+                f"arrived from {self._id!r} (fromOrchestratorId must be the sender)"
+            )
+        return None
+
+    async def _violation(self, reason: str) -> bool:
+        """Report a refused message; cut the peer off after ``max_violations``.
+
+        Returns True when the connection is ending.
+        """
+        self._violations += 1
+        self._report(PolicyViolation(self._id, reason))
+        if self._violations < self._max_violations:
+            return False
+        await self._abort(
+            ConnectionLost(
+                CLOSE_POLICY_VIOLATION,
+                f"{self._violations} messages refused by policy; last: {reason}",
+            ),
+            "policy violation",
+        )
+        return True
 
     async def _route(self, message: FederationMessage, is_data: bool) -> None:
         for subscription in tuple(self._subscriptions):

@@ -6,6 +6,10 @@ as a guided tour of the public API:
 * Two *executors*, ``orch-beta`` and ``orch-gamma``, each run
   :func:`~trio_federation.serve_federation` on 127.0.0.1 (on a port the OS
   picks) and announce their capabilities.
+* Every link is authenticated, the recommended configuration: each executor
+  holds a secret shared with the coordinator (``secrets=``), the coordinator
+  proves its id with it (``secret=``) and the executor proves it back; the
+  secret never crosses the wire.
 * A *coordinator*, ``orch-alpha``, dials both with
   :func:`~trio_federation.open_orchestrator_connection`, picks the executor for
   each task with :meth:`~trio_federation.OrchestratorConnection.check_capability`
@@ -34,6 +38,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
@@ -393,9 +398,16 @@ async def _follow(
 
 
 async def _coordinate(
-    urls: Sequence[str], *, tasks: int, speed: float, display: Display
+    executors_at: Sequence[tuple[str, str, bytes]],
+    *,
+    tasks: int,
+    speed: float,
+    display: Display,
 ) -> tuple[list[TaskProgress], dict[str, ConnectionHealth]]:
-    """Dial the executors, delegate ``tasks`` tasks and follow them to the end."""
+    """Dial the executors, delegate ``tasks`` tasks and follow them to the end.
+
+    ``executors_at`` holds each executor's id, URL and the secret shared with it.
+    """
     async with contextlib.AsyncExitStack() as stack:
         executors = [
             await stack.enter_async_context(
@@ -403,10 +415,12 @@ async def _coordinate(
                     url,
                     local_id=COORDINATOR_ID,
                     capabilities=[],
+                    remote_id=executor_id,
+                    secret=secret,
                     heartbeat_timeout=HEARTBEAT_TIMEOUT,
                 )
             )
-            for url in urls
+            for executor_id, url, secret in executors_at
         ]
         plan = _plan(tasks, executors)
         display.start(plan)
@@ -674,8 +688,9 @@ async def run_demo(
     out.write(f"trio-federation demo: {len(EXECUTORS) + 1} orchestrators on {HOST}\n")
     try:
         async with trio.open_nursery() as nursery:
-            urls = []
+            executors_at = []
             for spec in EXECUTORS:
+                secret = secrets.token_bytes(32)  # shared by this executor and the coordinator
                 handler = functools.partial(run_executor, speed=speed, display=display)
                 listener: FederationListener = await nursery.start(
                     functools.partial(
@@ -686,13 +701,20 @@ async def run_demo(
                         local_id=spec.id,
                         capabilities=spec.capabilities,
                         heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                        secrets={COORDINATOR_ID: secret},
                     )
                 )
-                urls.append(f"ws://{HOST}:{listener.port}/federation")
+                url = f"ws://{HOST}:{listener.port}/federation"
+                executors_at.append((spec.id, url, secret))
                 capabilities = ", ".join(spec.capabilities)
-                out.write(f"  {spec.id:<11} listens on {urls[-1]}  [{capabilities}]\n")
-            out.write(f"  {COORDINATOR_ID:<11} dials both and delegates {tasks} task(s)\n\n")
-            plan, health = await _coordinate(urls, tasks=tasks, speed=speed, display=display)
+                out.write(f"  {spec.id:<11} listens on {url}  [{capabilities}]\n")
+            out.write(
+                f"  {COORDINATOR_ID:<11} dials both, each link authenticated both ways with "
+                f"a shared secret,\n{'':<14}and delegates {tasks} task(s)\n\n"
+            )
+            plan, health = await _coordinate(
+                executors_at, tasks=tasks, speed=speed, display=display
+            )
             nursery.cancel_scope.cancel()  # stop the listeners
     finally:
         display.close()

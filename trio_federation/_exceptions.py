@@ -7,11 +7,13 @@ survives :func:`copy.copy` and :mod:`pickle`.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ConnectionLost",
     "FederationError",
     "HandshakeError",
     "HeartbeatTimeout",
     "MalformedMessage",
+    "PolicyViolation",
     "QueueFull",
     "UnsentMessages",
 ]
@@ -102,6 +104,39 @@ class HandshakeError(FederationError):
         if self.status_code is None:
             return self.reason
         return f"{self.reason} (HTTP {self.status_code})"
+
+
+class AuthenticationError(HandshakeError):
+    """The listener refused who we are, or could not prove who it is.
+
+    Raised by :func:`~trio_federation.open_orchestrator_connection` when the
+    listener answers 401 (no or malformed proof) or 403 (wrong secret, expired
+    or replayed proof, unknown orchestrator, certificate not matching the id),
+    when TLS refuses a certificate, or when a listener we hold a secret for
+    does not prove that it knows it. Retrying with the same credentials cannot
+    succeed.
+    """
+
+
+class PolicyViolation(FederationError):
+    """A connected peer broke the rules; the message was refused.
+
+    Reported on the errors stream, counted in ``errors`` and logged; never
+    raised. The message it refers to was not delivered. A peer that breaks
+    them ``max_violations`` times is disconnected with close code 1008.
+
+    Attributes:
+        peer: the remote orchestrator's id.
+        reason: which rule, and what the peer sent.
+    """
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(peer, reason)
+        self.peer = peer
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"refused a message from {self.peer!r}: {self.reason}"
 
 
 class HeartbeatTimeout(FederationError):

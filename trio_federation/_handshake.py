@@ -14,9 +14,11 @@ __all__ = [
     "PROTOCOL_HEADER",
     "PROTOCOL_VERSION",
     "PeerIdentity",
+    "header_value",
     "identity_headers",
     "parse_request_identity",
     "parse_response_identity",
+    "query_value",
 ]
 
 ID_HEADER: Final = "X-Federation-Id"
@@ -59,6 +61,18 @@ def _headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     for name, value in headers:
         result[name.decode("latin-1").lower()] = value.decode("utf-8", "replace")
     return result
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
+    """The value of header ``name`` (case-insensitive), or None."""
+    return _headers(headers).get(name.lower())
+
+
+def query_value(target: str, name: str) -> str | None:
+    """The first value of the query parameter ``name`` of a request target, or None."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target).query, keep_blank_values=True)
+    values = query.get(name)
+    return values[0] if values else None
 
 
 def _check_id(value: str | None, where: str) -> str | None:

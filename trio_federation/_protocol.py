@@ -27,7 +27,7 @@ import attrs
 
 from ._messages import ConnectionStatus, HeartbeatStatus
 
-__all__ = ["PROTOCOL_ERROR_CODES", "ConnectionState", "TimerActions"]
+__all__ = ["PROTOCOL_ERROR_CODES", "ConnectionState", "TimerActions", "TokenBucket"]
 
 PROTOCOL_ERROR_CODES: Final = frozenset({1002, 1003, 1007, 1009, 1010})
 """Close codes that mean a protocol error: the status becomes ``error``."""
@@ -217,3 +217,29 @@ class ConnectionState:
             return 0.0
         end = now if self.closed_at is None else self.closed_at
         return max(0.0, end - self.opened_at)
+
+
+@attrs.define
+class TokenBucket:
+    """An inbound rate limit: ``rate`` tokens a second, at most ``burst`` saved.
+
+    Starts full. :meth:`take` spends one token if there is one.
+    """
+
+    rate: float
+    burst: int
+    _tokens: float = attrs.field(init=False)
+    _updated: float | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = float(self.burst)
+
+    def take(self, now: float) -> bool:
+        """Spend a token at time ``now``; False if the bucket is empty."""
+        if self._updated is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False

@@ -5,15 +5,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 import types
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
+import attrs
 import trio
 import trio_websocket
 from trio_websocket import WebSocketRequest
 
+from ._auth import (
+    AUTH_HEADER,
+    DEFAULT_PROOF_LIFETIME,
+    AuthRefusal,
+    SecretLookup,
+    TokenVerifier,
+    certificate_id,
+    check_listener_proof,
+    listener_proof,
+    make_proof,
+    normalize_secret,
+    secret_lookup,
+)
 from ._codec import MAX_FRAME_SIZE
 from ._compat import SocketHost, release_stream
 from ._connection import (
@@ -22,16 +37,32 @@ from ._connection import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_MAX_SUBSCRIPTIONS,
+    DEFAULT_MAX_VIOLATIONS,
+    DEFAULT_RATE_BURST,
+    DEFAULT_RATE_LIMIT,
     DEFAULT_RECEIVE_BUFFER,
     OrchestratorConnection,
     normalize_capabilities,
     raise_single,
 )
-from ._exceptions import ConnectionLost, HandshakeError
-from ._handshake import identity_headers, parse_request_identity, parse_response_identity
+from ._exceptions import AuthenticationError, ConnectionLost, HandshakeError
+from ._handshake import (
+    header_value,
+    identity_headers,
+    parse_request_identity,
+    parse_response_identity,
+    query_value,
+)
 from ._messages import HeartbeatStatus
 
-__all__ = ["FederationListener", "open_orchestrator_connection", "serve_federation"]
+__all__ = [
+    "CLOSE_REPLACED",
+    "FederationListener",
+    "ListenerStatistics",
+    "open_orchestrator_connection",
+    "serve_federation",
+]
 
 logger = logging.getLogger("trio_federation.transport")
 
@@ -43,6 +74,21 @@ SOCKET_QUEUE_SIZE = 4
 """Messages trio-websocket buffers between its reader and ours."""
 SOCKET_RECEIVE_BYTES = 64 * 1024
 """Bytes trio-websocket asks the socket for at once (its default is 4 KiB)."""
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+"""Connections (open or still in their handshake) one listener holds at once."""
+CLOSE_REPLACED: Final = 4000
+"""Close code of a connection replaced by a newer one from the same orchestrator."""
+_FULL_RESPONSE: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 35\r\nConnection: close\r\n\r\n"
+    b"listener is at its connection limit"
+)
+
+
+def _check_seconds(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def _check_local_id(local_id: object) -> str:
@@ -53,11 +99,29 @@ def _check_local_id(local_id: object) -> str:
     return local_id
 
 
+def _tls_refusal(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``exc`` if it is about a certificate."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        if isinstance(seen, ssl.SSLError) and "CERTIFICATE" in str(seen).upper():
+            return seen
+        if isinstance(seen, ssl.SSLError) and "UNKNOWN_CA" in str(seen).upper():
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _handshake_error(url: str, exc: BaseException) -> HandshakeError:
     if isinstance(exc, trio_websocket.ConnectionRejected):
         body = (exc.body or b"").decode("utf-8", "replace").strip()
         detail = f": {body}" if body else ""
-        return HandshakeError(f"{url} refused the upgrade{detail}", exc.status_code)
+        kind = AuthenticationError if exc.status_code in (401, 403) else HandshakeError
+        return kind(f"{url} refused the upgrade{detail}", exc.status_code)
+    tls = _tls_refusal(exc)
+    if tls is not None:
+        return AuthenticationError(f"TLS refused a certificate connecting to {url}: {tls}")
     return HandshakeError(f"cannot connect to {url}: {exc!r}")
 
 
@@ -77,7 +141,12 @@ async def open_orchestrator_connection(
     max_message_size: int = MAX_FRAME_SIZE,
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ssl_context: ssl.SSLContext | None = None,
+    secret: bytes | str | None = None,
     local_status: HeartbeatStatus | str = HeartbeatStatus.HEALTHY,
+    rate_limit: float | None = DEFAULT_RATE_LIMIT,
+    rate_burst: int = DEFAULT_RATE_BURST,
+    max_violations: int = DEFAULT_MAX_VIOLATIONS,
+    max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
 ) -> AsyncIterator[OrchestratorConnection]:
     """Dial a federation listener and yield the open connection.
 
@@ -86,6 +155,13 @@ async def open_orchestrator_connection(
     ``capabilities``. Against a listener that does not identify itself (the
     TypeScript daemon), ``id`` is ``remote_id`` if given, else the ``from`` of
     the first message received, and ``capabilities`` is ``remote_capabilities``.
+
+    With ``secret`` (shared with the listener, which knows it under
+    ``local_id``), the dialer proves its identity without sending the secret
+    (see :doc:`/security`), and requires the listener to prove it holds the
+    same secret; give ``remote_id`` too to make the proof good for that
+    listener only. With a ``wss://`` URL, ``ssl_context`` verifies the
+    listener's certificate and may carry our client certificate (mutual TLS).
 
     Entering blocks until the upgrade is done (at most ``connect_timeout``).
     Leaving disconnects gracefully (see
@@ -96,6 +172,9 @@ async def open_orchestrator_connection(
     :class:`~trio_federation.OrchestratorConnection`.
 
     Raises:
+        AuthenticationError: the listener refused our credentials (401 or
+            403), TLS refused a certificate, or the listener failed to prove
+            it holds ``secret``. Retrying cannot help.
         HandshakeError: the TCP connection, TLS or the upgrade failed, timed out,
             or the listener refused it (``status_code`` says how).
         ValueError: ``url`` is not a ``ws://`` or ``wss://`` URL, or an argument
@@ -105,6 +184,12 @@ async def open_orchestrator_connection(
     local_capabilities = normalize_capabilities(capabilities, strict=True)
     if remote_id is not None:
         _check_local_id(remote_id)
+    headers = identity_headers(local_id, local_capabilities)
+    key = None if secret is None else normalize_secret(secret, repr(local_id))
+    proof = None
+    if key is not None:
+        proof = make_proof(key, peer_id=local_id, audience=remote_id or "", now=time.time())
+        headers.append((AUTH_HEADER.encode(), proof.encode()))
     try:
         async with trio.open_nursery() as nursery:
             host = SocketHost()
@@ -114,16 +199,27 @@ async def open_orchestrator_connection(
                     host,
                     url,
                     ssl_context=ssl_context,
-                    headers=identity_headers(local_id, local_capabilities),
+                    headers=headers,
                     max_message_size=max_message_size,
                     connect_timeout=connect_timeout,
                 )
                 try:
                     identity = parse_response_identity(socket.handshake_headers)
-                except ValueError as exc:
+                    if key is not None and proof is not None:
+                        check_listener_proof(
+                            header_value(socket.handshake_headers, AUTH_HEADER),
+                            key,
+                            listener_id=identity.id or remote_id or "",
+                            peer_id=local_id,
+                            proof=proof,
+                        )
+                except (ValueError, AuthRefusal) as exc:
+                    bad = "bad identity" if isinstance(exc, ValueError) else "unauthenticated"
                     with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
-                        await socket.aclose(1002, "bad identity")
+                        await socket.aclose(1008 if bad == "unauthenticated" else 1002, bad)
                     await release_stream(socket)
+                    if isinstance(exc, AuthRefusal):
+                        raise AuthenticationError(f"{url}: {exc.reason}") from None
                     raise HandshakeError(f"{url} answered with a bad identity: {exc}") from None
                 connection = OrchestratorConnection(
                     id=identity.id or remote_id or "",
@@ -141,6 +237,10 @@ async def open_orchestrator_connection(
                     receive_buffer_size=receive_buffer_size,
                     max_message_size=max_message_size,
                     local_status=local_status,
+                    rate_limit=rate_limit,
+                    rate_burst=rate_burst,
+                    max_violations=max_violations,
+                    max_subscriptions=max_subscriptions,
                 )
                 host.on_failure = connection._transport_failed
                 async with connection:
@@ -237,6 +337,26 @@ def _split_lost(exc: Exception) -> tuple[Exception | None, Exception | None]:
     return None, exc
 
 
+@attrs.frozen
+class ListenerStatistics:
+    """A snapshot of a listener's figures (from :meth:`FederationListener.statistics`).
+
+    Attributes:
+        connections: connections open now.
+        pending: accepted TCP streams still in their TLS or upgrade handshake.
+        accepted: connections accepted since the listener started.
+        refused: upgrades refused since it started, by reason: ``"auth"``
+            (401/403), ``"tls"`` (TLS handshake failed), ``"identity"`` (400),
+            ``"duplicate"`` (409), ``"capacity"`` (503), ``"timeout"`` (no
+            upgrade within ``handshake_timeout``).
+    """
+
+    connections: int
+    pending: int
+    accepted: int
+    refused: Mapping[str, int]
+
+
 class FederationListener:
     """A running :func:`serve_federation`: what ``nursery.start`` returns.
 
@@ -252,15 +372,25 @@ class FederationListener:
         local_id: str,
         capabilities: tuple[str, ...],
         connection_options: Mapping[str, Any],
+        verifier: TokenVerifier | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self._handler = handler
         self.local_id = local_id
         self.capabilities = capabilities
         self._options = connection_options
+        self._verifier = verifier
+        self._max_connections = max_connections
+        self._handshake_timeout = handshake_timeout
         self._connections: dict[str, OrchestratorConnection] = {}
-        self._reserved: set[str] = set()
+        # Who holds each peer id (a pending upgrade or an open connection).
+        self._claims: dict[str, object] = {}
+        self._streams = 0
+        self._accepted = 0
+        self._refused: dict[str, int] = {}
         self._sockets: Sequence[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = ()
-        self._handshake_timeout = DEFAULT_HANDSHAKE_TIMEOUT
+        self._client_certificates = False
 
     @property
     def port(self) -> int:
@@ -276,20 +406,43 @@ class FederationListener:
         """Live connections by remote orchestrator id (a read-only view)."""
         return types.MappingProxyType(self._connections)
 
-    async def _refuse(self, request: WebSocketRequest, status: int, reason: str) -> None:
-        logger.warning("refused federation upgrade from %s: %s", request.remote, reason)
-        await request.reject(status, body=reason.encode())
+    def statistics(self) -> ListenerStatistics:
+        """A frozen snapshot of the listener's connection and refusal counts."""
+        return ListenerStatistics(
+            connections=len(self._connections),
+            pending=self._streams - len(self._connections),
+            accepted=self._accepted,
+            refused=types.MappingProxyType(dict(self._refused)),
+        )
+
+    def _count_refusal(self, kind: str, remote: object, reason: str) -> None:
+        self._refused[kind] = self._refused.get(kind, 0) + 1
+        logger.warning("refused federation upgrade from %s (%s): %s", remote, kind, reason)
+
+    async def _refuse(self, request: WebSocketRequest, status: int, kind: str, reason: str) -> None:
+        self._count_refusal(kind, request.remote, reason)
+        headers = [(b"WWW-Authenticate", b"Federation-HMAC-SHA256")] if status == 401 else None
+        await request.reject(status, extra_headers=headers, body=reason.encode())
         await release_stream(request)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
         """One accepted TCP (or TLS) stream: the upgrade, then the connection."""
+        if self._streams >= self._max_connections:
+            await self._refuse_full(stream)
+            return
+        self._streams += 1
         host = SocketHost()
         try:
             async with trio.open_nursery() as nursery:
                 try:
                     await host.start(nursery)
                     request: WebSocketRequest | None = None
+                    cert_id: str | None = None
                     with trio.move_on_after(self._handshake_timeout) as waiting:
+                        if isinstance(stream, trio.SSLStream):
+                            cert_id = await self._tls_handshake(stream)
+                            if cert_id == "":
+                                return
                         host.on_failure = lambda exc: waiting.cancel()
                         request = await trio_websocket.wrap_server_stream(
                             host.nursery,
@@ -299,37 +452,112 @@ class FederationListener:
                             receive_buffer_size=SOCKET_RECEIVE_BYTES,
                         )
                     if request is None:
-                        logger.info("no federation upgrade from a dialer: closing its stream")
+                        self._count_refusal(
+                            "timeout",
+                            _remote(stream),
+                            f"no upgrade within {self._handshake_timeout:g}s",
+                        )
                     else:
-                        await self._handle_request(request, host)
+                        await self._handle_request(request, host, cert_id)
                 finally:
                     host.scope.cancel()
         finally:
+            self._streams -= 1
             await trio.aclose_forcefully(stream)
 
-    async def _handle_request(self, request: WebSocketRequest, host: SocketHost) -> None:
+    async def _refuse_full(self, stream: trio.abc.Stream) -> None:
+        # Answered before reading the request, so a flood costs one write each.
+        self._count_refusal(
+            "capacity", _remote(stream), f"{self._max_connections} connections already"
+        )
+        with trio.move_on_after(self._handshake_timeout):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(_FULL_RESPONSE)
+        await trio.aclose_forcefully(stream)
+
+    async def _tls_handshake(self, stream: trio.SSLStream[Any]) -> str | None:
+        """Complete TLS; return the id the client certificate names.
+
+        None when this listener takes no client certificates; "" when the
+        handshake failed (it has been counted and logged).
+        """
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            cause = exc.__cause__ or exc
+            self._count_refusal("tls", _remote(stream), f"TLS handshake failed: {cause}")
+            return ""
+        if not self._client_certificates:
+            return None
+        cert_id = certificate_id(stream.getpeercert())
+        if cert_id is None:  # pragma: no cover - CERT_REQUIRED makes TLS refuse it
+            self._count_refusal("tls", _remote(stream), "the client certificate names no id")
+            return ""
+        return cert_id
+
+    async def _handle_request(
+        self, request: WebSocketRequest, host: SocketHost, cert_id: str | None
+    ) -> None:
         try:
             identity = parse_request_identity(request.headers, request.path)
         except ValueError as exc:
-            await self._refuse(request, 400, str(exc))
+            await self._refuse(request, 400, "identity", str(exc))
             return
-        if identity.id is None:
+        peer_id = identity.id or cert_id
+        if peer_id is None:
             await self._refuse(
                 request,
                 400,
+                "identity",
                 "missing orchestrator id: send the X-Federation-Id header or the ?id= query",
             )
             return
-        peer_id = identity.id
-        if peer_id in self._reserved:
+        if cert_id is not None and peer_id != cert_id:
             await self._refuse(
-                request, 409, f"an orchestrator named {peer_id!r} is already connected"
+                request,
+                403,
+                "auth",
+                f"the client certificate is for {cert_id!r}, not {peer_id!r}",
             )
             return
-        self._reserved.add(peer_id)
+        answer: list[tuple[bytes, bytes]] = []
+        if self._verifier is not None:
+            proof = header_value(request.headers, AUTH_HEADER)
+            if proof is None:
+                proof = query_value(request.path, "auth")
+            try:
+                secret, nonce = self._verifier.verify(peer_id, proof, time.time())
+            except AuthRefusal as refusal:
+                await self._refuse(request, refusal.status, "auth", refusal.reason)
+                return
+            answer.append(
+                (
+                    AUTH_HEADER.encode(),
+                    listener_proof(
+                        secret, listener_id=self.local_id, peer_id=peer_id, nonce=nonce
+                    ).encode(),
+                )
+            )
+        authenticated = self._verifier is not None or cert_id is not None
+        claim = object()
+        previous = self._claims.get(peer_id)
+        if previous is not None and not authenticated:
+            await self._refuse(
+                request, 409, "duplicate", f"an orchestrator named {peer_id!r} is already connected"
+            )
+            return
+        self._claims[peer_id] = claim
+        if previous is not None:
+            old = self._connections.get(peer_id)
+            logger.info("a new, authenticated connection from %r replaces the old one", peer_id)
+            if old is not None:
+                await old._close(CLOSE_REPLACED, "replaced by a newer connection")
+            if self._claims.get(peer_id) is not claim:  # pragma: no cover - replaced meanwhile
+                await self._refuse(request, 409, "duplicate", f"{peer_id!r} reconnected meanwhile")
+                return
         try:
             socket = await request.accept(
-                extra_headers=identity_headers(self.local_id, self.capabilities)
+                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
             )
             connection = OrchestratorConnection(
                 id=peer_id,
@@ -341,6 +569,7 @@ class FederationListener:
             )
             host.on_failure = connection._transport_failed
             self._connections[peer_id] = connection
+            self._accepted += 1
             logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
             try:
                 async with connection:
@@ -356,13 +585,26 @@ class FederationListener:
                         exc_info=other,
                     )
         finally:
-            self._connections.pop(peer_id, None)
-            self._reserved.discard(peer_id)
+            if self._claims.get(peer_id) is claim:
+                del self._claims[peer_id]
+                self._connections.pop(peer_id, None)
 
     async def _close_all(self, code: int, reason: str) -> None:
         async with trio.open_nursery() as nursery:
             for connection in list(self._connections.values()):
                 nursery.start_soon(connection._close, code, reason)
+
+
+def _remote(stream: trio.abc.Stream) -> str:
+    """The peer address of a TCP or TLS stream, for the log."""
+    tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(tcp, trio.SocketStream):  # pragma: no cover - listeners give sockets
+        return "an unknown address"
+    try:
+        host, port, *_ = tcp.socket.getpeername()
+    except (OSError, ValueError):  # pragma: no cover - already disconnected
+        return "an unknown address"
+    return f"{host}:{port}"
 
 
 async def _serve_shielded(scope: trio.CancelScope, listener: FederationListener) -> None:
@@ -386,6 +628,13 @@ async def serve_federation(
     receive_buffer_size: int = DEFAULT_RECEIVE_BUFFER,
     max_message_size: int = MAX_FRAME_SIZE,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    secrets: Mapping[str, bytes | str] | SecretLookup | None = None,
+    proof_lifetime: float = DEFAULT_PROOF_LIFETIME,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    rate_limit: float | None = DEFAULT_RATE_LIMIT,
+    rate_burst: int = DEFAULT_RATE_BURST,
+    max_violations: int = DEFAULT_MAX_VIOLATIONS,
+    max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
     task_status: trio.TaskStatus[FederationListener] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Listen for orchestrators and run ``handler(conn)`` for each one.
@@ -406,9 +655,34 @@ async def serve_federation(
     A dialer identifies itself with the ``X-Federation-Id`` and
     ``X-Federation-Capabilities`` headers, or with the ``?id=`` and
     ``?capabilities=a,b`` query of its URL (plain clients such as the TypeScript
-    daemon). An upgrade without an id is refused with 400; one whose id is
-    already connected, with 409. The answer carries this listener's id and
-    capabilities in the same headers.
+    daemon). An upgrade without an id is refused with 400. The answer carries
+    this listener's id and capabilities in the same headers.
+
+    Who may connect (see :doc:`/security`):
+
+    - ``secrets``: a mapping of orchestrator id to the secret shared with it,
+      or a callable looking one up (returning None for an unknown id). Every
+      dialer must then prove its id with that secret (401 without a proof,
+      403 for a wrong, expired or replayed one) and the answer proves the
+      listener holds it too.
+    - ``ssl_context`` with ``verify_mode = ssl.CERT_REQUIRED`` and a CA
+      loaded (mutual TLS): the dialer's id is the one its client certificate
+      names, and an id claimed in the headers must match it (403 otherwise).
+    - Neither: anyone who can reach the port may join under any unused id;
+      the listener says so once in the log.
+
+    An authenticated orchestrator that connects again replaces its older
+    connection, which is closed with ``CLOSE_REPLACED`` (4000): a restarted
+    process gets back in at once. Without authentication a second connection
+    for a connected id is refused with 409, as anyone could claim it.
+
+    Limits: ``handshake_timeout`` bounds TLS plus the upgrade; beyond
+    ``max_connections`` open or pending connections, a dialer gets 503 at
+    once; ``max_message_size``, ``rate_limit``, ``rate_burst``,
+    ``max_violations`` and ``max_subscriptions`` apply per connection (see
+    :class:`~trio_federation.OrchestratorConnection`). Refusals are logged and
+    counted in :meth:`FederationListener.statistics`; a refused dialer never
+    reaches the handler.
 
     The connection closes gracefully (1000) when the handler returns. An
     exception from a handler is logged and closes that connection with 1011;
@@ -420,6 +694,15 @@ async def serve_federation(
         OSError: the address could not be bound.
     """
     local_id = _check_local_id(local_id)
+    verifier = None
+    if secrets is not None:
+        verifier = TokenVerifier(
+            secret_lookup(secrets),
+            local_id,
+            lifetime=_check_seconds("proof_lifetime", proof_lifetime),
+        )
+    if not isinstance(max_connections, int) or max_connections < 1:
+        raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
     listener = FederationListener(
         handler,
         local_id=local_id,
@@ -431,7 +714,17 @@ async def serve_federation(
             "idle_timeout": idle_timeout,
             "receive_buffer_size": receive_buffer_size,
             "max_message_size": max_message_size,
+            "rate_limit": rate_limit,
+            "rate_burst": rate_burst,
+            "max_violations": max_violations,
+            "max_subscriptions": max_subscriptions,
         },
+        verifier=verifier,
+        max_connections=max_connections,
+        handshake_timeout=_check_seconds("handshake_timeout", handshake_timeout),
+    )
+    listener._client_certificates = (
+        ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
     )
     # Our own listeners and our own accept loop: trio-websocket's serve_websocket
     # leaks its listeners when cancelled before it serves, and a crash of its
@@ -442,7 +735,6 @@ async def serve_federation(
         listener._sockets = await trio.open_ssl_over_tcp_listeners(
             port, ssl_context, host=host, https_compatible=True
         )
-    listener._handshake_timeout = handshake_timeout
     # Shielded: stopping the listener first closes every connection with 1001
     # (which needs their readers alive), then cancels this scope.
     scope = trio.CancelScope(shield=True)
@@ -451,6 +743,14 @@ async def serve_federation(
             try:
                 nursery.start_soon(_serve_shielded, scope, listener)
                 logger.info("federation listener %r on port %d", local_id, listener.port)
+                if verifier is None and not listener._client_certificates:
+                    logger.warning(
+                        "federation listener %r on port %d authenticates no one: anyone who "
+                        "can reach it may join under any id (development mode; give it "
+                        "secrets= or a client-certificate ssl_context)",
+                        local_id,
+                        listener.port,
+                    )
                 task_status.started(listener)
                 await trio.sleep_forever()
             finally:

@@ -11,6 +11,7 @@ import trio
 import trio_websocket
 
 from trio_federation import (
+    AuthenticationError,
     ConnectionLost,
     ConnectionStatus,
     DelegationRequest,
@@ -139,15 +140,17 @@ async def test_dial_errors_are_handshake_errors() -> None:
     await listeners[0].aclose()  # nothing listens there now
     with pytest.raises(HandshakeError, match="cannot connect to"):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=[]
+            f"ws://127.0.0.1:{port}/", local_id="orch-a", capabilities=[]
         ):
             pass  # pragma: no cover
     with pytest.raises(ValueError, match="ws:"):
-        async with open_orchestrator_connection("http://127.0.0.1/", local_id="a", capabilities=[]):
+        async with open_orchestrator_connection(
+            "http://127.0.0.1/", local_id="orch-a", capabilities=[]
+        ):
             pass  # pragma: no cover
     with pytest.raises(ValueError, match="unknown capability 'flying'"):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=["flying"]
+            f"ws://127.0.0.1:{port}/", local_id="orch-a", capabilities=["flying"]
         ):
             pass  # pragma: no cover
     with pytest.raises(ValueError, match="local_id"):
@@ -168,7 +171,7 @@ async def test_dial_times_out_against_a_silent_server(nursery: trio.Nursery) -> 
     nursery.start_soon(trio.serve_listeners, never_answer, listeners)
     with pytest.raises(HandshakeError, match=r"no answer .* within 0\.2s"):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{port}/", local_id="a", capabilities=[], connect_timeout=0.2
+            f"ws://127.0.0.1:{port}/", local_id="orch-a", capabilities=[], connect_timeout=0.2
         ):
             pass  # pragma: no cover
 
@@ -184,13 +187,13 @@ async def test_handler_exception_closes_1011_and_listener_goes_on(
 
     listener = await start_listener(nursery, failing)
     url = f"ws://127.0.0.1:{listener.port}/"
-    async with open_orchestrator_connection(url, local_id="a", capabilities=[]) as conn:
+    async with open_orchestrator_connection(url, local_id="orch-a", capabilities=[]) as conn:
         await conn.send_message(delegation("boom"))
         with pytest.raises(ConnectionLost) as info:
             await conn.receive()
         assert info.value.code == 1011
-    assert any("handler for 'a' raised" in r.message for r in caplog.records)
-    async with open_orchestrator_connection(url, local_id="a", capabilities=[]) as conn:
+    assert any("handler for 'orch-a' raised" in r.message for r in caplog.records)
+    async with open_orchestrator_connection(url, local_id="orch-a", capabilities=[]) as conn:
         await conn.send_message(delegation("fine"))
         await conn.send_message(delegation("again"))
         assert (await conn.receive()).payload.accepted  # type: ignore[union-attr]
@@ -202,7 +205,7 @@ async def test_handler_return_closes_normally(nursery: trio.Nursery) -> None:
 
     listener = await start_listener(nursery, one_reply)
     async with open_orchestrator_connection(
-        f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+        f"ws://127.0.0.1:{listener.port}/", local_id="orch-a", capabilities=[]
     ) as conn:
         assert [m.correlation_id async for m in conn] == ["t"]  # then ends normally
         with pytest.raises(ConnectionLost) as info:
@@ -219,7 +222,7 @@ async def test_stopping_the_listener_closes_connections_with_1001() -> None:
 
             async def client() -> None:
                 async with open_orchestrator_connection(
-                    f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+                    f"ws://127.0.0.1:{listener.port}/", local_id="orch-a", capabilities=[]
                 ) as conn:
                     conn_ready.set()
                     await wait_for(lambda: conn.status == "disconnected")
@@ -231,7 +234,7 @@ async def test_stopping_the_listener_closes_connections_with_1001() -> None:
 
             outer.start_soon(client)
             await conn_ready.wait()
-            await wait_for(lambda: "a" in listener.connections)
+            await wait_for(lambda: "orch-a" in listener.connections)
             with trio.fail_after(5):
                 serving.cancel_scope.cancel()
     assert codes == [1001]
@@ -256,7 +259,7 @@ async def test_cut_link_raises_connection_lost_on_both_sides(nursery: trio.Nurse
     listener = await start_listener(nursery, hold)
     proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
     async with open_orchestrator_connection(
-        f"ws://127.0.0.1:{proxy.port}/", local_id="a", capabilities=[]
+        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
     ) as conn:
         await conn.send_message(delegation("before-cut"))
         await wait_for(lambda: bool(served) and served[0].get_status().messages_received > 0)
@@ -279,7 +282,7 @@ async def test_cancelled_dialer_closes_with_going_away(
 ) -> None:
     with trio.move_on_after(0.2):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+            f"ws://127.0.0.1:{listener.port}/", local_id="orch-a", capabilities=[]
         ):
             await trio.sleep_forever()
     with trio.fail_after(2):
@@ -289,7 +292,7 @@ async def test_cancelled_dialer_closes_with_going_away(
 async def test_exceptions_leave_the_dialer_plain(listener: FederationListener) -> None:
     with pytest.raises(ZeroDivisionError):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+            f"ws://127.0.0.1:{listener.port}/", local_id="orch-a", capabilities=[]
         ):
             1 / 0  # noqa: B018
 
@@ -304,14 +307,14 @@ async def test_remote_id_against_a_silent_listener(nursery: trio.Nursery) -> Non
     url = f"ws://127.0.0.1:{server.port}/"
     async with open_orchestrator_connection(
         url,
-        local_id="a",
+        local_id="orch-a",
         capabilities=[],
         remote_id="daemon",
         remote_capabilities=["research"],
     ) as conn:
         assert conn.id == "daemon"
         assert conn.capabilities == ("research",)
-        await conn.send_message(delegation("echo", sender="daemon", recipient="a"))
+        await conn.send_message(delegation("echo", sender="daemon", recipient="orch-a"))
         echoed = await conn.receive()
         assert isinstance(echoed, FederationMessage) and echoed.correlation_id == "echo"
 
@@ -334,21 +337,21 @@ async def test_lost_peer_inside_a_handler_nursery_is_not_a_crash(
     listener = await start_listener(nursery, grouped)
     proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
     async with open_orchestrator_connection(
-        f"ws://127.0.0.1:{proxy.port}/", local_id="a", capabilities=[]
+        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
     ):
-        await wait_for(lambda: "a" in listener.connections)
+        await wait_for(lambda: "orch-a" in listener.connections)
         proxy.cut()
     with trio.fail_after(5):
         await done.wait()
     await wait_for(lambda: not listener.connections)
-    assert "handler for 'a' ended: connection closed with code 1006" in caplog.text
+    assert "handler for 'orch-a' ended: connection closed with code 1006" in caplog.text
     assert "raised" not in caplog.text
 
 
 async def test_keyboard_interrupt_closes_with_going_away(listener: FederationListener) -> None:
     with pytest.raises(KeyboardInterrupt):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{listener.port}/", local_id="a", capabilities=[]
+            f"ws://127.0.0.1:{listener.port}/", local_id="orch-a", capabilities=[]
         ) as conn:
             raise KeyboardInterrupt
     assert conn.status == "disconnected"
@@ -374,7 +377,7 @@ async def test_dialer_entered_cancelled_returns_at_once() -> None:
         with trio.CancelScope() as scope:
             scope.cancel()
             async with open_orchestrator_connection(
-                "ws://127.0.0.1:9/x", local_id="a", capabilities=[]
+                "ws://127.0.0.1:9/x", local_id="orch-a", capabilities=[]
             ):
                 pytest.fail("entered under a cancelled scope")  # pragma: no cover
 
@@ -398,9 +401,10 @@ async def test_tls_dial_and_listen(nursery: trio.Nursery) -> None:
         assert conn.id == "orch-b"
         await conn.send_message(delegation("tls-1", recipient=conn.id))
         assert (await conn.receive()).payload.accepted  # type: ignore[union-attr]
-    with pytest.raises(HandshakeError, match="cannot connect"):
+    with pytest.raises(AuthenticationError, match="TLS refused a certificate"):
         async with open_orchestrator_connection(url, local_id="orch-c", capabilities=[]):
             pass  # pragma: no cover  # the default context does not trust our CA
+    await wait_for(lambda: listener.statistics().refused.get("tls") == 1)
     with pytest.raises(ValueError, match="ssl_context is only for wss"):
         async with open_orchestrator_connection(
             f"ws://127.0.0.1:{listener.port}/",
@@ -421,7 +425,7 @@ async def test_a_listener_answering_with_a_bad_identity_is_a_handshake_error(
     server = await nursery.start(trio_websocket.serve_websocket, bad_identity, "127.0.0.1", 0, None)
     with pytest.raises(HandshakeError, match=r"answered with a bad identity: .* longer than 256"):
         async with open_orchestrator_connection(
-            f"ws://127.0.0.1:{server.port}/", local_id="a", capabilities=[]
+            f"ws://127.0.0.1:{server.port}/", local_id="orch-a", capabilities=[]
         ):
             pass  # pragma: no cover
 
