@@ -5,15 +5,21 @@ Each one says why; all of them degrade to doing nothing if the attribute moves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
-__all__ = ["SocketHost", "release_stream"]
+__all__ = ["SocketHost", "UpgradeWatch", "flush_tls_alert", "release_stream"]
 
 logger = logging.getLogger("trio_federation.transport")
+
+TLS_ALERT_GRACE = 1.0
+"""Seconds spent sending a TLS alert to a client whose handshake failed."""
 
 
 async def release_stream(socket: WebSocketConnection | WebSocketRequest) -> None:
@@ -31,6 +37,26 @@ async def release_stream(socket: WebSocketConnection | WebSocketRequest) -> None
     if isinstance(stream, trio.abc.AsyncResource):
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+async def flush_tls_alert(stream: trio.SSLStream[Any]) -> None:
+    """Send the TLS alert of a failed server handshake to the client.
+
+    When the handshake fails (a client certificate refused), OpenSSL writes an
+    alert saying why, but trio's SSLStream marks itself broken before sending
+    it: the client then sees a bare EOF and cannot tell that its certificate
+    was refused. Send what is left in the outgoing buffer, bounded in time.
+    """
+    outgoing = getattr(stream, "_outgoing", None)
+    if not isinstance(outgoing, ssl.MemoryBIO):  # pragma: no cover - trio changed
+        return
+    data = outgoing.read()
+    if data:
+        with (
+            trio.move_on_after(TLS_ALERT_GRACE),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.transport_stream.send_all(data)
 
 
 class SocketHost:
@@ -82,3 +108,43 @@ class SocketHost:
             logger.debug("trio-websocket's reader failed: %r", exc)
             self.failure = exc
             self.on_failure(exc)
+
+
+class UpgradeWatch(trio.abc.Stream):
+    """A dialer's stream that reports a failure during the upgrade at once.
+
+    When the listener drops the connection before answering the upgrade — a
+    TLS alert refusing our client certificate (TLS 1.3 sends it only after
+    the client's handshake has finished), a reset, an EOF — trio-websocket's
+    reader ends quietly and the dial would wait for its timeout. This wrapper
+    hands the failure to ``on_failure`` while :attr:`watching` is set.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, on_failure: Callable[[BaseException], None]):
+        self.stream = stream
+        self.on_failure = on_failure
+        self.watching = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send through the wrapped stream."""
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait on the wrapped stream."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive from the wrapped stream, reporting a failure while watching."""
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            if self.watching:
+                self.on_failure(exc)
+            raise
+        if not data and self.watching:
+            self.on_failure(EOFError("the listener closed the connection without answering"))
+        return data
+
+    async def aclose(self) -> None:
+        """Close the wrapped stream."""
+        await self.stream.aclose()

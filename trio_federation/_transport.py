@@ -9,7 +9,7 @@ import time
 import types
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, cast
 
 import attrs
 import trio
@@ -30,7 +30,7 @@ from ._auth import (
     secret_lookup,
 )
 from ._codec import MAX_FRAME_SIZE
-from ._compat import SocketHost, release_stream
+from ._compat import SocketHost, UpgradeWatch, flush_tls_alert, release_stream
 from ._connection import (
     CANCEL_CLOSE_GRACE,
     DEFAULT_DISCONNECT_TIMEOUT,
@@ -280,9 +280,16 @@ async def _dial(
 ) -> trio_websocket.WebSocketConnection:
     hostname, port, resource, tls = _parse_url(url, ssl_context)
     scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
-    host.on_failure = lambda exc: scope.cancel()
+    failures: list[BaseException] = []
+
+    def fail(exc: BaseException) -> None:
+        failures.append(exc)
+        scope.cancel()
+
+    host.on_failure = fail
     socket: trio_websocket.WebSocketConnection | None = None
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
+    watch: UpgradeWatch | None = None
     with scope:
         try:
             if tls is None:
@@ -294,9 +301,11 @@ async def _dial(
                 # Handshake now: trio-websocket would meet a TLS failure in its
                 # reader, swallow it, and leave the dial waiting for its timeout.
                 await stream.do_handshake()
+            watch = UpgradeWatch(stream, fail)
             socket = await trio_websocket.wrap_client_stream(
                 host.nursery,
-                stream,
+                # Annotated as a socket or TLS stream; it uses only the Stream API.
+                cast(trio.SocketStream, watch),
                 hostname if port in (80, 443) else f"{hostname}:{port}",
                 resource,
                 extra_headers=headers,
@@ -311,9 +320,11 @@ async def _dial(
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
     host.on_failure = lambda exc: None
+    if watch is not None:
+        watch.watching = False
     if socket is None:
-        if host.failure is not None:
-            raise _handshake_error(url, host.failure) from host.failure
+        if failures:
+            raise _handshake_error(url, failures[0]) from failures[0]
         raise HandshakeError(f"no answer from {url} within {connect_timeout:g}s")
     return socket
 
@@ -486,6 +497,7 @@ class FederationListener:
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__ or exc
             self._count_refusal("tls", _remote(stream), f"TLS handshake failed: {cause}")
+            await flush_tls_alert(stream)  # so the dialer learns why
             return ""
         if not self._client_certificates:
             return None
