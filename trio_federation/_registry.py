@@ -146,7 +146,7 @@ def _utc_ms(value: datetime) -> datetime:
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
-def _wall_now() -> datetime:
+def _now() -> datetime:
     return _utc_ms(datetime.now(UTC))
 
 
@@ -190,9 +190,9 @@ class OrchestratorRecord:
     """Token budget (0: unknown)."""
     status: OrchestratorStatus = attrs.field(default=OrchestratorStatus.ONLINE, converter=_status)
     """Its status (as stored, or ``offline`` when derived, see :class:`OrchestratorStatus`)."""
-    last_heartbeat: datetime = attrs.field(factory=_wall_now, converter=_utc_ms)
+    last_heartbeat: datetime = attrs.field(factory=_now, converter=_utc_ms)
     """When it last heartbeat (UTC, milliseconds)."""
-    registered_at: datetime = attrs.field(factory=_wall_now, converter=_utc_ms)
+    registered_at: datetime = attrs.field(factory=_now, converter=_utc_ms)
     """When it registered (UTC, milliseconds)."""
     metadata: Mapping[str, Any] | None = None
     """Free-form JSON-compatible data."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import runpy
 import shutil
 from collections.abc import Callable
 from datetime import datetime
@@ -313,3 +314,24 @@ def test_the_server_fixture_cleans_up(redis: RedisServer) -> None:
         assert directory.exists()
     assert server.process.returncode is not None
     assert not directory.exists()
+
+
+def readme_registry_example() -> str:
+    readme = (Path(__file__).parent.parent.parent / "README.md").read_text()
+    blocks: list[str] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (block,) = [b for b in blocks if "REGISTRY_URL" in b]
+    return block
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_readme_registry_example_runs_on_both_backends(
+    backend: str, redis: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    block = readme_registry_example()
+    assert 'REGISTRY_URL = "memory://"' in block
+    if backend == "redis":
+        block = block.replace('"memory://"', f'"{redis.url}"')
+    script = tmp_path / "readme_registry.py"
+    script.write_text(block)
+    runpy.run_path(str(script), run_name="__main__")
+    assert capsys.readouterr().out == "found orch-b at ws://127.0.0.1:8788/federation\n"
