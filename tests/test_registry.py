@@ -373,3 +373,51 @@ async def test_registration_of_a_listener_reports_its_endpoint_and_load() -> Non
             assert registration.record.status == "online"
         assert await registry.get("orch-b") is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_watch_closed_while_waiting_ends(autojump_clock: trio.testing.MockClock) -> None:
+    registry = MemoryRegistry(heartbeat_timeout=4, stale_timeout=8)
+    ended = trio.Event()
+    with registry.watch() as events:
+
+        async def consume() -> None:
+            async for _event in events:
+                raise AssertionError("an empty registry produced an event")  # pragma: no cover
+            ended.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await trio.sleep(2.5)  # the consumer is waiting for a change
+            assert not ended.is_set()
+            events.close()
+            await ended.wait()
+        assert trio.current_time() < 5  # within one watch_interval of the close
+
+
+def test_raise_single_keeps_a_real_group() -> None:
+    from trio_federation._registry import _raise_single
+
+    group = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+    with pytest.raises(ExceptionGroup) as caught:
+        _raise_single(group)
+    assert caught.value is group
+
+
+async def test_registration_keeps_the_records_own_capabilities_and_endpoint() -> None:
+    registry = MemoryRegistry()
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(
+            partial(serve_federation, local_id="orch-b", capabilities=["testing"]),
+            drain,
+            "127.0.0.1",
+            0,
+        )
+        record = OrchestratorRecord(
+            id="orch-b", capabilities=["research"], endpoint="wss://orch-b.example:443/fed"
+        )
+        async with open_registration(registry, record, listener=listener, host="127.0.0.1"):
+            stored = await registry.get("orch-b")
+            assert stored is not None
+            assert stored.capabilities == ("research",)
+            assert stored.endpoint == "wss://orch-b.example:443/fed"
+        nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from trio_federation import (
+    OrchestratorNotFound,
     OrchestratorQuery,
     OrchestratorRecord,
     RedisRegistry,
@@ -335,3 +336,48 @@ def test_readme_registry_example_runs_on_both_backends(
     script.write_text(block)
     runpy.run_path(str(script), run_name="__main__")
     assert capsys.readouterr().out == "found orch-b at ws://127.0.0.1:8788/federation\n"
+
+
+async def test_connection_failures_inside_groups_are_translated(redis: RedisServer) -> None:
+    async with open_test_registry(redis) as registry:
+        with pytest.raises(RegistryUnavailable, match="op: refused"):
+            with registry._guard("op"):
+                raise ExceptionGroup("pool", [ConnectionRefusedError("refused")])
+        with pytest.raises(ExceptionGroup):
+            with registry._guard("op"):
+                raise ExceptionGroup("pool", [ConnectionRefusedError("x"), ValueError("y")])
+
+
+async def test_an_update_gives_up_under_endless_contention(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio_federation._redis_registry as backend
+
+    async with open_test_registry(redis) as registry:
+        await registry.register(OrchestratorRecord(id="a"))
+        original = registry._cas_script
+
+        def always_conflicting(*, keys: list[str], args: list[str]) -> Any:
+            # Another writer changes the record between our read and our write, every time.
+            return original(keys=keys, args=["not what was read", *args[1:]])
+
+        monkeypatch.setattr(registry, "_cas_script", always_conflicting)
+        monkeypatch.setattr(backend, "MAX_UPDATE_ATTEMPTS", 5)
+        with pytest.raises(RegistryUnavailable, match="gave up updating 'a': 5 concurrent"):
+            await registry.heartbeat("a")
+
+
+async def test_a_record_that_expires_during_an_update_is_not_found(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_test_registry(redis) as registry:
+        await registry.register(OrchestratorRecord(id="a"))
+        original = registry._cas_script
+
+        async def expire_first(*, keys: list[str], args: list[str]) -> Any:
+            await registry.client.delete(keys)  # its lease ran out between read and write
+            return await original(keys=keys, args=args)
+
+        monkeypatch.setattr(registry, "_cas_script", expire_first)
+        with pytest.raises(OrchestratorNotFound):
+            await registry.set_status("a", "busy")
