@@ -421,3 +421,33 @@ async def test_registration_keeps_the_records_own_capabilities_and_endpoint() ->
             assert stored.capabilities == ("research",)
             assert stored.endpoint == "wss://orch-b.example:443/fed"
         nursery.cancel_scope.cancel()
+
+
+def test_the_package_works_without_coredis() -> None:
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["coredis"] = None  # as if the redis extra were not installed
+import trio, trio_federation as tf
+
+async def main():
+    async with tf.open_registry("memory://") as registry:
+        await registry.register(tf.OrchestratorRecord(id="a"))
+        print([record.id for record in await registry.list_all()])
+    try:
+        async with tf.open_registry("redis://127.0.0.1:1/0"):
+            pass
+    except ImportError as exc:
+        print(exc)
+
+trio.run(main)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=20
+    )
+    assert result.stdout.splitlines() == [
+        "['a']",
+        "the Redis registry needs coredis: pip install 'trio-federation[redis]'",
+    ]
