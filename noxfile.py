@@ -56,6 +56,13 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against raw trio-websocket (not part of the tests)."""
-    session.install("-e", ".")
+    """Benchmarks against raw trio-websocket, then the registry's (not part of the tests).
+
+    ``nox -s bench -- registry [ARGS]`` runs only the registry benchmark.
+    """
+    session.install("-e", ".[redis]")
+    if session.posargs[:1] == ["registry"]:
+        session.run("python", "-m", "bench.registry", *session.posargs[1:])
+        return
     session.run("python", "-m", "bench", *session.posargs)
+    session.run("python", "-m", "bench.registry")

@@ -7,6 +7,10 @@ network), and
 :class:`~trio_federation.OrchestratorConnection` objects. Both work under
 :class:`trio.testing.MockClock`, so heartbeats and timeouts can be tested
 deterministically.
+
+:func:`check_registry_backend` (and its checks one by one, :data:`REGISTRY_CHECKS`)
+is the contract every :class:`~trio_federation.FederationRegistry` backend
+passes; run it against your own backend.
 """
 
 from __future__ import annotations
@@ -22,8 +26,24 @@ from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_
 
 from ._compat import SocketHost
 from ._connection import OrchestratorConnection, raise_single
+from ._registry_contract import (
+    CONTRACT_HEARTBEAT_TIMEOUT,
+    CONTRACT_STALE_TIMEOUT,
+    REGISTRY_CHECKS,
+    RegistryFactory,
+    check_registry_backend,
+)
 
-__all__ = ["WebSocketPair", "open_connection_pair", "open_websocket_pair"]
+__all__ = [
+    "CONTRACT_HEARTBEAT_TIMEOUT",
+    "CONTRACT_STALE_TIMEOUT",
+    "REGISTRY_CHECKS",
+    "RegistryFactory",
+    "WebSocketPair",
+    "check_registry_backend",
+    "open_connection_pair",
+    "open_websocket_pair",
+]
 
 
 @attrs.frozen
