@@ -1,4 +1,4 @@
-"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``."""
+"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``fuzz``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,21 @@ def docs(session: nox.Session) -> None:
     """Build the Sphinx docs; any warning is an error."""
     session.install("-e", ".[docs]")
     session.run("sphinx-build", "-W", "--keep-going", "-b", "html", "docs", "docs/_build/html")
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """The fuzz suite with many more examples (``-- N`` scales them; default 50)."""
+    session.install("-e", ".[test]")
+    scale = session.posargs[0] if session.posargs else "50"
+    session.run(
+        "pytest",
+        "tests/test_fuzz.py",
+        "-p",
+        "no:cacheprovider",
+        "--durations=5",
+        env={"FUZZ_SCALE": scale, "TEST_TIME_GUARD": "3600"},
+    )
 
 
 @nox.session

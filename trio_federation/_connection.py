@@ -584,6 +584,7 @@ class OrchestratorConnection:
             self._wakeup.set()
 
     def _report(self, error: FederationError) -> None:
+        _detach(error)
         self._state.error()
         logger.warning("connection to %r: %s", self._id, error)
         for watcher in self._error_watchers:
@@ -946,6 +947,19 @@ class OrchestratorConnection:
             self._nursery.cancel_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self._finished.wait()
+
+
+def _detach(error: BaseException) -> None:
+    """Drop the tracebacks of a reported error and of its causes.
+
+    Reported errors are kept (in watchers' buffers, by the application): a
+    traceback would keep the reader's frames alive, and with them the frame
+    that was refused, up to ``max_message_size`` each.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
 
 
 def _discard_unread(channel: trio.MemoryReceiveChannel[FederationMessage], peer: str) -> None:
