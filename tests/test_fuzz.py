@@ -140,7 +140,9 @@ def check_outcome(frame: str | bytes) -> FederationMessage | None:
 
 
 @given(hostile_frames)
-@settings(max_examples=400 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=400 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 def test_the_codec_only_decodes_or_refuses(frame: str | bytes) -> None:
     message = check_outcome(frame)
     assert message is None or isinstance(message, FederationMessage)
