@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trio_federation._auth import (
@@ -145,3 +147,21 @@ def test_certificate_ids() -> None:
     assert certificate_id({"subject": ((("commonName", "orch-a"),),)}) == "orch-a"
     assert certificate_id({"subject": (), "subjectAltName": (("DNS", "orch-b"),)}) == "orch-b"
     assert certificate_id({"subjectAltName": (("IP Address", "127.0.0.1"),)}) is None
+
+
+def test_the_documented_example_holds() -> None:
+    # docs/protocol.rst, "Authentication": a peer can be written from it.
+    secret = b"correct horse battery staple"
+    proof = make_proof(
+        secret, peer_id="orch-a", audience="orch-b", now=1795780800.0, nonce=bytes(range(16))
+    )
+    assert proof == (
+        "v1;ts=1795780800000;nonce=AAECAwQFBgcICQoLDA0ODw;aud=orch-b;"
+        "mac=nGwa2iQX_mGvBIytlED6TNQ6m64BZrYA_SBkHnZEBQQ"
+    )
+    answer = listener_proof(
+        secret, listener_id="orch-b", peer_id="orch-a", nonce="AAECAwQFBgcICQoLDA0ODw"
+    )
+    assert answer == "v1;mac=WDZ5M0Lxcs8-5F7Tei2EdsBp-X4c4oFNiwELqLZMyYk"
+    text = (Path(__file__).parent.parent / "docs" / "protocol.rst").read_text(encoding="utf-8")
+    assert proof in text and answer in text
