@@ -208,6 +208,51 @@ async def test_listener_exchanges_delegations_with_js_client(js_node: str) -> No
     assert seen["status"] == ConnectionStatus.DISCONNECTED
 
 
+@pytest.mark.parametrize("secret", ["a secret shared with js-peer", "a secret we do not hold!"])
+async def test_js_client_authenticates_from_the_protocol_page(js_node: str, secret: str) -> None:
+    """A peer written from docs/protocol.rst alone proves its id, and checks ours."""
+    with trio.fail_after(TIME_LIMIT):
+        accepted: list[DelegationResponse] = []
+
+        async def handler(conn: OrchestratorConnection) -> None:
+            async for message in conn:
+                if isinstance(message.payload, DelegationRequest):
+                    accepted.append(await conn.accept_delegation(message.payload))
+
+        async with trio.open_nursery() as nursery:
+            listener: FederationListener = await nursery.start(
+                functools.partial(
+                    serve_federation,
+                    handler,
+                    "127.0.0.1",
+                    0,
+                    local_id="py-listener",
+                    capabilities=["testing"],
+                    secrets={"js-peer": "a secret shared with js-peer"},
+                )
+            )
+            url = f"ws://127.0.0.1:{listener.port}/federation"
+            async with open_js_peer(
+                js_node,
+                *("--mode", "client", "--url", url, "--id", "js-peer", "--to", "py-listener"),
+                *("--secret", secret),
+            ) as peer:
+                if secret.startswith("a secret shared"):
+                    proof = await peer.expect("listener-proof")
+                    await peer.expect("closed")
+                    assert proof["ok"] is True, peer.transcript()
+                    assert await peer.wait_exit() == 0, peer.transcript()
+                else:
+                    error = await peer.expect("error")
+                    assert "403" in error["error"], peer.transcript()
+            nursery.cancel_scope.cancel()
+    if secret.startswith("a secret shared"):
+        assert accepted == [DelegationResponse(task_id="js-task-1", accepted=True)]
+    else:
+        assert accepted == []
+        assert listener.statistics().refused == {"auth": 1}
+
+
 # -- our dialer, the JS server ---------------------------------------------------------
 
 

@@ -13,9 +13,28 @@
 //   node peer.mjs --mode client --url ws://127.0.0.1:PORT/federation --id js-peer
 //                 [--capabilities testing,research] [--to py-listener]
 //                 [--expect-delegation] [--timeout 10]
+//                 [--secret S]  (prove our id as docs/protocol.rst "Authentication"
+//                                says, in ?auth=, and check the listener's proof)
 //   both: [--ping-interval MS]  (send WebSocket pings like the daemon does)
 // stdout: one JSON object per line ({"event": ...}).
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { WebSocket, WebSocketServer } from 'ws';
+
+// Authentication, written from the protocol page alone.
+const b64url = buf => buf.toString('base64url');
+const hmac = (secret, lines) => createHmac('sha256', secret).update(lines.join('\n')).digest();
+function makeProof(secret, peerId, audience) {
+  const ts = String(Date.now());
+  const nonce = b64url(randomBytes(16));
+  const mac = b64url(hmac(secret, ['trio-federation-auth-v1', peerId, audience, ts, nonce]));
+  return { nonce, proof: `v1;ts=${ts};nonce=${nonce};aud=${encodeURIComponent(audience)};mac=${mac}` };
+}
+function listenerProofOk(answer, secret, listenerId, peerId, nonce) {
+  const expected = Buffer.from('v1;mac=' + b64url(
+    hmac(secret, ['trio-federation-auth-v1-listener', listenerId, peerId, nonce])));
+  const got = Buffer.from(String(answer ?? ''));
+  return got.length === expected.length && timingSafeEqual(got, expected);
+}
 
 const FLAGS = new Set(['delegate-on-connect', 'expect-delegation']);
 function parseArgs(argv) {
@@ -115,6 +134,11 @@ function runClient(args) {
   if (args.capabilities) {
     query.push(`capabilities=${args.capabilities.split(',').map(encodeURIComponent).join(',')}`);
   }
+  let auth = null;
+  if (args.secret) {
+    auth = makeProof(args.secret, selfId, '');
+    query.push(`auth=${encodeURIComponent(auth.proof)}`);
+  }
   const url = args.url + (args.url.includes('?') ? '&' : '?') + query.join('&');
   const timeout = setTimeout(() => fail(`timeout after ${args.timeout ?? 10} s`),
     Number(args.timeout ?? 10) * 1000);
@@ -124,6 +148,12 @@ function runClient(args) {
   ws.on('upgrade', res => { upgradeHeaders = res.headers; });
   ws.on('open', () => {
     out({ event: 'open', headers: upgradeHeaders });
+    if (auth) {
+      const ok = listenerProofOk(upgradeHeaders['x-federation-auth'], args.secret,
+        upgradeHeaders['x-federation-id'], selfId, auth.nonce);
+      out({ event: 'listener-proof', ok });
+      if (!ok) { closing = true; ws.close(1008, 'unauthenticated'); return; }
+    }
     startPinging(ws, Number(args['ping-interval'] ?? 0));
     ws.send(delegation(selfId, args.to ?? 'py-listener', 'js-task-1'));
   });
