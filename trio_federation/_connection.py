@@ -3,11 +3,19 @@
 Task tree of an open connection (all inside ``async with conn``)::
 
     runner                      one task in the caller's nursery
-    └── nursery
-        ├── reader              the only caller of socket.get_message()
-        ├── writer              the only caller of socket.send_message()
+    └── nursery                 lives as long as the connection
         ├── watchdog            sleeps until ConnectionState.next_deadline()
-        └── pinger              socket.ping(), one in flight at most
+        └── (runner's body)     one transport after another:
+            └── transport nursery   lives as long as one WebSocket
+                ├── reader      the only caller of socket.get_message()
+                ├── writer      the only caller of socket.send_message()
+                └── pinger      socket.ping(), one in flight at most
+
+A connection made by a reconnecting dialer, or a listener's connection to a
+peer that negotiated a resumable session, outlives its transports: when one
+fails, the runner waits for the next (dialled again, or attached by the
+listener when the peer comes back) and carries on with the same queue,
+streams and subscriptions.
 
 The children never raise: a failure is recorded as the connection's terminal
 reason and surfaces where the user looks (``async for``, ``send_message``, the
@@ -25,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, Self
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -37,6 +46,7 @@ from ._exceptions import (
     MalformedMessage,
     PolicyViolation,
     QueueFull,
+    SessionLost,
     UnsentMessages,
 )
 from ._messages import (
@@ -51,6 +61,15 @@ from ._messages import (
     MessageType,
 )
 from ._protocol import ConnectionState, TokenBucket
+from ._session import (
+    ReceiveWindow,
+    ResumeOffer,
+    SendWindow,
+    SessionError,
+    ack_frame,
+    sequenced_frame,
+    split_frame,
+)
 from ._streams import EventStream, MessageStream, OutboundQueue
 
 __all__ = ["OrchestratorConnection"]
@@ -83,11 +102,28 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 """Close code for a peer cut off after ``max_violations`` refused messages."""
 BROADCAST_ADDRESSES: Final = frozenset({"*", "broadcast"})
 """Recipients (``to``) that address every orchestrator."""
+ACK_DELAY: Final = 0.02
+"""Seconds a caught-up receiver waits before acknowledging, to coalesce acks."""
+CLOSE_RESTARTING: Final = 1012
+"""Close code meaning "restarting: reconnect and resume" (RFC 6455 Service Restart)."""
+RESUMABLE_CODES: Final = frozenset({1006, CLOSE_RESTARTING})
+"""Transport ends after which a resumable connection waits for the next transport."""
 
 DATA_TYPES: Final = frozenset({MessageType.DELEGATION, MessageType.CALLBACK, MessageType.BROADCAST})
 NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 
 _QueueItem = tuple[FederationMessage, str]
+_Delivery = tuple[int, int, FederationMessage]  # (session epoch, sequence number or 0, message)
+
+
+@attrs.define
+class _Transport:
+    """One WebSocket handed to a connection, and how it ended."""
+
+    socket: WebSocketConnection
+    offer: ResumeOffer | None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    ended: ConnectionLost | None = None
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -134,7 +170,7 @@ class _Subscription:
         self,
         types: frozenset[MessageType],
         predicate: Callable[[FederationMessage], bool] | None,
-        send_channel: trio.MemorySendChannel[FederationMessage],
+        send_channel: trio.MemorySendChannel[_Delivery],
     ) -> None:
         self.types = types
         self.predicate = predicate
@@ -164,6 +200,12 @@ class OrchestratorConnection:
     died earlier unseen: that is raised where it is observed, by ``async for``
     and :meth:`send_message`.
 
+    A connection from a reconnecting dialer, or a listener's connection to a
+    peer that negotiated a resumable session, survives the loss of its
+    transport (see :doc:`/resilience`): the status is ``disconnected`` (or
+    ``connecting`` while dialling) during the gap, and the same streams,
+    subscriptions and queue carry on over the next transport.
+
     Args:
         id: the remote orchestrator's id ("" if not known yet: it is then taken
             from the ``from`` of the first message received).
@@ -181,7 +223,9 @@ class OrchestratorConnection:
             ``idle``.
         receive_buffer_size: incoming data messages buffered for ``async for``
             and for each subscription; when full, the reader waits (back-pressure
-            reaches the peer through TCP).
+            reaches the peer through TCP). In a resumable session it is also
+            the window: the peer never has more unacknowledged messages out,
+            so the reader never waits.
         max_message_size: longest frame decoded, in characters.
         local_status: the load status announced in heartbeat messages.
         active_connections: called for the ``active_connections`` figure of
@@ -195,13 +239,21 @@ class OrchestratorConnection:
             ``local_id`` or a broadcast address, a delegation from someone
             else) after which the peer is disconnected with 1008.
         max_subscriptions: subscriptions open at once.
+        dead_timeout: seconds without a liveness signal after which the peer
+            is presumed dead and the transport aborted (a half-open TCP link
+            is found this way). A resumable connection then resumes over a
+            new transport; any other ends with ``ConnectionLost(1006)``. By
+            default twice ``heartbeat_timeout`` when a new transport can
+            follow (a resumable session, or a reconnecting dialer), and never
+            otherwise, where a slow consumer on the peer's side could look
+            dead (see :ref:`backpressure-liveness`).
     """
 
     def __init__(
         self,
         *,
         id: str,
-        socket: WebSocketConnection,
+        socket: WebSocketConnection | None,
         capabilities: Iterable[str] = (),
         local_id: str | None = None,
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
@@ -216,13 +268,13 @@ class OrchestratorConnection:
         rate_burst: int = DEFAULT_RATE_BURST,
         max_violations: int = DEFAULT_MAX_VIOLATIONS,
         max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+        dead_timeout: float | None = None,
     ) -> None:
         if not isinstance(id, str):
             raise TypeError(f"id must be a string, got {type(id).__name__}")
         if local_id is not None and not isinstance(local_id, str):
             raise TypeError(f"local_id must be a string, got {type(local_id).__name__}")
         self._id = id
-        self._socket = socket
         self._capabilities = normalize_capabilities(capabilities, strict=False)
         self._local_id = local_id
         self._heartbeat_timeout = _check_positive("heartbeat_timeout", heartbeat_timeout)
@@ -245,9 +297,14 @@ class OrchestratorConnection:
             heartbeat_timeout=self._heartbeat_timeout,
             idle_timeout=_check_positive("idle_timeout", idle_timeout),
         )
-        self._queue: OutboundQueue[_QueueItem] = OutboundQueue(self._max_queue_size)
+        self._dead_timeout = (
+            None if dead_timeout is None else _check_positive("dead_timeout", dead_timeout)
+        )
+        self._queue: OutboundQueue[_QueueItem] = OutboundQueue(
+            self._max_queue_size, self._kick_writer
+        )
         self._receive_buffer_size = _check_size("receive_buffer_size", receive_buffer_size)
-        self._inbound_send, self._inbound_recv = trio.open_memory_channel[FederationMessage](
+        self._inbound_send, self._inbound_recv = trio.open_memory_channel[_Delivery](
             self._receive_buffer_size
         )
         self._subscriptions: list[_Subscription] = []
@@ -260,19 +317,38 @@ class OrchestratorConnection:
         self._clock_origin = trio.current_time()
         self._entered = False
         self._nursery: trio.Nursery | None = None
+        self._run_scope: trio.CancelScope | None = None
         self._wakeup = trio.Event()
         self._sleeping_until = math.inf
         self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
+        self._writer_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._closed_locally = False
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
         self._peer_closed: ConnectionLost | None = None  # normal end by the peer
-        self._writer_done = trio.Event()
+        self._drained = trio.Event()
         self._close_scope: trio.CancelScope | None = None
-        self._transport_broken = False
         self._handed_over = trio.Event()
         self._finished = trio.Event()
         self._exit_stack: contextlib.AsyncExitStack | None = None
+        # Transports: the current one, and a rendezvous for the next.
+        self._socket: WebSocketConnection | None = socket
+        self._transport: _Transport | None = None
+        self._first: _Transport | None = None if socket is None else _Transport(socket, None)
+        self._next_send, self._next_recv = trio.open_memory_channel[_Transport](0)
+        self._transport_scope: trio.CancelScope | None = None
+        self._transport_end: ConnectionLost | None = None
+        # Who brings the next transport after a loss: a reconnecting dialer
+        # (inf: its policy decides when to give up), or the listener within
+        # resume_timeout. None: a lost transport ends the connection.
+        self._reattach: float | None = None
+        self._up = trio.Event()  # the first transport is running
+        self._defer_handover = False
+        # The resumable session, once negotiated.
+        self._session_id: str | None = None
+        self._send_window: SendWindow[_QueueItem] | None = None
+        self._recv_window: ReceiveWindow | None = None
+        self._epoch = 0
 
     # -- identity and state ---------------------------------------------------
 
@@ -292,8 +368,8 @@ class OrchestratorConnection:
         return self._local_id
 
     @property
-    def socket(self) -> WebSocketConnection:
-        """The underlying trio-websocket connection (do not read or write it)."""
+    def socket(self) -> WebSocketConnection | None:
+        """The current trio-websocket connection, None between transports (do not use it)."""
         return self._socket
 
     @property
@@ -310,6 +386,22 @@ class OrchestratorConnection:
     def message_queue(self) -> tuple[FederationMessage, ...]:
         """Snapshot of the messages accepted but not yet written, oldest first."""
         return tuple(message for message, _ in self._queue.snapshot())
+
+    @property
+    def unacknowledged(self) -> tuple[FederationMessage, ...]:
+        """Snapshot of the messages written but not yet acknowledged by the peer.
+
+        Empty unless a resumable session is in use: these are the messages that
+        would be sent again after a reconnect.
+        """
+        if self._send_window is None:
+            return ()
+        return tuple(message for message, _ in self._send_window.items())
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a resumable session with the peer is in use."""
+        return self._send_window is not None
 
     @property
     def local_status(self) -> HeartbeatStatus:
@@ -356,7 +448,7 @@ class OrchestratorConnection:
         False if the socket is not open, if no liveness signal came within
         ``heartbeat_timeout``, or if the status is disconnected or error.
         """
-        if self._socket.closed is not None:
+        if self._socket is None or self._socket.closed is not None:
             return False
         return self._state.is_healthy(trio.current_time())
 
@@ -454,13 +546,23 @@ class OrchestratorConnection:
         if self._lost is not None:
             raise ConnectionLost(self._lost.code, self._lost.reason) from self._lost.__cause__
 
+    def _consumed(self, delivery: _Delivery) -> FederationMessage:
+        """A delivery left our buffers: acknowledge it (sessions) and unwrap it."""
+        epoch, seq, message = delivery
+        window = self._recv_window
+        if seq and window is not None and epoch == self._epoch:
+            window.consume(seq)
+            if window.ack_due:
+                self._kick_writer()
+        return message
+
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> FederationMessage:
         """The next data message; see :meth:`receive`."""
         try:
-            return await self._inbound_recv.receive()
+            return self._consumed(await self._inbound_recv.receive())
         except trio.EndOfChannel:
             self._raise_if_lost()
             raise StopAsyncIteration from None
@@ -475,7 +577,7 @@ class OrchestratorConnection:
                 buffered messages were read.
         """
         try:
-            return await self._inbound_recv.receive()
+            return self._consumed(await self._inbound_recv.receive())
         except trio.EndOfChannel:
             self._raise_if_lost()
             raise
@@ -513,28 +615,49 @@ class OrchestratorConnection:
                 f"(max_subscriptions={self._max_subscriptions})"
             )
         wanted = frozenset(MessageType(t) for t in types) or DATA_TYPES
-        send_channel, receive_channel = trio.open_memory_channel[FederationMessage](
-            _check_size("max_buffer", max_buffer)
-        )
+        capacity = _check_size("max_buffer", max_buffer)
+        if self._session_id is not None:
+            # The window bounds what is in flight: a buffer that large never
+            # makes the reader wait.
+            capacity = max(capacity, self._receive_buffer_size)
+        send_channel, receive_channel = trio.open_memory_channel[_Delivery](capacity)
         subscription = _Subscription(wanted, predicate, send_channel)
         if self._finished.is_set():
             send_channel.close()
         else:
             self._subscriptions.append(subscription)
+
+        def check_end() -> None:
+            if subscription.failure is not None:
+                raise subscription.failure
+            self._raise_if_lost()
+
         try:
-
-            def check_end() -> None:
-                if subscription.failure is not None:
-                    raise subscription.failure
-                self._raise_if_lost()
-
-            with receive_channel:
-                yield MessageStream(receive_channel, check_end)
-                _discard_unread(receive_channel, self._id)
+            yield MessageStream(receive_channel, check_end, self._consumed, self._discard_unread)
         finally:
+            # The send side first: a message the reader is still offering goes
+            # on to the next route instead of into a buffer about to be dropped.
             with contextlib.suppress(ValueError):
                 self._subscriptions.remove(subscription)
             send_channel.close()
+            self._discard_unread(receive_channel)
+            receive_channel.close()
+
+    def _discard_unread(self, channel: trio.MemoryReceiveChannel[_Delivery]) -> None:
+        """Count (and acknowledge) what a closing stream leaves unread."""
+        unread = 0
+        while True:
+            try:
+                self._consumed(channel.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            unread += 1
+        if unread:
+            logger.warning(
+                "connection to %r: a subscription was left with %d unread message(s)",
+                self._id,
+                unread,
+            )
 
     @contextlib.contextmanager
     def watch_status(self) -> Iterator[EventStream[ConnectionStatus]]:
@@ -550,9 +673,12 @@ class OrchestratorConnection:
         """Stream every reported error (replaces the seed's ``error`` event).
 
         Items are :exc:`~trio_federation.MalformedMessage`,
+        :exc:`~trio_federation.PolicyViolation`,
         :exc:`~trio_federation.HeartbeatTimeout`,
-        :exc:`~trio_federation.UnsentMessages` and
-        :exc:`~trio_federation.ConnectionLost`; each is also counted in
+        :exc:`~trio_federation.ConnectionLost` (also for a lost transport that
+        a resumable connection then replaces),
+        :exc:`~trio_federation.SessionLost` and
+        :exc:`~trio_federation.UnsentMessages`; each is also counted in
         ``errors`` and logged.
         """
         with self._watch(self._error_watchers) as stream:
@@ -599,14 +725,22 @@ class OrchestratorConnection:
         stack = contextlib.AsyncExitStack()
         nursery = await stack.enter_async_context(trio.open_nursery())
         try:
-            await nursery.start(self._run)
+            # Not nursery.start: the runner is shielded from birth, and start()
+            # could not cancel it if our caller were cancelled meanwhile.
+            ready = trio.Event()
+            nursery.start_soon(self._run, ready)
+            await ready.wait()
         except BaseException:
+            self._closing = True  # the runner, if it has not run yet, ends at once
+            if self._run_scope is not None:
+                self._run_scope.cancel()
             await stack.aclose()
             raise
         self._exit_stack = stack
         # The reader routes nothing until the caller has the connection: code
         # that subscribes before its first checkpoint misses no message.
-        self._handed_over.set()
+        if not self._defer_handover:
+            self._handed_over.set()
         return self
 
     async def __aexit__(
@@ -630,20 +764,234 @@ class OrchestratorConnection:
                 raise_single(group)
         return False
 
-    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def _start_session(self, session: str, peer: ResumeOffer | None) -> None:
+        """Use a resumable session (before the first transport runs).
+
+        ``peer`` is the other side's offer; None for a dialer that is still to
+        learn whether the listener grants it.
+        """
+        self._session_id = session
+        if peer is not None:
+            self._send_window = SendWindow(peer.window)
+            self._recv_window = ReceiveWindow(self._receive_buffer_size)
+            if self._first is not None:
+                self._first.offer = peer
+
+    def _resume_offer(self, *, resumed: bool = False) -> ResumeOffer:
+        """This side's session parameters for the next upgrade."""
+        assert self._session_id is not None
+        received = 0 if self._recv_window is None else self._recv_window.received
+        return ResumeOffer(self._session_id, received, self._receive_buffer_size, resumed)
+
+    async def _attach(self, socket: WebSocketConnection, offer: ResumeOffer | None) -> None:
+        """Carry on over ``socket``; return once the connection is done with it.
+
+        ``offer`` is the peer's session answer (or request) for this transport.
+        If the connection has ended meanwhile, return at once: the caller
+        closes the socket.
+        """
+        transport = _Transport(socket, offer)
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._state.open(trio.current_time())
-                self._publish_status()
-                nursery.start_soon(self._guarded, self._writer)
-                nursery.start_soon(self._guarded, self._watchdog)
-                nursery.start_soon(self._guarded, self._pinger)
-                task_status.started()
-                await self._guarded(self._reader)
-                nursery.cancel_scope.cancel()
+            await self._next_send.send(transport)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        # Shielded: the transport's end is bounded by the connection's own
+        # timers, and its host must outlive the close handshake.
+        with trio.CancelScope(shield=True):
+            await transport.done.wait()
+
+    def _dialing(self) -> None:
+        """A reconnecting dialer is dialling: the status is ``connecting``."""
+        if self._transport is None and not self._finished.is_set():
+            self._state.transport_down(dialing=True)
+            self._publish_status()
+
+    def _give_up(self, lost: ConnectionLost) -> None:
+        """No transport will come any more: end the connection as ``lost``."""
+        if self._lost is None and not self._closed_locally:
+            self._lost = lost
+        self._next_send.close()
+
+    async def _detach(self) -> None:
+        """End the current transport now (its peer is back on another one)."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._abort_transport(ConnectionLost(1006, "replaced by the peer's new transport"))
+        with trio.CancelScope(shield=True):
+            await transport.done.wait()
+
+    async def _run(self, ready: trio.Event) -> None:
+        # Shielded: cancelling the caller's scope ends the connection through
+        # __aexit__ (a bounded close with 1001), which then cancels this scope.
+        try:
+            with trio.CancelScope(shield=True) as self._run_scope:
+                if self._closing:  # the caller gave up before we ran
+                    self._run_scope.cancel()
+                await self._run_transports(ready)
         finally:
             self._finish()
+
+    async def _run_transports(self, ready: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._guarded, self._watchdog)
+            ready.set()
+            transport = self._first
+            self._first = None
+            while True:
+                if transport is None:
+                    transport = await self._wait_for_transport()
+                    if transport is None:
+                        break
+                ended = await self._run_transport(transport)
+                transport = None
+                if not self._may_resume(ended):
+                    self._settle(ended)
+                    break
+                self._report(
+                    ConnectionLost(ended.code, f"link lost, waiting to resume: {ended.reason}")
+                )
+            nursery.cancel_scope.cancel()
+
+    async def _wait_for_transport(self) -> _Transport | None:
+        """The next transport, or None if none will come (in time)."""
+        if self._closing:
+            return None
+        limit = math.inf if self._reattach is None else self._reattach
+        with trio.move_on_after(limit):
+            try:
+                return await self._next_recv.receive()
+            except trio.EndOfChannel:
+                return None
+        if self._lost is None and not self._closed_locally:
+            self._lost = ConnectionLost(
+                1006, f"the peer did not come back within the resume timeout ({limit:g}s)"
+            )
+        return None
+
+    def _may_resume(self, ended: ConnectionLost) -> bool:
+        return (
+            not self._closing
+            and self._lost is None
+            and self._reattach is not None
+            and ended.code in RESUMABLE_CODES
+        )
+
+    def _settle(self, ended: ConnectionLost) -> None:
+        """Record how the connection ended from how its last transport ended."""
+        if self._lost is not None or self._closed_locally:
+            return
+        if self._closing:
+            self._closed_locally = True
+        elif ended.code in NORMAL_CLOSE_CODES:
+            self._peer_closed = ended
+        else:
+            self._lost = ended
+
+    async def _run_transport(self, transport: _Transport) -> ConnectionLost:
+        """Run reader, writer and pinger over one transport; return how it ended."""
+        self._transport = transport
+        self._socket = transport.socket
+        self._transport_end = None
+        try:
+            if self._closing:
+                self._transport_end = ConnectionLost(1000, "closing")
+                return self._transport_end
+            self._resume(transport.offer)
+            self._state.dead_timeout = self._effective_dead_timeout()
+            self._state.transport_up(trio.current_time())
+            self._publish_status()
+            self._up.set()
+            with trio.CancelScope() as scope:
+                self._transport_scope = scope
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guarded, self._writer)
+                    nursery.start_soon(self._guarded, self._pinger)
+                    await self._guarded(self._reader)
+                    nursery.cancel_scope.cancel()
+            ended = self._transport_end or self._socket_end(transport.socket)
+            transport.ended = ended
+            if self._transport_end is not None or transport.socket.closed is None:
+                await self._abort_socket(transport.socket, ended)
+            if not self._closing:
+                self._state.transport_down(dialing=False)
+                self._publish_status()
+            return ended
+        finally:
+            self._transport_scope = None
+            self._transport = None
+            await release_stream(transport.socket)
+            transport.done.set()
+
+    @staticmethod
+    def _socket_end(socket: WebSocketConnection) -> ConnectionLost:
+        closed = socket.closed
+        if closed is None:
+            return ConnectionLost(1006, "the WebSocket transport stopped")
+        return ConnectionLost(closed.code, closed.reason or "")
+
+    async def _abort_socket(self, socket: WebSocketConnection, ended: ConnectionLost) -> None:
+        """Close ``socket`` at once, with no handshake."""
+        with trio.CancelScope(shield=True), trio.CancelScope() as abort:
+            abort.cancel()
+            await socket.aclose(ended.code if ended.code != 1006 else 1001, "aborted")
+
+    def _abort_transport(self, ended: ConnectionLost) -> None:
+        """End the current transport now (the connection may resume over another)."""
+        if self._transport_end is None:
+            self._transport_end = ended
+        if self._transport_scope is not None:
+            self._transport_scope.cancel()
+
+    def _resume(self, offer: ResumeOffer | None) -> None:
+        """Set the session up for a new transport from the peer's ``offer``."""
+        if self._session_id is None:
+            return
+        if offer is None or (offer.session != self._session_id):
+            # The peer speaks no sessions (a v1 peer, or a listener that does
+            # not offer them): at-most-once from here on.
+            self._end_session("the peer does not resume sessions", disable=True)
+            return
+        if self._send_window is None or self._recv_window is None:  # granted now
+            self._send_window = SendWindow(offer.window)
+            self._recv_window = ReceiveWindow(self._receive_buffer_size)
+            return
+        known = offer.resumed or (offer.received == 0 and self._send_window.last_seq == 0)
+        if not known and (self._send_window.last_seq or self._recv_window.received):
+            self._end_session("the peer no longer knows the session (it restarted?)")
+            self._send_window.window = offer.window
+            return
+        try:
+            self._send_window.resume(offer.received, offer.window)
+        except SessionError as exc:
+            self._end_session(str(exc))
+
+    def _effective_dead_timeout(self) -> float:
+        """``dead_timeout``, or its default.
+
+        Twice ``heartbeat_timeout`` when a new transport can follow (a session,
+        or a reconnecting dialer); never otherwise: a plain connection is only
+        ``degraded`` by silence.
+        """
+        if self._dead_timeout is not None:
+            return self._dead_timeout
+        if self._send_window is not None or self._reattach is not None:
+            return 2 * self._heartbeat_timeout
+        return math.inf
+
+    def _end_session(self, reason: str, *, disable: bool = False) -> None:
+        """The session cannot go on: report what may be lost, start afresh."""
+        lost: list[_QueueItem] = []
+        if self._send_window is not None:
+            lost = self._send_window.restart()
+        if self._recv_window is not None:
+            self._recv_window.restart()
+        self._epoch += 1
+        if lost or (self._send_window is not None and not disable):
+            self._report(SessionLost(self._id, tuple(m for m, _ in lost), reason))
+        if disable:
+            self._send_window = self._recv_window = None
 
     async def _guarded(self, task: Callable[[], Any]) -> None:
         """Run a child task; an unexpected exception becomes the terminal reason."""
@@ -661,36 +1009,40 @@ class OrchestratorConnection:
         """End the connection now as ``lost``: no draining, a bounded close."""
         if self._lost is None and not self._closed_locally:
             self._lost = lost
+        self._closing = True
         self._queue.close()
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
-            await self._socket.aclose(lost.code, reason)
+        self._next_send.close()
+        socket = self._socket
+        if socket is not None and self._transport is not None:
+            # The close frame first, so that the peer learns why.
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
+                await socket.aclose(lost.code, reason)
+        self._abort_transport(lost)
+        if self._run_scope is not None:
+            self._run_scope.cancel()
 
     def _finish(self) -> None:
         """Record why the connection ended, then end every stream (in that order)."""
         if self._finished.is_set():
             return
-        closed = self._socket.closed
-        if self._lost is None and not self._closed_locally:
-            if closed is None:
-                # Cancelled from outside before the socket closed: a local end.
-                self._closed_locally = True
-            elif closed.code not in NORMAL_CLOSE_CODES:
-                self._lost = ConnectionLost(closed.code, closed.reason or "")
-            else:
-                # The peer closed normally: async for ends, sends raise ConnectionLost.
-                self._peer_closed = ConnectionLost(closed.code, closed.reason or "")
+        if self._lost is None and not self._closed_locally and self._peer_closed is None:
+            # Cancelled from outside, or never given a transport: a local end.
+            self._closed_locally = True
         ended = self._lost or self._peer_closed
         code = 1000 if ended is None else ended.code
         self._state.close(code, trio.current_time())
         unsent = len(self._queue)
+        unacknowledged = self.unacknowledged
         self._queue.close()
+        self._next_send.close()
+        self._next_recv.close()
         self._inbound_send.close()
         for subscription in self._subscriptions:
             subscription.send_channel.close()
         if self._lost is not None and self._lost.code not in NORMAL_CLOSE_CODES:
             self._report(self._lost)
+        if unacknowledged and (self._lost is not None or self._peer_closed is not None):
+            self._report(SessionLost(self._id, unacknowledged, "the connection ended"))
         if unsent:
             self._report(UnsentMessages(self._id, unsent))
         self._publish_status()
@@ -698,20 +1050,21 @@ class OrchestratorConnection:
             status_watcher._end()
         for error_watcher in self._error_watchers:
             error_watcher._end()
+        self._drained.set()
         self._finished.set()
         logger.info("connection to %r closed with code %d", self._id, code)
 
+    # -- the transport's tasks --------------------------------------------------------
+
     async def _reader(self) -> None:
         socket = self._socket
+        assert socket is not None
         state = self._state
         await self._handed_over.wait()
         while True:
             try:
                 data = await socket.get_message()
             except ConnectionClosed:
-                if socket.closed is None and not self._closing and self._lost is None:
-                    # trio-websocket's reader stopped without any close: it died.
-                    self._lost = ConnectionLost(1006, "the WebSocket transport stopped")
                 return
             if self._bucket is not None and not self._bucket.take(trio.current_time()):
                 # Refused unread: a flood costs no decoding.
@@ -720,15 +1073,35 @@ class OrchestratorConnection:
                 ):
                     return
                 continue
+            seq = 0
+            recv = self._recv_window
+            if recv is not None and isinstance(data, str):
+                number, ack = split_frame(data)
+                try:
+                    if ack is not None:
+                        assert self._send_window is not None
+                        if self._send_window.acknowledge(ack):
+                            self._kick_writer()
+                    if number is None and ack is not None:
+                        continue  # an acknowledgement alone
+                    if number is not None:
+                        if not recv.accept(number):
+                            continue  # a duplicate sent again after a reconnect
+                        seq = number
+                except SessionError as exc:
+                    await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
+                    return
             try:
                 message = decode_message(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
+                self._drop(seq)
                 self._report(exc)
                 continue
             if not self._id:
                 self._id = message.sender
             broken = self._check_binding(message)
             if broken is not None:
+                self._drop(seq)
                 if await self._violation(broken):
                     return
                 continue
@@ -741,7 +1114,14 @@ class OrchestratorConnection:
                 changed = True
             if changed:
                 self._publish_status()
-            await self._route(message, is_data)
+            await self._route((self._epoch, seq, message), is_data)
+
+    def _drop(self, seq: int) -> None:
+        """A numbered message is not delivered: it is consumed all the same."""
+        if seq and self._recv_window is not None:
+            self._recv_window.consume(seq)
+            if self._recv_window.ack_due:
+                self._kick_writer()
 
     def _check_binding(self, message: FederationMessage) -> str | None:
         """Why ``message`` breaks identity binding, or None if it does not."""
@@ -780,7 +1160,8 @@ class OrchestratorConnection:
         )
         return True
 
-    async def _route(self, message: FederationMessage, is_data: bool) -> None:
+    async def _route(self, delivery: _Delivery, is_data: bool) -> None:
+        message = delivery[2]
         for subscription in tuple(self._subscriptions):
             try:
                 matched = subscription.matches(message)
@@ -792,18 +1173,23 @@ class OrchestratorConnection:
                 continue
             if matched:
                 try:
-                    await self._deliver(subscription.send_channel, message)
+                    await self._deliver(subscription.send_channel, delivery)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     continue  # unsubscribed meanwhile: offer it to the next one
                 return
         if is_data:
-            await self._deliver(self._inbound_send, message)
+            try:
+                await self._deliver(self._inbound_send, delivery)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._drop(delivery[1])
+        else:
+            self._drop(delivery[1])  # a control message nobody asked for
 
     async def _deliver(
-        self, channel: trio.MemorySendChannel[FederationMessage], message: FederationMessage
+        self, channel: trio.MemorySendChannel[_Delivery], delivery: _Delivery
     ) -> None:
         try:
-            channel.send_nowait(message)
+            channel.send_nowait(delivery)
             return
         except trio.WouldBlock:
             pass
@@ -811,29 +1197,66 @@ class OrchestratorConnection:
         # tell the watchdog that the peer's silence meanwhile is ours.
         self._state.stall(trio.current_time(), stalled=True)
         try:
-            await channel.send(message)
+            await channel.send(delivery)
         finally:
             self._state.stall(trio.current_time(), stalled=False)
             self._publish_status()
 
+    def _kick_writer(self) -> None:
+        self._writer_lot.unpark_all()
+
     async def _writer(self) -> None:
-        queue = self._queue
         socket = self._socket
-        try:
-            while True:
-                try:
-                    message, text = await queue.peek()
-                except trio.EndOfChannel:
-                    return  # closed and drained: disconnect() goes on
-                try:
-                    await socket.send_message(text)
-                except ConnectionClosed:
-                    return  # the reader sees the close and ends the connection
-                queue.pop()
-                if self._state.sent(trio.current_time(), data=message.type in DATA_TYPES):
-                    self._publish_status()
-        finally:
-            self._writer_done.set()
+        assert socket is not None
+        queue = self._queue
+        state = self._state
+        while True:
+            send, recv = self._send_window, self._recv_window
+            frame: str | None = None
+            message: FederationMessage | None = None
+            pop_after = False
+            if send is not None and recv is not None:
+                again = send.next_resend()
+                if again is not None:
+                    seq, (_, text) = again
+                    frame = sequenced_frame(seq, recv.announce(), text)
+            if frame is None:
+                head = queue.peek_nowait()
+                if head is not None:
+                    (message, text), extra = head
+                    if send is None or recv is None or extra:
+                        frame, pop_after = text, True  # unnumbered: v1, or our heartbeat
+                    elif send.open:
+                        seq = send.number(queue.pop())
+                        frame = sequenced_frame(seq, recv.announce(), text)
+                    else:
+                        message = None  # the window is full: wait for an ack
+            if frame is None and recv is not None and recv.ack_due:
+                frame = ack_frame(recv.announce())
+            if frame is None:
+                if queue.closed and not len(queue) and (send is None or not len(send)):
+                    self._drained.set()
+                if recv is not None and recv.consumed > recv.announced:
+                    # Caught up: acknowledge soon, coalescing what follows.
+                    with trio.move_on_after(ACK_DELAY) as waited:
+                        await self._writer_lot.park()
+                    if waited.cancelled_caught:
+                        frame = ack_frame(recv.announce())
+                    else:
+                        continue
+                else:
+                    await self._writer_lot.park()
+                    continue
+            try:
+                await socket.send_message(frame)
+            except ConnectionClosed:
+                return  # the reader sees the close and ends the transport
+            if pop_after:
+                queue.pop()  # written: no longer waiting
+            if message is not None and state.sent(
+                trio.current_time(), data=message.type in DATA_TYPES
+            ):
+                self._publish_status()
 
     async def _watchdog(self) -> None:
         state = self._state
@@ -849,6 +1272,14 @@ class OrchestratorConnection:
                 self._queue_heartbeat()
             if actions.liveness_lost:
                 self._report(HeartbeatTimeout(self._id, self._heartbeat_timeout))
+            if actions.dead:
+                self._abort_transport(
+                    ConnectionLost(
+                        1006,
+                        f"no liveness signal for {state.dead_timeout:g}s: "
+                        "the peer is presumed dead",
+                    )
+                )
             self._publish_status()
 
     def _queue_heartbeat(self) -> None:
@@ -874,15 +1305,19 @@ class OrchestratorConnection:
             logger.debug("connection to %r: heartbeat still queued, next one skipped", self._id)
 
     async def _pinger(self) -> None:
+        socket = self._socket
+        assert socket is not None
         async for _ in self._ping_pending:
             sent_at = trio.current_time()
             try:
-                await self._socket.ping(os.urandom(4))
+                await socket.ping(os.urandom(4))
             except ConnectionClosed:
                 return
             now = trio.current_time()
             self._state.liveness(now, latency=now - sent_at)
             self._publish_status()
+
+    # -- closing --------------------------------------------------------------------
 
     async def disconnect(self) -> None:
         """Close gracefully: write everything queued, then close with code 1000.
@@ -893,25 +1328,28 @@ class OrchestratorConnection:
         as :exc:`~trio_federation.UnsentMessages` on the errors stream). New
         sends raise :exc:`trio.ClosedResourceError` from the moment it is
         called. Messages already buffered for ``async for`` stay readable.
+        In a resumable session it also waits (within the same bound) until the
+        peer has acknowledged what was written, and the peer does not resume.
         Shielded from cancellation for at most ``disconnect_timeout``.
         """
         await self._close(1000, "Graceful disconnect")
 
-    def _transport_failed(self, error: BaseException) -> None:
+    def _transport_failed(
+        self, error: BaseException, socket: WebSocketConnection | None = None
+    ) -> None:
         """trio-websocket's own reader task died: the socket is unusable now.
 
         Called by the task hosting that reader (see ``_compat.SocketHost``).
-        Ends the connection as lost (1006) unless it was closing anyway.
+        Ends the transport as lost (1006): a resumable connection then waits
+        for the next one. A late report about an earlier ``socket`` is ignored.
         """
-        if not self._closed_locally and (self._lost is None or self._lost.code == 1006):
-            lost = ConnectionLost(1006, f"transport failed: {error!r}")
-            lost.__cause__ = error
-            self._lost = lost
-        self._transport_broken = True
+        if socket is not None and socket is not self._socket:
+            return
+        lost = ConnectionLost(1006, f"transport failed: {error!r}")
+        lost.__cause__ = error
         if self._close_scope is not None:
             self._close_scope.cancel()  # no close handshake can complete now
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._abort_transport(lost)
 
     async def _close(self, code: int, reason: str, deadline: float | None = None) -> None:
         if deadline is None:
@@ -926,25 +1364,29 @@ class OrchestratorConnection:
         self._queue.close()
         with _shielded_deadline(deadline) as scope:
             self._close_scope = scope
-            if self._transport_broken:
-                scope.cancel()
-            if self._nursery is not None:
-                await self._writer_done.wait()
-            if not scope.cancel_called:
-                await self._socket.aclose(code, reason)
+            if self._nursery is not None and (len(self._queue) or self.unacknowledged):
+                await self._drained.wait()  # written (and acknowledged, in a session)
+            self._next_send.close()  # no transport will come any more
+            socket = self._socket
+            if socket is not None and self._transport is not None:
+                await socket.aclose(code, reason)
         if scope.cancel_called:
             logger.warning(
                 "connection to %r: close not completed (time bound or transport failure); aborting",
                 self._id,
             )
+        self._next_send.close()
+        socket = self._socket
+        if socket is not None:
             with trio.CancelScope() as abort:
                 abort.cancel()
-                await self._socket.aclose(code, reason)  # cancelled: closes the stream
-        await release_stream(self._socket)
-        if self._nursery is None:
+                await socket.aclose(code, reason)  # cancelled: closes the stream
+            await release_stream(socket)
+        if self._run_scope is None:
             self._finish()  # never entered: nothing else will
         else:
-            self._nursery.cancel_scope.cancel()
+            self._abort_transport(ConnectionLost(code, reason))
+            self._run_scope.cancel()
             with trio.CancelScope(shield=True):
                 await self._finished.wait()
 
@@ -960,19 +1402,6 @@ def _detach(error: BaseException) -> None:
     while seen is not None:
         seen.__traceback__ = None
         seen = seen.__cause__ or seen.__context__
-
-
-def _discard_unread(channel: trio.MemoryReceiveChannel[FederationMessage], peer: str) -> None:
-    """Say how many messages an unsubscribing stream leaves unread.
-
-    Counted, not drained: draining would admit a message the reader is still
-    offering, which then goes to the next route instead.
-    """
-    unread = channel.statistics().current_buffer_used
-    if unread:
-        logger.warning(
-            "connection to %r: a subscription was left with %d unread message(s)", peer, unread
-        )
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> None:

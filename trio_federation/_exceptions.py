@@ -6,6 +6,11 @@ survives :func:`copy.copy` and :mod:`pickle`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._messages import FederationMessage
+
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
@@ -15,6 +20,7 @@ __all__ = [
     "MalformedMessage",
     "PolicyViolation",
     "QueueFull",
+    "SessionLost",
     "UnsentMessages",
 ]
 
@@ -178,3 +184,34 @@ class UnsentMessages(FederationError):
 
     def __str__(self) -> str:
         return f"{self.unsent} queued message(s) to {self.peer!r} were never sent"
+
+
+class SessionLost(FederationError):
+    """A resumable session could not be resumed: this is the gap, made explicit.
+
+    Reported on the errors stream and logged, never raised, when the link came
+    back but the peer no longer knew the session — its process restarted, or
+    it waited longer than its ``resume_timeout`` — or when the connection ended
+    while messages were still unacknowledged. The connection then goes on
+    with a fresh session (or ends).
+
+    Attributes:
+        peer: the remote orchestrator's id.
+        unacknowledged: our messages that were sent but never acknowledged, in
+            order: the peer's application may or may not have received them.
+            Resend them if that is safe for your application.
+        reason: why the session was lost.
+    """
+
+    def __init__(
+        self, peer: str, unacknowledged: tuple[FederationMessage, ...] | Any, reason: str = ""
+    ) -> None:
+        super().__init__(peer, unacknowledged, reason)
+        self.peer = peer
+        self.unacknowledged: tuple[FederationMessage, ...] = tuple(unacknowledged)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        count = len(self.unacknowledged)
+        text = f"session with {self.peer!r} lost; {count} unacknowledged message(s) may be lost"
+        return f"{text}: {self.reason}" if self.reason else text

@@ -10,7 +10,8 @@ The status is *derived*, never stored, from a handful of facts, in one place
 
     closed by a protocol error         -> error
     closed otherwise                   -> disconnected
-    not opened yet                     -> connecting
+    not opened yet, or dialling again  -> connecting
+    link lost, waiting to resume       -> disconnected
     no liveness within the timeout,
       or the peer says it is degraded  -> degraded
     data flowed within idle_timeout    -> active
@@ -41,6 +42,8 @@ class TimerActions:
     """Send a ping (and a heartbeat message): the ping interval elapsed."""
     liveness_lost: bool = False
     """No liveness signal within the heartbeat timeout: report it."""
+    dead: bool = False
+    """No liveness signal within the dead timeout: abort the transport."""
 
 
 @attrs.define
@@ -52,10 +55,15 @@ class ConnectionState:
             connection is degraded; pings go out every half of it.
         idle_timeout: seconds without a data message before ``active`` turns
             ``idle``.
+        dead_timeout: seconds without a liveness signal before the peer is
+            presumed dead and the transport aborted (``inf``: never).
     """
 
     heartbeat_timeout: float
     idle_timeout: float
+    dead_timeout: float = math.inf
+    link: str = "up"
+    dead_reported: bool = False
     opened_at: float | None = None
     last_liveness: float | None = None
     last_activity: float | None = None
@@ -89,8 +97,10 @@ class ConnectionState:
             if self.close_code in PROTOCOL_ERROR_CODES:
                 return ConnectionStatus.ERROR
             return ConnectionStatus.DISCONNECTED
-        if self.opened_at is None:
+        if self.opened_at is None or self.link == "dialing":
             return ConnectionStatus.CONNECTING
+        if self.link == "down":
+            return ConnectionStatus.DISCONNECTED
         if not self.liveness_ok or self.remote_status is not HeartbeatStatus.HEALTHY:
             return ConnectionStatus.DEGRADED
         if self.last_activity is None:
@@ -103,9 +113,29 @@ class ConnectionState:
         """The transport is open: liveness and the ping cadence start now."""
         if self.opened_at is not None:
             raise RuntimeError("connection state opened twice")
-        self.opened_at = now
+        self.transport_up(now)
+
+    def transport_up(self, now: float) -> None:
+        """A transport is attached.
+
+        It opens the connection the first time, and restarts liveness and the
+        ping cadence on every one.
+        """
+        if self.opened_at is None:
+            self.opened_at = now
+        self.link = "up"
         self.last_liveness = now
+        self.liveness_ok = True
+        self.dead_reported = False
+        self.stalled = False
+        self.stall_ended_at = -math.inf
+        self.remote_status = HeartbeatStatus.HEALTHY
         self.next_ping_at = now + self.ping_interval
+
+    def transport_down(self, *, dialing: bool = False) -> None:
+        """The transport ended and another may come (``dialing``: we are dialling)."""
+        self.link = "dialing" if dialing else "down"
+        self.next_ping_at = math.inf
 
     def liveness(self, now: float, *, latency: float | None = None) -> None:
         """A liveness signal arrived (a pong, a heartbeat, ``handle_heartbeat``)."""
@@ -173,19 +203,21 @@ class ConnectionState:
 
     def next_deadline(self) -> float:
         """When :meth:`handle_timer` next has something to do (``inf``: never)."""
-        if not self.is_open:
+        if not self.is_open or self.link != "up":
             return math.inf
         assert self.last_liveness is not None
         deadline = self.next_ping_at
         if self.liveness_ok and not self.stalled:
             deadline = min(deadline, self._liveness_reference() + self.heartbeat_timeout)
+        if not self.dead_reported and not self.stalled:
+            deadline = min(deadline, self._liveness_reference() + self.dead_timeout)
         if self.active and self.last_activity is not None:
             deadline = min(deadline, self.last_activity + self.idle_timeout)
         return deadline
 
     def handle_timer(self, now: float) -> TimerActions:
         """Act on every deadline that has passed by ``now``."""
-        if not self.is_open:
+        if not self.is_open or self.link != "up":
             return TimerActions()
         assert self.last_liveness is not None
         ping = now >= self.next_ping_at
@@ -200,14 +232,21 @@ class ConnectionState:
         )
         if lost:
             self.liveness_ok = False
+        dead = (
+            not self.dead_reported
+            and not self.stalled
+            and now - self._liveness_reference() >= self.dead_timeout
+        )
+        if dead:
+            self.dead_reported = True
         idle_since = self.last_activity
         if self.active and idle_since is not None and now - idle_since >= self.idle_timeout:
             self.active = False
-        return TimerActions(ping=ping, liveness_lost=lost)
+        return TimerActions(ping=ping, liveness_lost=lost, dead=dead)
 
     def is_healthy(self, now: float) -> bool:
         """Open, with a liveness signal within the heartbeat timeout (or stalled locally)."""
-        if not self.is_open or self.last_liveness is None:
+        if not self.is_open or self.last_liveness is None or self.link != "up":
             return False
         return self.stalled or now - self._liveness_reference() < self.heartbeat_timeout
 

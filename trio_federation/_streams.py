@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -23,8 +23,9 @@ class OutboundQueue(Generic[T]):
     connection's own heartbeat), so it never takes room from the user.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, on_change: Callable[[], None] = lambda: None) -> None:
         self.capacity = capacity
+        self._on_change = on_change
         self._items: deque[tuple[T, bool]] = deque()  # (item, is the extra one)
         self._extra = False
         self._closed = False
@@ -54,6 +55,7 @@ class OutboundQueue(Generic[T]):
             raise trio.WouldBlock
         self._items.append((item, False))
         self._not_empty.unpark()
+        self._on_change()
 
     def put_extra_nowait(self, item: T) -> None:
         """Append ``item`` beyond the capacity; :exc:`trio.WouldBlock` if one already waits."""
@@ -64,6 +66,7 @@ class OutboundQueue(Generic[T]):
         self._extra = True
         self._items.append((item, True))
         self._not_empty.unpark()
+        self._on_change()
 
     async def put(self, item: T) -> None:
         """Append ``item``, waiting for room while the queue is full."""
@@ -84,6 +87,10 @@ class OutboundQueue(Generic[T]):
             await self._not_empty.park()
         return self._items[0][0]
 
+    def peek_nowait(self) -> tuple[T, bool] | None:
+        """The oldest item and whether it is the extra one, or None if empty."""
+        return self._items[0] if self._items else None
+
     def pop(self) -> T:
         """Remove the oldest item (after it was written)."""
         item, extra = self._items.popleft()
@@ -97,6 +104,7 @@ class OutboundQueue(Generic[T]):
         self._closed = True
         self._not_empty.unpark_all()
         self._not_full.unpark_all()
+        self._on_change()
 
 
 class EventStream(Generic[T]):
@@ -168,15 +176,21 @@ class MessageStream(trio.abc.ReceiveChannel[T]):
     """
 
     def __init__(
-        self, channel: trio.MemoryReceiveChannel[T], check_lost: Callable[[], None]
+        self,
+        channel: trio.MemoryReceiveChannel[Any],
+        check_lost: Callable[[], None],
+        unwrap: Callable[[Any], T],
+        discard: Callable[[trio.MemoryReceiveChannel[Any]], None],
     ) -> None:
         self._channel = channel
         self._check_lost = check_lost
+        self._unwrap = unwrap
+        self._discard = discard
 
     async def receive(self) -> T:
         """The next message; see the class docstring for the end of the stream."""
         try:
-            return await self._channel.receive()
+            return self._unwrap(await self._channel.receive())
         except trio.EndOfChannel:
             self._check_lost()
             raise
@@ -184,15 +198,20 @@ class MessageStream(trio.abc.ReceiveChannel[T]):
     def receive_nowait(self) -> T:
         """The next buffered message, or :exc:`trio.WouldBlock`."""
         try:
-            return self._channel.receive_nowait()
+            return self._unwrap(self._channel.receive_nowait())
         except trio.EndOfChannel:
             self._check_lost()
             raise
 
     async def aclose(self) -> None:
-        """Stop receiving; the connection stops routing messages here."""
-        await self._channel.aclose()
+        """Stop receiving; the connection stops routing messages here.
+
+        Messages still buffered are discarded (and their number logged).
+        """
+        self.close()
+        await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         """Synchronous :meth:`aclose`."""
+        self._discard(self._channel)
         self._channel.close()
