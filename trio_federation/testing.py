@@ -57,11 +57,6 @@ __all__ = [
     "open_websocket_pair",
 ]
 
-# The proxy's classes say they live here (docs, reprs), not in the private module.
-for _cls in (FaultyProxy, ProxyLink, ProxyStatistics):
-    _cls.__module__ = __name__
-del _cls
-
 
 @attrs.frozen
 class WebSocketPair:
