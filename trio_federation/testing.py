@@ -11,6 +11,12 @@ deterministically.
 :func:`check_registry_backend` (and its checks one by one, :data:`REGISTRY_CHECKS`)
 is the contract every :class:`~trio_federation.FederationRegistry` backend
 passes; run it against your own backend.
+
+:class:`FaultyProxy` is a TCP proxy on loopback, for tests on real sockets: put
+it between two orchestrators and it cuts every link with a TCP reset, stalls
+links without closing them (a black-holed peer), delays every chunk, or refuses
+new connections, on demand. :meth:`FaultyProxy.statistics` returns a
+:class:`ProxyStatistics`; each link is a :class:`ProxyLink`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_
 
 from ._compat import SocketHost
 from ._connection import OrchestratorConnection, raise_single
+from ._faults import CHUNK_SIZE, STALL_BUFFER, FaultyProxy, ProxyLink, ProxyStatistics
 from ._registry_contract import (
     CONTRACT_HEARTBEAT_TIMEOUT,
     CONTRACT_STALE_TIMEOUT,
@@ -35,9 +42,14 @@ from ._registry_contract import (
 )
 
 __all__ = [
+    "CHUNK_SIZE",
     "CONTRACT_HEARTBEAT_TIMEOUT",
     "CONTRACT_STALE_TIMEOUT",
     "REGISTRY_CHECKS",
+    "STALL_BUFFER",
+    "FaultyProxy",
+    "ProxyLink",
+    "ProxyStatistics",
     "RegistryFactory",
     "WebSocketPair",
     "check_registry_backend",

@@ -22,9 +22,9 @@ from trio_federation import (
     open_orchestrator_connection,
     serve_federation,
 )
+from trio_federation.testing import FaultyProxy
 
 from ..conftest import delegation, progress, wait_for
-from .proxy import TcpProxy
 
 Handler = Callable[[OrchestratorConnection], Awaitable[object]]
 
@@ -257,7 +257,7 @@ async def test_cut_link_raises_connection_lost_on_both_sides(nursery: trio.Nurse
             handler_done.set()
 
     listener = await start_listener(nursery, hold)
-    proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
+    proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
     async with open_orchestrator_connection(
         f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
     ) as conn:
@@ -335,7 +335,7 @@ async def test_lost_peer_inside_a_handler_nursery_is_not_a_crash(
             done.set()
 
     listener = await start_listener(nursery, grouped)
-    proxy: TcpProxy = await nursery.start(TcpProxy(listener.port).run)
+    proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
     async with open_orchestrator_connection(
         f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
     ):
