@@ -467,6 +467,7 @@ async def test_status_stream_sees_every_change_and_ends() -> None:
 async def test_event_stream_overflow_drops_oldest_and_counts() -> None:
     async with open_connection_pair() as (a, b):
         with b.watch_errors() as errors:
+            assert a.socket is not None
             for _ in range(300):
                 await a.socket.send_message("garbage")
             await a.send_message(delegation("sync"))
@@ -776,6 +777,7 @@ async def test_returning_pongs_end_the_degraded_state(
 
 async def test_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     async with open_connection_pair() as (a, b):
+        assert a.socket is not None
         await a.socket.send_message("not json")
         await a.send_message(delegation("sync"))
         await b.receive()

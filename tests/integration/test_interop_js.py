@@ -270,7 +270,7 @@ async def test_dialer_delegates_to_js_server_with_remote_id(js_node: str) -> Non
                 assert conn.id == "js-peer"
                 assert conn.capabilities == ("testing", "research")
                 assert conn.check_capability(["research"])
-                assert conn.socket.handshake_headers is not None
+                assert conn.socket is not None and conn.socket.handshake_headers is not None
                 response_headers = {k.lower() for k, _ in conn.socket.handshake_headers}
                 await conn.send_message(delegation("py-dialer", "js-peer", "py-task-1"))
                 accepted = await conn.receive()
