@@ -124,6 +124,7 @@ class _Transport:
     offer: ResumeOffer | None
     done: trio.Event = attrs.field(factory=trio.Event)
     ended: ConnectionLost | None = None
+    resume: bool = False  # the connection waits for another transport
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -348,6 +349,8 @@ class OrchestratorConnection:
         self._session_id: str | None = None
         self._send_window: SendWindow[_QueueItem] | None = None
         self._recv_window: ReceiveWindow | None = None
+        self._first_offer: ResumeOffer | None = None
+        self._attaching = False  # a listener is resuming this session
         self._epoch = 0
 
     # -- identity and state ---------------------------------------------------
@@ -552,8 +555,7 @@ class OrchestratorConnection:
         window = self._recv_window
         if seq and window is not None and epoch == self._epoch:
             window.consume(seq)
-            if window.ack_due:
-                self._kick_writer()
+            self._kick_writer()  # an acknowledgement is due, now or soon
         return message
 
     def __aiter__(self) -> Self:
@@ -771,11 +773,19 @@ class OrchestratorConnection:
         learn whether the listener grants it.
         """
         self._session_id = session
+        self._first_offer = peer
         if peer is not None:
             self._send_window = SendWindow(peer.window)
             self._recv_window = ReceiveWindow(self._receive_buffer_size)
             if self._first is not None:
                 self._first.offer = peer
+
+    def _adopt(self, socket: WebSocketConnection) -> None:
+        """The first transport, for a connection made before its socket."""
+        assert self._first is None
+        assert self._socket is None
+        self._socket = socket
+        self._first = _Transport(socket, self._first_offer)
 
     def _resume_offer(self, *, resumed: bool = False) -> ResumeOffer:
         """This side's session parameters for the next upgrade."""
@@ -783,22 +793,28 @@ class OrchestratorConnection:
         received = 0 if self._recv_window is None else self._recv_window.received
         return ResumeOffer(self._session_id, received, self._receive_buffer_size, resumed)
 
-    async def _attach(self, socket: WebSocketConnection, offer: ResumeOffer | None) -> None:
+    async def _attach(self, socket: WebSocketConnection, offer: ResumeOffer | None) -> bool:
         """Carry on over ``socket``; return once the connection is done with it.
 
         ``offer`` is the peer's session answer (or request) for this transport.
         If the connection has ended meanwhile, return at once: the caller
-        closes the socket.
+        closes the socket. Returns whether the connection waits for another
+        transport.
         """
         transport = _Transport(socket, offer)
         try:
             await self._next_send.send(transport)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+            return False
         # Shielded: the transport's end is bounded by the connection's own
         # timers, and its host must outlive the close handshake.
         with trio.CancelScope(shield=True):
             await transport.done.wait()
+        return transport.resume
+
+    async def _wait_up(self) -> None:
+        """Wait until the first transport runs (or the connection ended)."""
+        await self._up.wait()
 
     def _dialing(self) -> None:
         """A reconnecting dialer is dialling: the status is ``connecting``."""
@@ -912,6 +928,7 @@ class OrchestratorConnection:
                     nursery.cancel_scope.cancel()
             ended = self._transport_end or self._socket_end(transport.socket)
             transport.ended = ended
+            transport.resume = self._may_resume(ended)
             if self._transport_end is not None or transport.socket.closed is None:
                 await self._abort_socket(transport.socket, ended)
             if not self._closing:
@@ -1041,8 +1058,14 @@ class OrchestratorConnection:
             subscription.send_channel.close()
         if self._lost is not None and self._lost.code not in NORMAL_CLOSE_CODES:
             self._report(self._lost)
-        if unacknowledged and (self._lost is not None or self._peer_closed is not None):
-            self._report(SessionLost(self._id, unacknowledged, "the connection ended"))
+        if unacknowledged and self._lost is not None:
+            self._report(SessionLost(self._id, unacknowledged, "the connection was lost"))
+        elif unacknowledged:
+            logger.info(
+                "connection to %r: %d message(s) unacknowledged when it closed normally",
+                self._id,
+                len(unacknowledged),
+            )
         if unsent:
             self._report(UnsentMessages(self._id, unsent))
         self._publish_status()
@@ -1051,6 +1074,7 @@ class OrchestratorConnection:
         for error_watcher in self._error_watchers:
             error_watcher._end()
         self._drained.set()
+        self._up.set()
         self._finished.set()
         logger.info("connection to %r closed with code %d", self._id, code)
 
@@ -1120,8 +1144,7 @@ class OrchestratorConnection:
         """A numbered message is not delivered: it is consumed all the same."""
         if seq and self._recv_window is not None:
             self._recv_window.consume(seq)
-            if self._recv_window.ack_due:
-                self._kick_writer()
+            self._kick_writer()
 
     def _check_binding(self, message: FederationMessage) -> str | None:
         """Why ``message`` breaks identity binding, or None if it does not."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
+import os
+import random
 import ssl
 import time
 import types
@@ -33,6 +37,7 @@ from ._codec import MAX_FRAME_SIZE
 from ._compat import SocketHost, UpgradeWatch, flush_tls_alert, release_stream
 from ._connection import (
     CANCEL_CLOSE_GRACE,
+    CLOSE_RESTARTING,
     DEFAULT_DISCONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -48,6 +53,7 @@ from ._connection import (
 )
 from ._exceptions import AuthenticationError, ConnectionLost, HandshakeError
 from ._handshake import (
+    PeerIdentity,
     header_value,
     identity_headers,
     parse_request_identity,
@@ -55,11 +61,13 @@ from ._handshake import (
     query_value,
 )
 from ._messages import HeartbeatStatus
+from ._session import RESUME_HEADER, ResumeOffer, parse_resume
 
 __all__ = [
     "CLOSE_REPLACED",
     "FederationListener",
     "ListenerStatistics",
+    "ReconnectPolicy",
     "open_orchestrator_connection",
     "serve_federation",
 ]
@@ -74,6 +82,8 @@ SOCKET_QUEUE_SIZE = 4
 """Messages trio-websocket buffers between its reader and ours."""
 SOCKET_RECEIVE_BYTES = 64 * 1024
 """Bytes trio-websocket asks the socket for at once (its default is 4 KiB)."""
+DEFAULT_RESUME_TIMEOUT: Final = 60.0
+"""Seconds a listener keeps a resumable session whose peer is gone."""
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 """Connections (open or still in their handshake) one listener holds at once."""
 CLOSE_REPLACED: Final = 4000
@@ -85,8 +95,13 @@ _FULL_RESPONSE: Final = (
 )
 
 
-def _check_seconds(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+def _check_seconds(name: str, value: float, *, zero: bool = False) -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (value >= 0 if zero else value > 0)
+        or value != value
+    ):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
 
@@ -125,6 +140,180 @@ def _handshake_error(url: str, exc: BaseException) -> HandshakeError:
     return HandshakeError(f"cannot connect to {url}: {exc!r}")
 
 
+@attrs.frozen(kw_only=True)
+class ReconnectPolicy:
+    """How a dialer reconnects after its link fails: exponential backoff with jitter.
+
+    The n-th consecutive failed attempt (from 0) waits ``initial_delay *
+    multiplier**n``, at most ``max_delay``, each spread by a random factor
+    within ``1 ± jitter`` so that many dialers do not come back in step. A
+    link that came up resets the count.
+
+    Attributes:
+        initial_delay: seconds before the first new attempt.
+        multiplier: growth of the delay from one failed attempt to the next.
+        max_delay: the longest delay, in seconds.
+        max_attempts: failed attempts in a row before giving up (the
+            connection then ends with ``ConnectionLost``); None: forever.
+        jitter: the relative spread of each delay, from 0 to 1.
+    """
+
+    initial_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
+    multiplier: float = attrs.field(default=2.0, validator=attrs.validators.ge(1))
+    max_delay: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    max_attempts: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+    jitter: float = attrs.field(
+        default=0.2, validator=[attrs.validators.ge(0), attrs.validators.le(1)]
+    )
+
+    def delay(self, attempt: int, *, rng: random.Random | None = None) -> float:
+        """Seconds to wait before attempt number ``attempt`` (0 for the first retry)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** min(attempt, 64))
+        spread = (rng or _RANDOM).uniform(-self.jitter, self.jitter)
+        return max(0.0, base * (1 + spread))
+
+
+_RANDOM = random.Random()
+_NON_RETRYABLE_STATUS: Final = frozenset({400, 401, 403, 404, 405, 426})
+"""Refusals that retrying with the same request cannot fix."""
+
+
+@attrs.define
+class _Dialer:
+    """Everything needed to dial the same listener again and again."""
+
+    url: str
+    local_id: str
+    capabilities: tuple[str, ...]
+    remote_id: str | None
+    key: bytes | None
+    ssl_context: ssl.SSLContext | None
+    max_message_size: int
+    connect_timeout: float
+
+    async def dial(
+        self, host: SocketHost, offer: ResumeOffer | None
+    ) -> tuple[trio_websocket.WebSocketConnection, PeerIdentity, ResumeOffer | None]:
+        """One dial: the upgrade with our identity, a fresh proof and ``offer``.
+
+        Raises:
+            AuthenticationError, HandshakeError: as open_orchestrator_connection.
+        """
+        headers = identity_headers(self.local_id, self.capabilities)
+        proof = None
+        if self.key is not None:
+            proof = make_proof(
+                self.key, peer_id=self.local_id, audience=self.remote_id or "", now=time.time()
+            )
+            headers.append((AUTH_HEADER.encode(), proof.encode()))
+        if offer is not None:
+            headers.append((RESUME_HEADER.encode(), offer.header().encode()))
+        socket = await _dial(
+            host,
+            self.url,
+            ssl_context=self.ssl_context,
+            headers=headers,
+            max_message_size=self.max_message_size,
+            connect_timeout=self.connect_timeout,
+        )
+        answer = socket.handshake_headers
+        try:
+            identity = parse_response_identity(answer)
+            if self.key is not None and proof is not None:
+                check_listener_proof(
+                    header_value(answer, AUTH_HEADER),
+                    self.key,
+                    listener_id=identity.id or self.remote_id or "",
+                    peer_id=self.local_id,
+                    proof=proof,
+                )
+            granted = None if offer is None else parse_resume(header_value(answer, RESUME_HEADER))
+            if granted is not None and offer is not None and granted.session != offer.session:
+                raise ValueError(f"the listener answered for another session ({granted.session})")
+        except (ValueError, AuthRefusal) as exc:
+            bad = "bad identity" if isinstance(exc, ValueError) else "unauthenticated"
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
+                await socket.aclose(1008 if bad == "unauthenticated" else 1002, bad)
+            await release_stream(socket)
+            if isinstance(exc, AuthRefusal):
+                raise AuthenticationError(f"{self.url}: {exc.reason}") from None
+            raise HandshakeError(f"{self.url} answered with a bad identity: {exc}") from None
+        return socket, identity, granted
+
+
+async def _keep_connected(
+    connection: OrchestratorConnection,
+    dialer: _Dialer,
+    policy: ReconnectPolicy,
+    wait_first: bool,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Dial, hand the link to ``connection``, and dial again when it fails.
+
+    Reports ``started`` after the first link is up (or at once if not
+    ``wait_first``). Before that, failures are raised to the caller; after,
+    they end the connection as ``ConnectionLost``. Non-retryable refusals stop
+    at once; others are retried per ``policy``.
+    """
+    started = False
+    if not wait_first:
+        task_status.started()
+        started = True
+    attempt = 0
+    while not connection._closing:
+        connection._dialing()
+        socket: trio_websocket.WebSocketConnection | None = None
+        resume = False
+        try:
+            async with trio.open_nursery() as nursery:
+                host = SocketHost()
+                try:
+                    await host.start(nursery)
+                    offer = connection._resume_offer() if connection._session_id else None
+                    socket, identity, granted = await dialer.dial(host, offer)
+                    if identity.id is not None:
+                        if connection.id and identity.id != connection.id:
+                            raise AuthenticationError(
+                                f"{dialer.url} is now {identity.id!r}, not {connection.id!r}"
+                            )
+                        connection._id = identity.id
+                        connection._capabilities = identity.capabilities
+                    host.on_failure = functools.partial(connection._transport_failed, socket=socket)
+                    attempt = 0
+                    if not started:
+                        task_status.started()
+                        started = True
+                    resume = await connection._attach(socket, granted)
+                finally:
+                    host.scope.cancel()
+                    if socket is not None:
+                        await release_stream(socket)
+        except BaseExceptionGroup as group:
+            raise_single(group)
+        except HandshakeError as exc:
+            retryable = not isinstance(exc, AuthenticationError) and (
+                exc.status_code not in _NON_RETRYABLE_STATUS
+            )
+            attempt += 1
+            if not retryable or (
+                policy.max_attempts is not None and attempt >= policy.max_attempts
+            ):
+                if not started:
+                    raise
+                why = "refused" if not retryable else f"gave up after {attempt} attempts"
+                code = 1008 if isinstance(exc, AuthenticationError) else 1006
+                connection._give_up(ConnectionLost(code, f"reconnecting {why}: {exc}"))
+                return
+            logger.info("dialing %s failed (%s); attempt %d", dialer.url, exc, attempt)
+            resume = True
+        if not resume:
+            return  # the connection is over: closed, or ended by the peer
+        await trio.sleep(policy.delay(attempt))
+
+
 @contextlib.asynccontextmanager
 async def open_orchestrator_connection(
     url: str,
@@ -147,6 +336,10 @@ async def open_orchestrator_connection(
     rate_burst: int = DEFAULT_RATE_BURST,
     max_violations: int = DEFAULT_MAX_VIOLATIONS,
     max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+    dead_timeout: float | None = None,
+    reconnect: ReconnectPolicy | None = None,
+    wait_for_connection: bool = True,
+    resumable: bool = True,
 ) -> AsyncIterator[OrchestratorConnection]:
     """Dial a federation listener and yield the open connection.
 
@@ -184,69 +377,86 @@ async def open_orchestrator_connection(
     local_capabilities = normalize_capabilities(capabilities, strict=True)
     if remote_id is not None:
         _check_local_id(remote_id)
-    headers = identity_headers(local_id, local_capabilities)
-    key = None if secret is None else normalize_secret(secret, repr(local_id))
-    proof = None
-    if key is not None:
-        proof = make_proof(key, peer_id=local_id, audience=remote_id or "", now=time.time())
-        headers.append((AUTH_HEADER.encode(), proof.encode()))
+    if reconnect is None and not wait_for_connection:
+        raise ValueError("wait_for_connection=False needs a reconnect= policy")
+    if reconnect is not None and not isinstance(reconnect, ReconnectPolicy):
+        raise TypeError(f"reconnect must be a ReconnectPolicy, got {type(reconnect).__name__}")
+    _parse_url(url, ssl_context)  # refuse a bad URL now, not in a retry loop
+    dialer = _Dialer(
+        url=url,
+        local_id=local_id,
+        capabilities=local_capabilities,
+        remote_id=remote_id,
+        key=None if secret is None else normalize_secret(secret, repr(local_id)),
+        ssl_context=ssl_context,
+        max_message_size=max_message_size,
+        connect_timeout=connect_timeout,
+    )
+    options: dict[str, Any] = {
+        "local_id": local_id,
+        "heartbeat_timeout": heartbeat_timeout,
+        "max_queue_size": max_queue_size,
+        "disconnect_timeout": disconnect_timeout,
+        "idle_timeout": idle_timeout,
+        "receive_buffer_size": receive_buffer_size,
+        "max_message_size": max_message_size,
+        "local_status": local_status,
+        "rate_limit": rate_limit,
+        "rate_burst": rate_burst,
+        "max_violations": max_violations,
+        "max_subscriptions": max_subscriptions,
+        "dead_timeout": dead_timeout,
+    }
+    session = os.urandom(16).hex() if resumable else None
     try:
         async with trio.open_nursery() as nursery:
-            host = SocketHost()
-            try:
-                await host.start(nursery)
-                socket = await _dial(
-                    host,
-                    url,
-                    ssl_context=ssl_context,
-                    headers=headers,
-                    max_message_size=max_message_size,
-                    connect_timeout=connect_timeout,
-                )
+            if reconnect is None:
+                host = SocketHost()
                 try:
-                    identity = parse_response_identity(socket.handshake_headers)
-                    if key is not None and proof is not None:
-                        check_listener_proof(
-                            header_value(socket.handshake_headers, AUTH_HEADER),
-                            key,
-                            listener_id=identity.id or remote_id or "",
-                            peer_id=local_id,
-                            proof=proof,
-                        )
-                except (ValueError, AuthRefusal) as exc:
-                    bad = "bad identity" if isinstance(exc, ValueError) else "unauthenticated"
-                    with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_CLOSE_GRACE):
-                        await socket.aclose(1008 if bad == "unauthenticated" else 1002, bad)
-                    await release_stream(socket)
-                    if isinstance(exc, AuthRefusal):
-                        raise AuthenticationError(f"{url}: {exc.reason}") from None
-                    raise HandshakeError(f"{url} answered with a bad identity: {exc}") from None
+                    await host.start(nursery)
+                    offer = (
+                        None if session is None else ResumeOffer(session, 0, receive_buffer_size)
+                    )
+                    socket, identity, granted = await dialer.dial(host, offer)
+                    connection = OrchestratorConnection(
+                        id=identity.id or remote_id or "",
+                        socket=socket,
+                        capabilities=(
+                            identity.capabilities
+                            if identity.id is not None
+                            else tuple(remote_capabilities or ())
+                        ),
+                        **options,
+                    )
+                    if session is not None and granted is not None:
+                        connection._start_session(session, granted)
+                    host.on_failure = functools.partial(connection._transport_failed, socket=socket)
+                    async with connection:
+                        yield connection
+                finally:
+                    host.scope.cancel()
+            else:
                 connection = OrchestratorConnection(
-                    id=identity.id or remote_id or "",
-                    socket=socket,
-                    capabilities=(
-                        identity.capabilities
-                        if identity.id is not None
-                        else tuple(remote_capabilities or ())
-                    ),
-                    local_id=local_id,
-                    heartbeat_timeout=heartbeat_timeout,
-                    max_queue_size=max_queue_size,
-                    disconnect_timeout=disconnect_timeout,
-                    idle_timeout=idle_timeout,
-                    receive_buffer_size=receive_buffer_size,
-                    max_message_size=max_message_size,
-                    local_status=local_status,
-                    rate_limit=rate_limit,
-                    rate_burst=rate_burst,
-                    max_violations=max_violations,
-                    max_subscriptions=max_subscriptions,
+                    id=remote_id or "",
+                    socket=None,
+                    capabilities=tuple(remote_capabilities or ()),
+                    **options,
                 )
-                host.on_failure = connection._transport_failed
-                async with connection:
-                    yield connection
-            finally:
-                host.scope.cancel()
+                connection._reattach = math.inf
+                connection._defer_handover = True
+                if session is not None:
+                    connection._start_session(session, None)
+                try:
+                    await nursery.start(
+                        _keep_connected, connection, dialer, reconnect, wait_for_connection
+                    )
+                    async with connection:
+                        if wait_for_connection:
+                            await connection._wait_up()
+                        connection._handed_over.set()
+                        yield connection
+                finally:
+                    nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_single(group)
 
@@ -386,6 +596,7 @@ class FederationListener:
         verifier: TokenVerifier | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     ) -> None:
         self._handler = handler
         self.local_id = local_id
@@ -394,6 +605,10 @@ class FederationListener:
         self._verifier = verifier
         self._max_connections = max_connections
         self._handshake_timeout = handshake_timeout
+        self._resume_timeout = resume_timeout
+        self.restarting = False
+        """Set before stopping the listener to close its connections with 1012
+        ("restarting: reconnect and resume") instead of 1001 ("going away")."""
         self._connections: dict[str, OrchestratorConnection] = {}
         # Who holds each peer id (a pending upgrade or an open connection).
         self._claims: dict[str, object] = {}
@@ -550,36 +765,52 @@ class FederationListener:
                     ).encode(),
                 )
             )
+        try:
+            offer = parse_resume(header_value(request.headers, RESUME_HEADER))
+        except ValueError as exc:
+            await self._refuse(request, 400, "identity", str(exc))
+            return
+        if self._resume_timeout <= 0:
+            offer = None  # sessions are off here: a v1 answer
         authenticated = self._verifier is not None or cert_id is not None
+        old = self._connections.get(peer_id)
+        if offer is not None and old is not None and old._session_id == offer.session:
+            await self._resume(request, host, old, offer, answer)
+            return
         claim = object()
         previous = self._claims.get(peer_id)
-        if previous is not None and not authenticated:
+        if previous is not None and not authenticated and (old is None or old.is_healthy()):
             await self._refuse(
                 request, 409, "duplicate", f"an orchestrator named {peer_id!r} is already connected"
             )
             return
         self._claims[peer_id] = claim
         if previous is not None:
-            old = self._connections.get(peer_id)
-            logger.info("a new, authenticated connection from %r replaces the old one", peer_id)
+            logger.info("a new connection from %r replaces the old one", peer_id)
             if old is not None:
                 await old._close(CLOSE_REPLACED, "replaced by a newer connection")
             if self._claims.get(peer_id) is not claim:  # pragma: no cover - replaced meanwhile
                 await self._refuse(request, 409, "duplicate", f"{peer_id!r} reconnected meanwhile")
                 return
         try:
-            socket = await request.accept(
-                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
-            )
             connection = OrchestratorConnection(
                 id=peer_id,
-                socket=socket,
+                socket=None,
                 capabilities=identity.capabilities,
                 local_id=self.local_id,
                 active_connections=lambda: len(self._connections),
                 **self._options,
             )
-            host.on_failure = connection._transport_failed
+            if offer is not None:
+                connection._start_session(offer.session, offer)
+                connection._reattach = self._resume_timeout
+                granted = connection._resume_offer(resumed=False).header(response=True)
+                answer.append((RESUME_HEADER.encode(), granted.encode()))
+            socket = await request.accept(
+                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
+            )
+            connection._adopt(socket)
+            host.on_failure = functools.partial(connection._transport_failed, socket=socket)
             self._connections[peer_id] = connection
             self._accepted += 1
             logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
@@ -600,6 +831,33 @@ class FederationListener:
             if self._claims.get(peer_id) is claim:
                 del self._claims[peer_id]
                 self._connections.pop(peer_id, None)
+
+    async def _resume(
+        self,
+        request: WebSocketRequest,
+        host: SocketHost,
+        connection: OrchestratorConnection,
+        offer: ResumeOffer,
+        answer: list[tuple[bytes, bytes]],
+    ) -> None:
+        """The peer of a live session is back: carry it on over this stream."""
+        if connection._attaching:
+            await self._refuse(request, 409, "duplicate", "this session is resuming already")
+            return
+        connection._attaching = True
+        try:
+            await connection._detach()  # a half-open old link, if still there
+            granted = connection._resume_offer(resumed=True).header(response=True)
+            answer.append((RESUME_HEADER.encode(), granted.encode()))
+            socket = await request.accept(
+                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
+            )
+            host.on_failure = functools.partial(connection._transport_failed, socket=socket)
+            self._accepted += 1
+            logger.info("%r resumed its session (%s)", connection.id, request.remote)
+            await connection._attach(socket, attrs.evolve(offer, resumed=True))
+        finally:
+            connection._attaching = False
 
     async def _close_all(self, code: int, reason: str) -> None:
         async with trio.open_nursery() as nursery:
@@ -647,6 +905,8 @@ async def serve_federation(
     rate_burst: int = DEFAULT_RATE_BURST,
     max_violations: int = DEFAULT_MAX_VIOLATIONS,
     max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
+    dead_timeout: float | None = None,
+    resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
     task_status: trio.TaskStatus[FederationListener] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Listen for orchestrators and run ``handler(conn)`` for each one.
@@ -730,8 +990,10 @@ async def serve_federation(
             "rate_burst": rate_burst,
             "max_violations": max_violations,
             "max_subscriptions": max_subscriptions,
+            "dead_timeout": dead_timeout,
         },
         verifier=verifier,
+        resume_timeout=_check_seconds("resume_timeout", resume_timeout, zero=True),
         max_connections=max_connections,
         handshake_timeout=_check_seconds("handshake_timeout", handshake_timeout),
     )
@@ -767,7 +1029,10 @@ async def serve_federation(
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
-                    await listener._close_all(1001, "listener stopping")
+                    if listener.restarting:
+                        await listener._close_all(CLOSE_RESTARTING, "restarting: resume")
+                    else:
+                        await listener._close_all(1001, "listener stopping")
                 scope.cancel()
                 for socket_listener in listener._sockets:
                     await trio.aclose_forcefully(socket_listener)

@@ -259,7 +259,7 @@ async def test_cut_link_raises_connection_lost_on_both_sides(nursery: trio.Nurse
     listener = await start_listener(nursery, hold)
     proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
     async with open_orchestrator_connection(
-        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
+        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[], resumable=False
     ) as conn:
         await conn.send_message(delegation("before-cut"))
         await wait_for(lambda: bool(served) and served[0].get_status().messages_received > 0)
@@ -337,7 +337,7 @@ async def test_lost_peer_inside_a_handler_nursery_is_not_a_crash(
     listener = await start_listener(nursery, grouped)
     proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
     async with open_orchestrator_connection(
-        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[]
+        f"ws://127.0.0.1:{proxy.port}/", local_id="orch-a", capabilities=[], resumable=False
     ):
         await wait_for(lambda: "orch-a" in listener.connections)
         proxy.cut()
