@@ -14,6 +14,7 @@ from ._exceptions import (
     MalformedMessage,
     PolicyViolation,
     QueueFull,
+    SessionLost,
     UnsentMessages,
 )
 from ._messages import (
@@ -62,6 +63,7 @@ from ._streams import EventStream, MessageStream
 from ._transport import (
     FederationListener,
     ListenerStatistics,
+    ReconnectPolicy,
     open_orchestrator_connection,
     serve_federation,
 )
@@ -104,6 +106,7 @@ __all__ = [
     "Payload",
     "PolicyViolation",
     "QueueFull",
+    "ReconnectPolicy",
     "RedisRegistry",
     "Registration",
     "RegistryEvent",
@@ -111,6 +114,7 @@ __all__ = [
     "RegistryFull",
     "RegistryUnavailable",
     "RegistryWatch",
+    "SessionLost",
     "SharedContext",
     "Task",
     "TaskCallback",

@@ -126,8 +126,13 @@ class UpgradeWatch(trio.abc.Stream):
         self.watching = True
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send through the wrapped stream."""
-        await self.stream.send_all(data)
+        """Send through the wrapped stream, reporting a failure while watching."""
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            if self.watching:
+                self.on_failure(exc)
+            raise
 
     async def wait_send_all_might_not_block(self) -> None:
         """Wait on the wrapped stream."""

@@ -787,6 +787,10 @@ class OrchestratorConnection:
         self._socket = socket
         self._first = _Transport(socket, self._first_offer)
 
+    def _resume_offer_for(self, session: str) -> ResumeOffer:
+        """What this side would offer for a brand-new ``session``."""
+        return ResumeOffer(session, 0, self._receive_buffer_size)
+
     def _resume_offer(self, *, resumed: bool = False) -> ResumeOffer:
         """This side's session parameters for the next upgrade."""
         assert self._session_id is not None

@@ -268,31 +268,34 @@ async def _keep_connected(
         socket: trio_websocket.WebSocketConnection | None = None
         resume = False
         try:
-            async with trio.open_nursery() as nursery:
-                host = SocketHost()
-                try:
-                    await host.start(nursery)
-                    offer = connection._resume_offer() if connection._session_id else None
-                    socket, identity, granted = await dialer.dial(host, offer)
-                    if identity.id is not None:
-                        if connection.id and identity.id != connection.id:
-                            raise AuthenticationError(
-                                f"{dialer.url} is now {identity.id!r}, not {connection.id!r}"
-                            )
-                        connection._id = identity.id
-                        connection._capabilities = identity.capabilities
-                    host.on_failure = functools.partial(connection._transport_failed, socket=socket)
-                    attempt = 0
-                    if not started:
-                        task_status.started()
-                        started = True
-                    resume = await connection._attach(socket, granted)
-                finally:
-                    host.scope.cancel()
-                    if socket is not None:
-                        await release_stream(socket)
-        except BaseExceptionGroup as group:
-            raise_single(group)
+            try:
+                async with trio.open_nursery() as nursery:
+                    host = SocketHost()
+                    try:
+                        await host.start(nursery)
+                        offer = connection._resume_offer() if connection._session_id else None
+                        socket, identity, granted = await dialer.dial(host, offer)
+                        if identity.id is not None:
+                            if connection.id and identity.id != connection.id:
+                                raise AuthenticationError(
+                                    f"{dialer.url} is now {identity.id!r}, not {connection.id!r}"
+                                )
+                            connection._id = identity.id
+                            connection._capabilities = identity.capabilities
+                        host.on_failure = functools.partial(
+                            connection._transport_failed, socket=socket
+                        )
+                        attempt = 0
+                        if not started:
+                            task_status.started()
+                            started = True
+                        resume = await connection._attach(socket, granted)
+                    finally:
+                        host.scope.cancel()
+                        if socket is not None:
+                            await release_stream(socket)
+            except BaseExceptionGroup as group:
+                raise_single(group)  # one plain exception, for the handlers below
         except HandshakeError as exc:
             retryable = not isinstance(exc, AuthenticationError) and (
                 exc.status_code not in _NON_RETRYABLE_STATUS

@@ -22,6 +22,8 @@ new connections, on demand. :meth:`FaultyProxy.statistics` returns a
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -147,19 +149,26 @@ async def open_websocket_pair(
 
 @contextlib.asynccontextmanager
 async def open_connection_pair(
-    *, a_id: str = "orch-a", b_id: str = "orch-b", **options: Any
+    *, a_id: str = "orch-a", b_id: str = "orch-b", resumable: bool = False, **options: Any
 ) -> AsyncIterator[tuple[OrchestratorConnection, OrchestratorConnection]]:
     """Yield two entered connections talking to each other over a socket pair.
 
     ``a`` is the dialing side (its ``id`` is ``b_id``); ``b`` the listening
     side. ``options`` go to both :class:`~trio_federation.OrchestratorConnection`
-    constructors. Leaving the block disconnects both.
+    constructors. With ``resumable``, the two use a resumable session, as two
+    trio-federation peers do by default: numbered messages, acknowledgements
+    and the window (flow control), though there is no second transport to
+    resume over. Leaving the block disconnects both.
     """
     async with open_websocket_pair() as pair:
         a = OrchestratorConnection(id=b_id, socket=pair.client, local_id=a_id, **options)
         b = OrchestratorConnection(id=a_id, socket=pair.server, local_id=b_id, **options)
+        if resumable:
+            session = os.urandom(16).hex()
+            a._start_session(session, b._resume_offer_for(session))
+            b._start_session(session, a._resume_offer_for(session))
         client_host, server_host = _HOSTS[id(pair)]
-        client_host.on_failure = a._transport_failed
-        server_host.on_failure = b._transport_failed
+        client_host.on_failure = functools.partial(a._transport_failed, socket=pair.client)
+        server_host.on_failure = functools.partial(b._transport_failed, socket=pair.server)
         async with a, b:
             yield a, b
