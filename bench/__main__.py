@@ -138,7 +138,8 @@ async def _networked(
     ) -> Row:
         """A table row: the median of the repeats, or a percentile of ``pooled`` samples.
 
-        ``subject`` is what is compared with raw: the library, or ``codec``.
+        ``subject`` is what is compared with raw: the library, or ``codec`` (whose
+        row's key gets a ``_floor`` suffix, so that both rows reach the JSON).
         """
         values = runs[name]
         if pooled is None:
@@ -147,7 +148,7 @@ async def _networked(
             library = percentile(pooled[subject], fraction)
             raw = percentile(pooled["raw"], fraction)
         return Row(
-            key=name,
+            key=name if subject == "lib" else f"{name}_floor",
             label=label,
             unit=unit,
             library=library,
