@@ -165,6 +165,14 @@ async def _networked(
         row("throughput_dialer_cpu", "    sender CPU", "us/msg", "lower"),
         row("throughput", "    floor: raw + our codec", "msg/s", "higher", subject="codec"),
         row(
+            "throughput_listener_cpu",
+            "      floor receiver CPU",
+            "us/msg",
+            "lower",
+            subject="codec",
+        ),
+        row("throughput_dialer_cpu", "      floor sender CPU", "us/msg", "lower", subject="codec"),
+        row(
             "round_trip_p50",
             "(b) round trip p50",
             "us",
