@@ -6,7 +6,9 @@ One text frame per message::
      "to": "b", "timestamp": "2026-11-26T12:00:00.000Z", "correlationId": "t-1"}
 
 Pure: no I/O. :func:`make_converter` builds a fresh cattrs converter (there is no
-mutable global one); the module keeps one private instance for its own use.
+mutable global one); the module keeps private instances for its own use. The
+payload classes also have hand-written fast paths, pinned to those converters
+(see "Fast paths" below).
 """
 
 from __future__ import annotations
