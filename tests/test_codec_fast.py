@@ -247,7 +247,11 @@ PAYLOAD_KEYS = sorted(
 
 @st.composite
 def mutated(draw: st.DrawFn, value: Any, rate: int) -> Any:
-    """``value`` with about one key in ``rate`` of its objects (at any depth) changed."""
+    """``value`` with some keys of its objects (at any depth) deleted, replaced or added.
+
+    Each key is deleted with probability 1/(4 rate), replaced with 2/(4 rate),
+    and each object gains a key with probability 1/rate.
+    """
     if not isinstance(value, dict):
         return value
     result = {}
