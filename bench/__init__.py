@@ -15,4 +15,7 @@ processes on 127.0.0.1:
 Modules: :mod:`bench._workload` (the messages), :mod:`bench.worker` (the peer
 processes), :mod:`bench._peers` (starting and watching them), :mod:`bench._report`
 (figures and the table) and :mod:`bench.__main__` (the command line).
+
+``python -m bench.codec`` times the codec's fast paths against the reference
+path they are pinned to, per kind of message (:mod:`bench.codec`).
 """

@@ -6,7 +6,9 @@ One text frame per message::
      "to": "b", "timestamp": "2026-11-26T12:00:00.000Z", "correlationId": "t-1"}
 
 Pure: no I/O. :func:`make_converter` builds a fresh cattrs converter (there is no
-mutable global one); the module keeps one private instance for its own use.
+mutable global one); the module keeps private instances for its own use. The
+payload classes also have hand-written fast paths, pinned to those converters
+(see "Fast paths" below).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from ._exceptions import MalformedMessage
 from ._messages import (
     PAYLOAD_PARTS,
+    AssignedResources,
     BroadcastPayload,
     CallbackStatus,
     Capability,
@@ -39,6 +42,7 @@ from ._messages import (
     MemoryEntry,
     MessageType,
     OrchestratorCapabilities,
+    SharedContext,
     Task,
     TaskCallback,
     TaskHistoryEntry,
@@ -366,7 +370,8 @@ def _orjson_default(value: object) -> object:
 _CONVERTER: Final = make_converter()
 # Decoding tries the fast converter first; only a frame it refuses goes through
 # the detailed one, which says everything that is wrong with it.
-_FAST_STRUCTURE: Final = make_converter(detailed_validation=False).structure
+_FAST_CONVERTER: Final = make_converter(detailed_validation=False)
+_FAST_STRUCTURE: Final = _FAST_CONVERTER.structure
 _UNSTRUCTURE: Final[Callable[[Any], Any]] = _CONVERTER.unstructure
 _DUMPS_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME
 
@@ -387,12 +392,19 @@ def encode_message(message: FederationMessage) -> str:
         TypeError: a free-form field (``result``, ``data``, ``metadata``...)
             holds a value JSON cannot represent.
     """
+    unstructure = _FAST_UNSTRUCTURE.get(type(message.payload), _UNSTRUCTURE)
+    return _encode(message, unstructure)
+
+
+def _encode(message: FederationMessage, unstructure: Callable[[Any], Any]) -> str:
+    """Encode ``message``, turning its payload into a dictionary with ``unstructure``."""
     try:
-        payload = _dumps(_UNSTRUCTURE(message.payload)).decode()
+        payload = _dumps(unstructure(message.payload)).decode()
     except orjson.JSONEncodeError as exc:
         raise TypeError(f"cannot encode {message.type.value} payload: {exc}") from None
+    # The enumeration member itself: orjson writes a StrEnum as its string.
     envelope: dict[str, str] = {
-        "type": message.type.value,
+        "type": message.type,
         "payload": payload,
         "from": message.sender,
         "to": message.recipient,
@@ -483,6 +495,20 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
         envelope = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise MalformedMessage(f"invalid JSON: {exc}") from None
+    if type(envelope) is dict:
+        message = _decode_fast(envelope)
+        if message is not None:
+            return message
+    return _decode_envelope(envelope)
+
+
+def _decode_envelope(envelope: object) -> FederationMessage:
+    """Decode a parsed frame step by step: the reference the fast path is pinned to.
+
+    Raises:
+        MalformedMessage: naming the first thing that is wrong, in the order of
+            the checks below.
+    """
     if not isinstance(envelope, dict):
         raise MalformedMessage(f"a message must be a JSON object, got {_json_type(envelope)}")
     type_name = _envelope_str(envelope, "type")
@@ -538,3 +564,366 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
         timestamp=timestamp,
         correlation_id=correlation_id,
     )
+
+
+# -- Fast paths -------------------------------------------------------------------------
+#
+# cattrs' generated functions spend most of an encode or decode in dispatch and
+# per-field hook calls. The functions below do the same work by hand for the
+# payload classes that travel on every connection. They are not a second
+# definition of the format: the converter from make_converter() stays the
+# reference, and the fast paths only take the common, valid case.
+#
+# * Encoding builds, for each payload class, the dictionary the reference
+#   converter builds (same keys, same order, same omissions, the same value
+#   hooks: format_timestamp, _to_ms, _js_number, _js_values) and hands it to the
+#   same _dumps. Enumeration members go to orjson as they are, as cattrs passes
+#   them; orjson writes a StrEnum as its string.
+# * Decoding accepts only what is unambiguously valid: exact JSON types, UTC
+#   timestamps, known enumeration values. Anything else — including inputs the
+#   reference accepts after a conversion (an integral float for an int, a
+#   non-UTC offset) — makes _decode_fast return None, and the frame is decoded
+#   by _decode_envelope, which also builds every error message. So a refused
+#   frame gets exactly the reference's MalformedMessage.
+#
+# tests/test_codec_fast.py pins both directions to the reference with
+# Hypothesis: identical bytes out, equal messages in, identical errors.
+
+
+class _NotFast(Exception):
+    """The fast path does not take this input; the reference path decides."""
+
+
+def _fast_time(value: object) -> datetime:
+    if type(value) is str:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is UTC:
+            return parsed
+    raise _NotFast
+
+
+def _fast_optional_str(value: object) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise _NotFast
+
+
+def _fast_optional_object(value: object) -> dict[str, Any] | None:
+    if value is None or type(value) is dict:
+        return value
+    raise _NotFast
+
+
+def _fast_seconds(value: object) -> float | None:
+    """A wire duration in milliseconds, as seconds (as ``_from_ms`` computes it)."""
+    if value is None:
+        return None
+    if (type(value) is int or type(value) is float) and value >= 0:
+        return float(value) / 1000
+    raise _NotFast
+
+
+def _fast_int(value: object) -> int:
+    if type(value) is int:
+        return value
+    raise _NotFast
+
+
+def _members(cls: type[enum.Enum]) -> dict[str, Any]:
+    # Indexed with the decoded JSON value: only a string can be found (orjson
+    # makes no str subclasses); anything else raises KeyError or TypeError.
+    return {member.value: member for member in cls}
+
+
+_TASK_TYPES: Final = _members(TaskType)
+_PRIORITIES: Final = _members(TaskPriority)
+_TASK_STATUSES: Final = _members(TaskStatus)
+_CALLBACK_STATUSES: Final = _members(CallbackStatus)
+_HEARTBEAT_STATUSES: Final = _members(HeartbeatStatus)
+_CONNECTION_STATUSES: Final = _members(ConnectionStatus)
+
+
+def _structure_task(raw: object) -> Task:
+    if type(raw) is not dict:
+        raise _NotFast
+    task_id = raw["id"]
+    description = raw["description"]
+    if type(task_id) is not str or type(description) is not str:
+        raise _NotFast
+    return Task(
+        id=task_id,
+        type=_TASK_TYPES[raw["type"]],
+        description=description,
+        priority=_PRIORITIES[raw["priority"]],
+        status=_TASK_STATUSES[raw["status"]],
+        created_at=_fast_time(raw["createdAt"]),
+        updated_at=_fast_time(raw["updatedAt"]),
+        assigned_to=_fast_optional_str(raw.get("assignedTo")),
+        metadata=_fast_optional_object(raw.get("metadata")),
+    )
+
+
+def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
+    sender = raw["fromOrchestratorId"]
+    recipient = raw["toOrchestratorId"]
+    if type(sender) is not str or type(recipient) is not str:
+        raise _NotFast
+    capabilities = raw.get("requiredCapabilities")
+    if type(capabilities) is list:
+        capabilities = tuple(capabilities)
+        for name in capabilities:
+            if type(name) is not str:
+                raise _NotFast
+    elif type(capabilities) is dict:  # the daemon's structured form: rare, generic
+        capabilities = _FAST_STRUCTURE(capabilities, OrchestratorCapabilities)
+    elif capabilities is not None:
+        raise _NotFast
+    context = raw.get("context")
+    if context is not None:  # rare: the generic (non-detailed) hook
+        context = _FAST_STRUCTURE(context, SharedContext)
+    return DelegationRequest(
+        from_orchestrator_id=sender,
+        to_orchestrator_id=recipient,
+        task=_structure_task(raw["task"]),
+        priority=_PRIORITIES[raw["priority"]],
+        required_capabilities=capabilities,
+        context=context,
+        timeout=_fast_seconds(raw.get("timeout")),
+        callback_id=_fast_optional_str(raw.get("callbackId")),
+    )
+
+
+def _structure_response(raw: dict[str, Any]) -> DelegationResponse:
+    task_id = raw["taskId"]
+    accepted = raw["accepted"]
+    if type(task_id) is not str or type(accepted) is not bool:
+        raise _NotFast
+    estimated = raw.get("estimatedCompletion")
+    resources = raw.get("assignedResources")
+    if resources is not None:
+        if type(resources) is not dict:
+            raise _NotFast
+        resources = AssignedResources(
+            sessions=_fast_int(resources["sessions"]), tokens=_fast_int(resources["tokens"])
+        )
+    return DelegationResponse(
+        task_id=task_id,
+        accepted=accepted,
+        reason=_fast_optional_str(raw.get("reason")),
+        estimated_completion=None if estimated is None else _fast_time(estimated),
+        assigned_resources=resources,
+    )
+
+
+def _structure_callback(raw: dict[str, Any]) -> TaskCallback:
+    task_id = raw["taskId"]
+    if type(task_id) is not str:
+        raise _NotFast
+    progress = raw.get("progress")
+    if type(progress) is int:
+        progress = float(progress)
+    elif progress is not None and type(progress) is not float:
+        raise _NotFast
+    return TaskCallback(
+        task_id=task_id,
+        status=_CALLBACK_STATUSES[raw["status"]],
+        result=raw.get("result"),
+        error=_fast_optional_str(raw.get("error")),
+        progress=progress,
+        metadata=_fast_optional_object(raw.get("metadata")),
+    )
+
+
+def _structure_broadcast(raw: dict[str, Any]) -> BroadcastPayload:
+    topic = raw["topic"]
+    if type(topic) is not str:
+        raise _NotFast
+    return BroadcastPayload(topic=topic, data=raw.get("data"), ttl=_fast_seconds(raw.get("ttl")))
+
+
+def _structure_heartbeat(raw: dict[str, Any]) -> HeartbeatPayload:
+    orchestrator_id = raw["orchestratorId"]
+    if type(orchestrator_id) is not str:
+        raise _NotFast
+    return HeartbeatPayload(
+        orchestrator_id=orchestrator_id,
+        timestamp=_fast_time(raw["timestamp"]),
+        status=_HEARTBEAT_STATUSES[raw["status"]],
+        active_connections=_fast_int(raw["activeConnections"]),
+    )
+
+
+def _structure_health(raw: dict[str, Any]) -> ConnectionHealth:
+    uptime = _fast_seconds(raw["uptime"])
+    if uptime is None:
+        raise _NotFast
+    return ConnectionHealth(
+        status=_CONNECTION_STATUSES[raw["status"]],
+        uptime=uptime,
+        last_heartbeat=_fast_time(raw["lastHeartbeat"]),
+        messages_sent=_fast_int(raw["messagesSent"]),
+        messages_received=_fast_int(raw["messagesReceived"]),
+        errors=_fast_int(raw["errors"]),
+        latency=_fast_seconds(raw.get("latency")),
+    )
+
+
+_FAST_PAYLOAD: Final[dict[MessageType, Callable[[dict[str, Any]], Any]]] = {
+    MessageType.DELEGATION: _structure_delegation,
+    MessageType.BROADCAST: _structure_broadcast,
+    MessageType.HEARTBEAT: _structure_heartbeat,
+    MessageType.STATUS: _structure_health,
+}
+
+
+def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
+    """Decode a common, valid frame quickly; ``None`` for anything else.
+
+    ``None`` is no verdict: the caller hands the frame to :func:`_decode_envelope`.
+    """
+    try:
+        message_type = _MESSAGE_TYPES[envelope["type"]]
+        sender = envelope["from"]
+        recipient = envelope["to"]
+        correlation_id = envelope.get("correlationId")
+        raw = envelope["payload"]
+        if (
+            type(sender) is not str
+            or type(recipient) is not str
+            or (correlation_id is not None and type(correlation_id) is not str)
+        ):
+            return None
+        timestamp = _fast_time(envelope["timestamp"])
+        if type(raw) is str:
+            raw = orjson.loads(raw)
+        if type(raw) is not dict:
+            return None
+        structure = _FAST_PAYLOAD.get(message_type)
+        if structure is None:  # a callback: told apart by shape, as _decode_envelope does
+            if "accepted" in raw:
+                structure = _structure_response
+            elif "status" in raw:
+                structure = _structure_callback
+            else:
+                return None
+        return FederationMessage(
+            type=message_type,
+            payload=structure(raw),
+            sender=sender,
+            recipient=recipient,
+            timestamp=timestamp,
+            correlation_id=correlation_id,
+        )
+    except Exception:  # _NotFast, a missing key, an unhashable value, invalid JSON...
+        return None
+
+
+def _unstructure_task(task: Task) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "id": task.id,
+        "type": task.type,
+        "description": task.description,
+        "priority": task.priority,
+        "status": task.status,
+        "createdAt": format_timestamp(task.created_at),
+        "updatedAt": format_timestamp(task.updated_at),
+    }
+    if task.assigned_to is not None:
+        raw["assignedTo"] = task.assigned_to
+    # Free-form fields are compared as cattrs' omit_if_default does, with !=.
+    if task.metadata != None:  # noqa: E711
+        raw["metadata"] = _js_values(task.metadata)
+    return raw
+
+
+_UNSTRUCTURE_CONTEXT: Final = _CONVERTER.get_unstructure_hook(SharedContext)
+
+
+def _unstructure_delegation(request: DelegationRequest) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "fromOrchestratorId": request.from_orchestrator_id,
+        "toOrchestratorId": request.to_orchestrator_id,
+        "task": _unstructure_task(request.task),
+        "priority": request.priority,
+    }
+    capabilities = request.required_capabilities
+    if capabilities is not None:
+        # A tuple of strings (the attrs converter checked them) is written as an
+        # array as it is; the structured form goes through the converter.
+        raw["requiredCapabilities"] = (
+            capabilities if type(capabilities) is tuple else _UNSTRUCTURE(capabilities)
+        )
+    if request.context is not None:
+        raw["context"] = _UNSTRUCTURE_CONTEXT(request.context)
+    if request.timeout is not None:
+        raw["timeout"] = _to_ms(request.timeout)
+    if request.callback_id is not None:
+        raw["callbackId"] = request.callback_id
+    return raw
+
+
+def _unstructure_response(response: DelegationResponse) -> dict[str, Any]:
+    raw: dict[str, Any] = {"taskId": response.task_id, "accepted": response.accepted}
+    if response.reason is not None:
+        raw["reason"] = response.reason
+    if response.estimated_completion is not None:
+        raw["estimatedCompletion"] = format_timestamp(response.estimated_completion)
+    resources = response.assigned_resources
+    if resources is not None:
+        raw["assignedResources"] = {"sessions": resources.sessions, "tokens": resources.tokens}
+    return raw
+
+
+def _unstructure_callback(callback: TaskCallback) -> dict[str, Any]:
+    raw: dict[str, Any] = {"taskId": callback.task_id, "status": callback.status}
+    if callback.result != None:  # noqa: E711
+        raw["result"] = _js_values(callback.result)
+    if callback.error is not None:
+        raw["error"] = callback.error
+    if callback.progress is not None:
+        raw["progress"] = _js_number(callback.progress)
+    if callback.metadata != None:  # noqa: E711
+        raw["metadata"] = _js_values(callback.metadata)
+    return raw
+
+
+def _unstructure_broadcast(broadcast: BroadcastPayload) -> dict[str, Any]:
+    raw: dict[str, Any] = {"topic": broadcast.topic}
+    if broadcast.data != None:  # noqa: E711
+        raw["data"] = _js_values(broadcast.data)
+    if broadcast.ttl is not None:
+        raw["ttl"] = _to_ms(broadcast.ttl)
+    return raw
+
+
+def _unstructure_heartbeat(heartbeat: HeartbeatPayload) -> dict[str, Any]:
+    return {
+        "orchestratorId": heartbeat.orchestrator_id,
+        "timestamp": format_timestamp(heartbeat.timestamp),
+        "status": heartbeat.status,
+        "activeConnections": heartbeat.active_connections,
+    }
+
+
+def _unstructure_health(health: ConnectionHealth) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "status": health.status,
+        "uptime": _to_ms(health.uptime),
+        "lastHeartbeat": format_timestamp(health.last_heartbeat),
+        "messagesSent": health.messages_sent,
+        "messagesReceived": health.messages_received,
+        "errors": health.errors,
+    }
+    if health.latency is not None:
+        raw["latency"] = _to_ms(health.latency)
+    return raw
+
+
+_FAST_UNSTRUCTURE: Final[dict[type[Any], Callable[[Any], dict[str, Any]]]] = {
+    DelegationRequest: _unstructure_delegation,
+    DelegationResponse: _unstructure_response,
+    TaskCallback: _unstructure_callback,
+    BroadcastPayload: _unstructure_broadcast,
+    HeartbeatPayload: _unstructure_heartbeat,
+    ConnectionHealth: _unstructure_health,
+}

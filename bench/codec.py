@@ -1,0 +1,128 @@
+"""``python -m bench.codec``: the codec's fast paths against its reference path.
+
+For each message of the benchmark's traffic (the delegation, the acceptance
+that answers it, a heartbeat, a progress callback) it times, in this process,
+``encode_message`` and ``decode_message`` against the reference path they are
+pinned to (the cattrs converter from ``make_converter()`` and the step-by-step
+``_decode_envelope``), in microseconds per message. The two are timed in
+alternation, so a busy machine slows both alike: compare the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import orjson
+
+from trio_federation import (
+    DelegationResponse,
+    FederationMessage,
+    HeartbeatPayload,
+    MessageType,
+    TaskCallback,
+    decode_message,
+    encode_message,
+    make_converter,
+)
+from trio_federation._codec import _decode_envelope, _encode
+
+from ._workload import DIALER_ID, LISTENER_ID, make_delegation
+
+_WHEN = datetime(2026, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+
+
+def messages() -> dict[str, FederationMessage]:
+    """The benchmark's kinds of message, by name."""
+    task_id = "task-000001"
+    return {
+        "delegation": make_delegation(1),
+        "acceptance": FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=DelegationResponse(task_id=task_id, accepted=True),
+            sender=LISTENER_ID,
+            recipient=DIALER_ID,
+            timestamp=_WHEN,
+            correlation_id=task_id,
+        ),
+        "heartbeat": FederationMessage(
+            type=MessageType.HEARTBEAT,
+            payload=HeartbeatPayload(orchestrator_id=DIALER_ID, timestamp=_WHEN),
+            sender=DIALER_ID,
+            recipient=LISTENER_ID,
+            timestamp=_WHEN,
+        ),
+        "progress": FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=TaskCallback(task_id=task_id, status="progress", progress=50.0),
+            sender=LISTENER_ID,
+            recipient=DIALER_ID,
+            timestamp=_WHEN,
+            correlation_id=task_id,
+        ),
+    }
+
+
+def _time(function: Callable[[], object], count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        function()
+    return (time.perf_counter() - started) / count * 1e6
+
+
+def _compare(
+    fast: Callable[[], object], reference: Callable[[], object], count: int, repeat: int
+) -> tuple[float, float]:
+    """Median µs per call of each, timed in alternation."""
+    fast_runs, reference_runs = [], []
+    for _ in range(repeat):
+        fast_runs.append(_time(fast, count))
+        reference_runs.append(_time(reference, count))
+    return statistics.median(fast_runs), statistics.median(reference_runs)
+
+
+def _reference_decode(frame: str) -> FederationMessage:
+    return _decode_envelope(orjson.loads(frame))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m bench.codec", description=__doc__)
+    parser.add_argument("--count", type=int, default=20_000, help="calls per timing")
+    parser.add_argument("--repeat", type=int, default=7, help="timings of each")
+    args = parser.parse_args(argv)
+    converter = make_converter()
+    print(f"{'message':<11} {'bytes':>5}  {'':6} {'fast':>7} {'reference':>9} {'ratio':>6}")
+    for name, message in messages().items():
+        frame = encode_message(message)
+        if frame != _encode(message, converter.unstructure):
+            raise AssertionError(f"the fast encoding of the {name} differs")
+        if decode_message(frame) != message:
+            raise AssertionError(f"the {name} does not round-trip")
+        rows = {
+            "encode": _compare(
+                functools.partial(encode_message, message),
+                functools.partial(_encode, message, converter.unstructure),
+                args.count,
+                args.repeat,
+            ),
+            "decode": _compare(
+                functools.partial(decode_message, frame),
+                functools.partial(_reference_decode, frame),
+                args.count,
+                args.repeat,
+            ),
+        }
+        for index, (operation, (fast, reference)) in enumerate(rows.items()):
+            label = f"{name:<11} {len(frame):>5}" if index == 0 else " " * 17
+            print(f"{label}  {operation:6} {fast:6.2f}µ {reference:8.2f}µ {fast / reference:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""The codec's fast paths, pinned to the reference path they stand in for.
+
+``encode_message`` and ``decode_message`` take hand-written fast paths for the
+payload classes (see the comment above ``_NotFast`` in ``_codec``). The reference
+is a converter from ``make_converter()`` for encoding and ``_decode_envelope`` for
+decoding. Results are compared with ``repr`` as well as ``==``: ``50 == 50.0``
+and ``"code" == TaskType.CODE``, but the reprs differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trio_federation import (
+    AssignedResources,
+    BroadcastPayload,
+    Capability,
+    ConnectionHealth,
+    DelegationRequest,
+    DelegationResponse,
+    FederationMessage,
+    HeartbeatPayload,
+    MalformedMessage,
+    OrchestratorCapabilities,
+    SharedContext,
+    Task,
+    TaskCallback,
+    decode_message,
+    encode_message,
+    make_converter,
+)
+from trio_federation._codec import _camel, _decode_envelope, _decode_fast, _encode
+
+from . import strategies
+
+WHEN = datetime(2026, 11, 26, 12, 0, 0, 123000, tzinfo=UTC)
+REFERENCE = make_converter()
+
+
+def reference_encode(message: FederationMessage) -> str:
+    return _encode(message, REFERENCE.unstructure)
+
+
+def outcome(decode: Any, frame: str) -> tuple[str, str]:
+    """What decoding ``frame`` gives: the message's repr, or the error's text."""
+    try:
+        return ("message", repr(decode(frame)))
+    except MalformedMessage as exc:
+        return ("error", str(exc))
+
+
+def reference_decode(frame: str) -> FederationMessage:
+    return _decode_envelope(orjson.loads(frame))
+
+
+def wire_dict(message: FederationMessage) -> dict[str, Any]:
+    envelope: dict[str, Any] = orjson.loads(encode_message(message))
+    envelope["payload"] = orjson.loads(envelope["payload"])
+    return envelope
+
+
+# -- encoding -------------------------------------------------------------------------
+
+
+@given(strategies.messages())
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_encoding_writes_the_reference_bytes(message: FederationMessage) -> None:
+    assert encode_message(message) == reference_encode(message)
+
+
+def _message(payload: Any, kind: str) -> FederationMessage:
+    return FederationMessage(
+        type=kind, payload=payload, sender="a", recipient="b", timestamp=WHEN, correlation_id="c"
+    )
+
+
+TASK = Task(id="t", description="d", created_at=WHEN, updated_at=WHEN)
+ODD_BUT_VALID = [
+    # Capability names as plain strings, and as members.
+    DelegationRequest(
+        from_orchestrator_id="a", to_orchestrator_id="b", task=TASK, required_capabilities=["x"]
+    ),
+    DelegationRequest(
+        from_orchestrator_id="a",
+        to_orchestrator_id="b",
+        task=TASK,
+        required_capabilities=(Capability.TESTING, "custom"),
+        timeout=0.0001,
+        callback_id="cb",
+    ),
+    DelegationRequest(
+        from_orchestrator_id="a",
+        to_orchestrator_id="b",
+        task=Task(
+            id="t",
+            description="d",
+            assigned_to="x",
+            metadata=MappingProxyType({"score": 50.0}),
+            created_at=datetime(2026, 1, 1, 13, tzinfo=timezone(timedelta(hours=1))),
+            updated_at=datetime(2026, 1, 1, 12, 0, 0, 999999, tzinfo=UTC),
+        ),
+        required_capabilities=OrchestratorCapabilities(max_sessions=2, specializations=("a",)),
+        context=SharedContext(scratchpad={"k": [1.0, -0.0]}),
+        timeout=12.5,
+    ),
+    DelegationResponse(
+        task_id="t",
+        accepted=False,
+        reason="",
+        estimated_completion=WHEN,
+        assigned_resources=AssignedResources(sessions=1, tokens=2),
+    ),
+    TaskCallback(task_id="t", status="progress", progress=50),
+    TaskCallback(task_id="t", status="progress", progress=-0.0, error="", metadata={}),
+    TaskCallback(
+        task_id="t",
+        status="completed",
+        result={"at": WHEN, "naive": datetime(2026, 1, 1), "task": TASK, "n": 1e300},
+    ),
+    TaskCallback(task_id="t", status="completed", result=[], metadata={"x": 2.0**60}),
+    TaskCallback(task_id="t", status="completed", result=[0.0, 50.0, {"x": -0.0}]),
+    BroadcastPayload(topic="t", data=False, ttl=0),
+    BroadcastPayload(topic="t", data=0.0),
+    HeartbeatPayload(orchestrator_id="o", timestamp=WHEN, active_connections=2**53),
+    ConnectionHealth(status="active", uptime=1e-7, last_heartbeat=WHEN, latency=0.0012345),
+]
+KINDS = {
+    DelegationRequest: "delegation",
+    DelegationResponse: "callback",
+    TaskCallback: "callback",
+    BroadcastPayload: "broadcast",
+    HeartbeatPayload: "heartbeat",
+    ConnectionHealth: "status",
+}
+
+
+@pytest.mark.parametrize("payload", ODD_BUT_VALID, ids=lambda p: type(p).__name__)
+def test_fast_encoding_of_odd_values_writes_the_reference_bytes(payload: Any) -> None:
+    message = _message(payload, KINDS[type(payload)])
+    assert encode_message(message) == reference_encode(message)
+    assert outcome(decode_message, encode_message(message)) == outcome(
+        reference_decode, encode_message(message)
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        TaskCallback(task_id="t", status="completed", result=object()),
+        BroadcastPayload(topic="t", data={"big": 2**64}),
+        HeartbeatPayload(orchestrator_id="o", timestamp=WHEN, active_connections=2**64),
+    ],
+    ids=lambda p: type(p).__name__,
+)
+def test_fast_encoding_refuses_what_the_reference_refuses(payload: Any) -> None:
+    message = _message(payload, KINDS[type(payload)])
+    with pytest.raises(TypeError) as fast:
+        encode_message(message)
+    with pytest.raises(TypeError) as reference:
+        reference_encode(message)
+    assert str(fast.value) == str(reference.value)
+
+
+# -- decoding -------------------------------------------------------------------------
+
+
+@given(strategies.messages(), st.booleans())
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+def test_valid_frames_take_the_fast_path_to_the_reference_result(
+    message: FederationMessage, payload_as_object: bool
+) -> None:
+    frame = encode_message(message)
+    if payload_as_object:
+        frame = orjson.dumps(wire_dict(message)).decode()
+    fast = _decode_fast(orjson.loads(frame))
+    assert fast is not None  # a valid frame never needs the reference path
+    reference = reference_decode(frame)
+    assert (fast, repr(fast)) == (reference, repr(reference))
+    assert repr(decode_message(frame)) == repr(reference)
+
+
+# Values that sit on the edges the fast path checks: JSON types the reference
+# converts (integral floats, ints for floats), other offsets, naive times,
+# out-of-range and negative numbers, near-miss enumeration values.
+TRICKY_VALUES: list[Any] = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    5,
+    5.0,
+    -0.0,
+    2.5,
+    -2.5,
+    2**64,
+    10**300,
+    1e308,
+    "",
+    "code",
+    "CODE",
+    "high",
+    "pending",
+    "progress",
+    "healthy",
+    "active",
+    "testing",
+    "2026-11-26T12:00:00Z",
+    "2026-11-26T12:00:00.123+00:00",
+    "2026-11-26T13:00:00+01:00",
+    "2026-11-26T12:00:00",
+    "2026-11-26",
+    "0001-01-01T00:00:00+01:00",
+    "yesterday",
+    [],
+    ["testing"],
+    ["testing", 1],
+    {},
+    {"sessions": 1, "tokens": 2},
+    {"sessions": 1.0, "tokens": 2},
+    {"maxSessions": 2},
+    {"episodic": []},
+]
+VALUES = st.sampled_from(TRICKY_VALUES) | strategies.json_values
+
+
+# Every wire key of every payload class, to add where a valid message left it out.
+PAYLOAD_KEYS = sorted(
+    {
+        key
+        for payload in ODD_BUT_VALID
+        for key in wire_dict(_message(payload, KINDS[type(payload)]))["payload"]
+    }
+    | {"assignedTo", "metadata", "context", "callbackId", "result", "data", "latency", "ttl"}
+)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, value: Any, rate: int) -> Any:
+    """``value`` with some keys of its objects (at any depth) deleted, replaced or added.
+
+    Each key is deleted with probability 1/(4 rate), replaced with 2/(4 rate),
+    and each object gains a key with probability 1/rate.
+    """
+    if not isinstance(value, dict):
+        return value
+    result = {}
+    for key, item in value.items():
+        action = draw(st.integers(0, 4 * rate - 1))
+        if action == 0:
+            continue  # delete
+        if action in (1, 2):
+            result[key] = draw(VALUES)
+        else:
+            result[key] = draw(mutated(item, rate))
+    if draw(st.integers(0, rate - 1)) == 0:
+        result[draw(st.sampled_from(PAYLOAD_KEYS))] = draw(VALUES)
+    return result
+
+
+@given(data=st.data())
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+def test_mutated_frames_decode_as_the_reference_decodes_them(data: st.DataObject) -> None:
+    envelope = wire_dict(data.draw(strategies.messages()))
+    payload = data.draw(mutated(envelope.pop("payload"), rate=2))
+    envelope = data.draw(mutated(envelope, rate=8))
+    envelope["payload"] = json.dumps(payload) if data.draw(st.booleans()) else payload
+    frame = json.dumps(envelope)  # orjson cannot write integers past 64 bits
+    assert outcome(decode_message, frame) == outcome(reference_decode, frame)
+
+
+def _paths(value: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The path of every key in ``value``'s objects, at any depth."""
+    if not isinstance(value, dict):
+        return []
+    paths = []
+    for key, item in value.items():
+        paths.append((*prefix, key))
+        paths.extend(_paths(item, (*prefix, key)))
+    return paths
+
+
+def _replaced(value: dict[str, Any], path: tuple[str, ...], new: Any) -> dict[str, Any]:
+    copy = dict(value)
+    if len(path) == 1:
+        if new is ...:
+            del copy[path[0]]
+        else:
+            copy[path[0]] = new
+    else:
+        copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+@pytest.mark.parametrize("payload", ODD_BUT_VALID, ids=lambda p: type(p).__name__)
+def test_every_field_with_every_edge_value_decodes_as_the_reference(payload: Any) -> None:
+    # Exhaustive over the edge values (and removal) for every key at any depth.
+    envelope = wire_dict(_message(payload, KINDS[type(payload)]))
+    for field in attrs.fields(type(payload)):  # every key, so that each is replaced
+        envelope["payload"].setdefault(_camel(field.name), None)
+    for path in _paths(envelope):
+        for new in [..., *TRICKY_VALUES]:
+            frame = json.dumps(_replaced(envelope, path, new))
+            assert outcome(decode_message, frame) == outcome(reference_decode, frame), (path, new)
+
+
+@given(st.text() | strategies.json_values.map(lambda v: orjson.dumps(v).decode()))
+@settings(max_examples=300)
+def test_garbage_gets_the_reference_error(frame: str) -> None:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        orjson.loads(frame)
+        assert outcome(decode_message, frame) == outcome(reference_decode, frame)
