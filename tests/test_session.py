@@ -134,9 +134,14 @@ def test_backoff_grows_to_its_bound_with_bounded_jitter() -> None:
 
 
 @pytest.mark.parametrize(
-    "settings",
-    [{"initial_delay": -1}, {"multiplier": 0.5}, {"max_attempts": 0}, {"jitter": 2}],
+    ("settings", "words"),
+    [
+        ({"initial_delay": -1}, "'initial_delay' must be >= 0"),
+        ({"multiplier": 0.5}, "'multiplier' must be >= 1"),
+        ({"max_attempts": 0}, "'max_attempts' must be >= 1"),
+        ({"jitter": 2}, "'jitter' must be <= 1"),
+    ],
 )
-def test_bad_policies_are_refused(settings: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_policies_are_refused(settings: dict[str, float], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
         ReconnectPolicy(**settings)  # type: ignore[arg-type]
