@@ -80,6 +80,11 @@ async def test_demo_completes_every_task_and_reports_health() -> None:
         assert re.search(rf"^ *[\d.]+s  {task} +completed by orch-\w+: ", text, re.MULTILINE)
     assert "FAILED" not in text
     assert "6 of 6 task(s) completed" in text
+    # The first executor's link was cut once, and nothing was lost or repeated.
+    assert report.cuts == 1 and len(report.recoveries) == 1
+    assert report.lossless
+    assert "link to orch-beta cut" in text and "link to orch-beta back after" in text
+    assert "every progress report arrived exactly once, in order" in text
 
     for spec in EXECUTORS:
         assert f"{spec.id} received broadcast 'all-tasks-delegated' from orch-alpha" in text
@@ -93,12 +98,20 @@ async def test_demo_completes_every_task_and_reports_health() -> None:
         # acceptance, 4 progress reports and a completion back.
         assert int(sent) >= 4
         assert int(received) >= 18
-        assert errors == "0"
+        # The cut link is reported once (as a lost transport, then resumed).
+        assert errors == ("1" if peer == "orch-beta" else "0")
         assert uptime.endswith(" s")
 
     assert isinstance(report, DemoReport)
     assert report.failed == ()
     assert set(report.health) == {"orch-beta", "orch-gamma"}
+
+
+async def test_a_lost_progress_report_would_be_seen() -> None:
+    report = await run_demo(tasks=1, speed=FAST, out=io.StringIO(), cut=False)
+    assert report.cuts == 0 and report.lossless
+    report.tasks[0].reports.remove(40.0)  # as if it had been lost
+    assert not report.lossless
 
 
 async def test_demo_routes_each_task_by_capability() -> None:

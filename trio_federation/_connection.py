@@ -711,10 +711,10 @@ class OrchestratorConnection:
         if deadline < self._sleeping_until:
             self._wakeup.set()
 
-    def _report(self, error: FederationError) -> None:
+    def _report(self, error: FederationError, level: int = logging.WARNING) -> None:
         _detach(error)
         self._state.error()
-        logger.warning("connection to %r: %s", self._id, error)
+        logger.log(level, "connection to %r: %s", self._id, error)
         for watcher in self._error_watchers:
             watcher._push(error)
 
@@ -869,8 +869,10 @@ class OrchestratorConnection:
                 if not self._may_resume(ended):
                     self._settle(ended)
                     break
+                why = ended.reason or f"code {ended.code}"
                 self._report(
-                    ConnectionLost(ended.code, f"link lost, waiting to resume: {ended.reason}")
+                    ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
+                    level=logging.INFO,  # not an end: the next transport carries on
                 )
             nursery.cancel_scope.cancel()
 

@@ -10,6 +10,12 @@ as a guided tour of the public API:
   holds a secret shared with the coordinator (``secrets=``), the coordinator
   proves its id with it (``secret=``) and the executor proves it back; the
   secret never crosses the wire.
+* The link to ``orch-beta`` runs through a
+  :class:`~trio_federation.testing.FaultyProxy`, which cuts it (a TCP reset)
+  in the middle of the run. The coordinator dials with a
+  :class:`~trio_federation.ReconnectPolicy`: it reconnects, the resumable
+  session sends again what was in flight, and no progress report is lost or
+  repeated — the end of the run checks it.
 * A *coordinator*, ``orch-alpha``, dials both with
   :func:`~trio_federation.open_orchestrator_connection`, picks the executor for
   each task with :meth:`~trio_federation.OrchestratorConnection.check_capability`
@@ -57,12 +63,14 @@ from . import (
     FederationMessage,
     OrchestratorConnection,
     Payload,
+    ReconnectPolicy,
     Task,
     TaskCallback,
     TaskType,
     open_orchestrator_connection,
     serve_federation,
 )
+from .testing import FaultyProxy
 
 __all__ = [
     "COORDINATOR_ID",
@@ -94,6 +102,8 @@ BROADCAST_TOPIC: Final = "all-tasks-delegated"
 """The topic of the coordinator's announcement."""
 DEFAULT_TASKS: Final = 6
 """Tasks delegated when the caller does not say."""
+RECONNECT: Final = ReconnectPolicy(initial_delay=0.02, max_delay=0.5)
+"""How the coordinator reconnects after the demo cuts a link."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +198,8 @@ class TaskProgress:
     state: TaskState = "pending"
     percent: float = 0.0
     detail: str = ""
+    reports: list[float] = dataclasses.field(default_factory=list)
+    """Every progress figure received, in order (to check that none was lost)."""
 
     @property
     def settled(self) -> bool:
@@ -209,11 +221,19 @@ class DemoReport:
     tasks: tuple[TaskProgress, ...]
     health: Mapping[str, ConnectionHealth]
     elapsed: float
+    cuts: int = 0
+    recoveries: tuple[float, ...] = ()
 
     @property
     def failed(self) -> tuple[TaskProgress, ...]:
         """The tasks that did not complete."""
         return tuple(row for row in self.tasks if row.state != "completed")
+
+    @property
+    def lossless(self) -> bool:
+        """Every completed task got every progress report exactly once, in order."""
+        expected = [float(p) for p in range(PROGRESS_STEP, 101, PROGRESS_STEP)]
+        return all(row.reports == expected for row in self.tasks if row.state == "completed")
 
 
 # -- the executors ---------------------------------------------------------------------
@@ -362,14 +382,19 @@ def _apply(row: TaskProgress, payload: object) -> None:
             row.state, row.detail = "failed", f"refused: {reason or 'no reason given'}"
         case TaskCallback(status="progress", progress=percent):
             row.state, row.percent = "progress", percent or 0.0
+            row.reports.append(row.percent)
         case TaskCallback(status="completed", result=result):
             row.state, row.percent, row.detail = "completed", 100.0, str(result)
+            row.reports.append(100.0)
         case TaskCallback(status="failed", error=error):
             row.state, row.detail = "failed", error or "no error given"
 
 
 async def _follow(
-    conn: OrchestratorConnection, rows: Sequence[TaskProgress], display: Display
+    conn: OrchestratorConnection,
+    rows: Sequence[TaskProgress],
+    display: Display,
+    progressed: trio.Event | None = None,
 ) -> None:
     """Read callbacks from one executor until each of its tasks has settled.
 
@@ -386,6 +411,8 @@ async def _follow(
                 if row is not None and not row.settled:
                     _apply(row, payload)
                     display.update(row)
+                    if row.reports and progressed is not None:
+                        progressed.set()
             if all(row.settled for row in rows):
                 return
         reason = f"{conn.id} closed the connection"
@@ -397,17 +424,63 @@ async def _follow(
             display.update(row)
 
 
+async def _cut_once(
+    proxy: FaultyProxy,
+    conn: OrchestratorConnection,
+    progressed: trio.Event,
+    display: Display,
+    recoveries: list[float],
+) -> None:
+    """Cut the link once progress came through it; time until it is back."""
+    await progressed.wait()
+    with conn.watch_status() as statuses:
+        proxy.cut()
+        cut_at = trio.current_time()
+        display.note(f"link to {conn.id} cut (TCP reset, no close): reconnecting...")
+        down = False
+        async for status in statuses:
+            if status in ("disconnected", "connecting"):
+                down = True
+            elif down and status in ("connected", "active", "idle"):
+                break
+    recoveries.append(trio.current_time() - cut_at)
+    display.note(
+        f"link to {conn.id} back after {recoveries[-1] * 1000:.0f} ms; "
+        "session resumed, in-flight messages sent again"
+    )
+
+
+async def _follow_and_cut(
+    conn: OrchestratorConnection,
+    rows: Sequence[TaskProgress],
+    display: Display,
+    proxy: FaultyProxy,
+    recoveries: list[float],
+) -> None:
+    """:func:`_follow`, cutting the link once on the way (not after the end)."""
+    progressed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cut_once, proxy, conn, progressed, display, recoveries)
+        await _follow(conn, rows, display, progressed)
+        nursery.cancel_scope.cancel()
+
+
 async def _coordinate(
     executors_at: Sequence[tuple[str, str, bytes]],
     *,
     tasks: int,
     speed: float,
     display: Display,
+    proxy: FaultyProxy | None = None,
+    recoveries: list[float] | None = None,
 ) -> tuple[list[TaskProgress], dict[str, ConnectionHealth]]:
     """Dial the executors, delegate ``tasks`` tasks and follow them to the end.
 
-    ``executors_at`` holds each executor's id, URL and the secret shared with it.
+    ``executors_at`` holds each executor's id, URL and the secret shared with
+    it. With ``proxy`` (in front of the first executor), cut that link once
+    mid-run and note the recovery times in ``recoveries``.
     """
+    recoveries = [] if recoveries is None else recoveries
     async with contextlib.AsyncExitStack() as stack:
         executors = [
             await stack.enter_async_context(
@@ -418,6 +491,7 @@ async def _coordinate(
                     remote_id=executor_id,
                     secret=secret,
                     heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                    reconnect=RECONNECT,
                 )
             )
             for executor_id, url, secret in executors_at
@@ -427,7 +501,10 @@ async def _coordinate(
         async with trio.open_nursery() as nursery:
             for conn in executors:
                 mine = [row for row in plan if row.executor == conn.id]
-                nursery.start_soon(_follow, conn, mine, display)
+                if proxy is not None and conn is executors[0] and mine:
+                    nursery.start_soon(_follow_and_cut, conn, mine, display, proxy, recoveries)
+                else:
+                    nursery.start_soon(_follow, conn, mine, display)
             by_id = {conn.id: conn for conn in executors}
             for row in plan:
                 if not row.settled:  # else its executor has already gone
@@ -639,6 +716,7 @@ async def run_demo(
     speed: float = 1.0,
     out: TextIO | None = None,
     live: bool | None = None,
+    cut: bool = True,
 ) -> DemoReport:
     """Run the demo federation on loopback until every task has settled.
 
@@ -653,6 +731,8 @@ async def run_demo(
         out: where to write (default: standard output).
         live: redraw a table in place (True) or print one line per event
             (False); by default, live when ``out`` is a terminal big enough.
+        cut: run the first executor's link through a proxy that cuts it once
+            mid-run, to show the coordinator reconnecting without loss.
 
     Returns:
         The state of every task and the health of every connection. Failed
@@ -685,6 +765,8 @@ async def run_demo(
         display = EventLog(out)
 
     started = trio.current_time()
+    recoveries: list[float] = []
+    proxy: FaultyProxy | None = None
     out.write(f"trio-federation demo: {len(EXECUTORS) + 1} orchestrators on {HOST}\n")
     try:
         async with trio.open_nursery() as nursery:
@@ -705,23 +787,46 @@ async def run_demo(
                     )
                 )
                 url = f"ws://{HOST}:{listener.port}/federation"
-                executors_at.append((spec.id, url, secret))
                 capabilities = ", ".join(spec.capabilities)
                 out.write(f"  {spec.id:<11} listens on {url}  [{capabilities}]\n")
+                if cut and proxy is None:  # the first executor's link will be cut
+                    proxy = await nursery.start(FaultyProxy(listener.port, target_host=HOST).run)
+                    url = f"ws://{HOST}:{proxy.port}/federation"
+                    out.write(f"{'':<14}reached through a proxy that will cut the link once\n")
+                executors_at.append((spec.id, url, secret))
             out.write(
                 f"  {COORDINATOR_ID:<11} dials both, each link authenticated both ways with "
                 f"a shared secret,\n{'':<14}and delegates {tasks} task(s)\n\n"
             )
             plan, health = await _coordinate(
-                executors_at, tasks=tasks, speed=speed, display=display
+                executors_at,
+                tasks=tasks,
+                speed=speed,
+                display=display,
+                proxy=proxy,
+                recoveries=recoveries,
             )
             nursery.cancel_scope.cancel()  # stop the listeners
     finally:
         display.close()
 
-    report = DemoReport(tasks=tuple(plan), health=health, elapsed=trio.current_time() - started)
+    report = DemoReport(
+        tasks=tuple(plan),
+        health=health,
+        elapsed=trio.current_time() - started,
+        cuts=0 if proxy is None else proxy.statistics().cuts,
+        recoveries=tuple(recoveries),
+    )
     out.write("\n" + format_health(report.health) + "\n")
     done = len(report.tasks) - len(report.failed)
     out.write(f"{done} of {len(report.tasks)} task(s) completed in {report.elapsed:.1f} s.\n")
+    if report.cuts:
+        back = ", ".join(f"{r * 1000:.0f} ms" for r in report.recoveries) or "not measured"
+        verdict = (
+            "every progress report arrived exactly once, in order"
+            if report.lossless
+            else "SOME PROGRESS REPORTS WERE LOST OR REPEATED"
+        )
+        out.write(f"The link was cut {report.cuts} time(s), back after {back}; {verdict}.\n")
     out.flush()
     return report
