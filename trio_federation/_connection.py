@@ -1393,7 +1393,14 @@ class OrchestratorConnection:
         self._queue.close()
         with _shielded_deadline(deadline) as scope:
             self._close_scope = scope
-            if self._nursery is not None and (len(self._queue) or self.unacknowledged):
+            # Drain over the live transport, or over the next one a reconnecting
+            # dialer brings; a listener's peer that is gone is not waited for.
+            may_drain = self._transport is not None or self._reattach == math.inf
+            if (
+                may_drain
+                and self._nursery is not None
+                and (len(self._queue) or self.unacknowledged)
+            ):
                 await self._drained.wait()  # written (and acknowledged, in a session)
             self._next_send.close()  # no transport will come any more
             socket = self._socket

@@ -616,6 +616,7 @@ class FederationListener:
         # Who holds each peer id (a pending upgrade or an open connection).
         self._claims: dict[str, object] = {}
         self._streams = 0
+        self._pending = 0  # streams still in their TLS or upgrade handshake
         self._accepted = 0
         self._refused: dict[str, int] = {}
         self._sockets: Sequence[trio.SocketListener | trio.SSLListener[trio.SocketStream]] = ()
@@ -639,7 +640,7 @@ class FederationListener:
         """A frozen snapshot of the listener's connection and refusal counts."""
         return ListenerStatistics(
             connections=len(self._connections),
-            pending=self._streams - len(self._connections),
+            pending=self._pending,
             accepted=self._accepted,
             refused=types.MappingProxyType(dict(self._refused)),
         )
@@ -651,7 +652,8 @@ class FederationListener:
     async def _refuse(self, request: WebSocketRequest, status: int, kind: str, reason: str) -> None:
         self._count_refusal(kind, request.remote, reason)
         headers = [(b"WWW-Authenticate", b"Federation-HMAC-SHA256")] if status == 401 else None
-        await request.reject(status, extra_headers=headers, body=reason.encode())
+        with contextlib.suppress(trio_websocket.ConnectionClosed):  # the dialer left first
+            await request.reject(status, extra_headers=headers, body=reason.encode())
         await release_stream(request)
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
@@ -660,6 +662,7 @@ class FederationListener:
             await self._refuse_full(stream)
             return
         self._streams += 1
+        handshake = _Handshake(self)
         host = SocketHost()
         try:
             async with trio.open_nursery() as nursery:
@@ -687,11 +690,12 @@ class FederationListener:
                             f"no upgrade within {self._handshake_timeout:g}s",
                         )
                     else:
-                        await self._handle_request(request, host, cert_id)
+                        await self._handle_request(request, host, cert_id, handshake)
                 finally:
                     host.scope.cancel()
         finally:
             self._streams -= 1
+            handshake.over()
             await trio.aclose_forcefully(stream)
 
     async def _refuse_full(self, stream: trio.abc.Stream) -> None:
@@ -726,7 +730,11 @@ class FederationListener:
         return cert_id
 
     async def _handle_request(
-        self, request: WebSocketRequest, host: SocketHost, cert_id: str | None
+        self,
+        request: WebSocketRequest,
+        host: SocketHost,
+        cert_id: str | None,
+        handshake: _Handshake,
     ) -> None:
         try:
             identity = parse_request_identity(request.headers, request.path)
@@ -778,7 +786,7 @@ class FederationListener:
         authenticated = self._verifier is not None or cert_id is not None
         old = self._connections.get(peer_id)
         if offer is not None and old is not None and old._session_id == offer.session:
-            await self._resume(request, host, old, offer, answer)
+            await self._resume(request, host, old, offer, answer, handshake)
             return
         claim = object()
         previous = self._claims.get(peer_id)
@@ -809,10 +817,13 @@ class FederationListener:
                 connection._reattach = self._resume_timeout
                 granted = connection._resume_offer(resumed=False).header(response=True)
                 answer.append((RESUME_HEADER.encode(), granted.encode()))
-            socket = await request.accept(
-                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
+            socket = await _accept(
+                request, identity_headers(self.local_id, self.capabilities) + answer
             )
+            if socket is None:
+                return
             connection._adopt(socket)
+            handshake.over()
             host.on_failure = functools.partial(connection._transport_failed, socket=socket)
             self._connections[peer_id] = connection
             self._accepted += 1
@@ -842,6 +853,7 @@ class FederationListener:
         connection: OrchestratorConnection,
         offer: ResumeOffer,
         answer: list[tuple[bytes, bytes]],
+        handshake: _Handshake,
     ) -> None:
         """The peer of a live session is back: carry it on over this stream."""
         if connection._attaching:
@@ -852,9 +864,12 @@ class FederationListener:
             await connection._detach()  # a half-open old link, if still there
             granted = connection._resume_offer(resumed=True).header(response=True)
             answer.append((RESUME_HEADER.encode(), granted.encode()))
-            socket = await request.accept(
-                extra_headers=identity_headers(self.local_id, self.capabilities) + answer
+            socket = await _accept(
+                request, identity_headers(self.local_id, self.capabilities) + answer
             )
+            if socket is None:
+                return
+            handshake.over()
             host.on_failure = functools.partial(connection._transport_failed, socket=socket)
             self._accepted += 1
             logger.info("%r resumed its session (%s)", connection.id, request.remote)
@@ -866,6 +881,33 @@ class FederationListener:
         async with trio.open_nursery() as nursery:
             for connection in list(self._connections.values()):
                 nursery.start_soon(connection._close, code, reason)
+
+
+async def _accept(
+    request: WebSocketRequest, headers: list[tuple[bytes, bytes]]
+) -> trio_websocket.WebSocketConnection | None:
+    """Accept the upgrade; None if the dialer's link died meanwhile."""
+    try:
+        return await request.accept(extra_headers=headers)
+    except trio_websocket.ConnectionClosed:
+        logger.info("the dialer at %s left during the upgrade", request.remote)
+        await release_stream(request)
+        return None
+
+
+class _Handshake:
+    """Counts one accepted stream as pending until its upgrade is over."""
+
+    def __init__(self, listener: FederationListener) -> None:
+        self._listener = listener
+        self._open = True
+        listener._pending += 1
+
+    def over(self) -> None:
+        """It carries a connection now, or never will (idempotent)."""
+        if self._open:
+            self._open = False
+            self._listener._pending -= 1
 
 
 def _remote(stream: trio.abc.Stream) -> str:

@@ -162,6 +162,8 @@ async def test_a_stalled_link_is_found_dead_and_the_session_resumes(nursery: tri
         assert 0.4 <= took < 3.0  # found dead after dead_timeout, then resumed
         assert lost and "presumed dead" in lost[0].reason
         assert proxy.connections == 2
+        stats = listener.statistics()
+        assert (stats.connections, stats.pending, stats.accepted) == (1, 0, 2)  # one resumed
         for link in stalled:
             link.release()  # the old link's bytes arrive late, on a closed socket
         await conn.send_message(to_listener(4))

@@ -392,6 +392,7 @@ async def test_a_slow_loris_handshake_is_cut_at_the_handshake_timeout(
 ) -> None:
     listener = await start(nursery, served, handshake_timeout=0.5)
     stream = await trio.open_tcp_stream("127.0.0.1", listener.port)
+    await wait_for(lambda: listener.statistics().pending == 1)  # held, but not for long
     started = trio.current_time()
     request = b"GET /federation HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
     closed_after: float | None = None
@@ -408,6 +409,7 @@ async def test_a_slow_loris_handshake_is_cut_at_the_handshake_timeout(
     assert 0.4 < closed_after < 2.5
     await stream.aclose()
     assert listener.statistics().refused == {"timeout": 1}
+    assert listener.statistics().pending == 0
     await honest_round_trip(listener)
 
 
@@ -428,6 +430,7 @@ async def test_too_many_connections_are_refused_with_503(
             assert info.value.status_code == 503
             assert "connection limit" in str(info.value)
             assert listener.statistics().connections == 2
+            assert listener.statistics().pending == 0
     await wait_for(lambda: not listener.connections)
     await honest_round_trip(listener)  # room again
     assert listener.statistics().refused == {"capacity": 1}
