@@ -815,11 +815,7 @@ class FederationListener:
             if offer is not None:
                 connection._start_session(offer.session, offer)
                 connection._reattach = self._resume_timeout
-                granted = connection._resume_offer(resumed=False).header(response=True)
-                answer.append((RESUME_HEADER.encode(), granted.encode()))
-            socket = await _accept(
-                request, identity_headers(self.local_id, self.capabilities) + answer
-            )
+            socket = await self._accept(request, answer, connection if offer else None)
             if socket is None:
                 return
             connection._adopt(socket)
@@ -862,11 +858,7 @@ class FederationListener:
         connection._attaching = True
         try:
             await connection._detach()  # a half-open old link, if still there
-            granted = connection._resume_offer(resumed=True).header(response=True)
-            answer.append((RESUME_HEADER.encode(), granted.encode()))
-            socket = await _accept(
-                request, identity_headers(self.local_id, self.capabilities) + answer
-            )
+            socket = await self._accept(request, answer, connection, resumed=True)
             if socket is None:
                 return
             handshake.over()
@@ -877,22 +869,30 @@ class FederationListener:
         finally:
             connection._attaching = False
 
+    async def _accept(
+        self,
+        request: WebSocketRequest,
+        answer: list[tuple[bytes, bytes]],
+        session: OrchestratorConnection | None,
+        *,
+        resumed: bool = False,
+    ) -> trio_websocket.WebSocketConnection | None:
+        """Accept the upgrade, granting ``session``'s; None if the dialer left meanwhile."""
+        headers = identity_headers(self.local_id, self.capabilities) + answer
+        if session is not None:
+            granted = session._resume_offer(resumed=resumed).header(response=True)
+            headers.append((RESUME_HEADER.encode(), granted.encode()))
+        try:
+            return await request.accept(extra_headers=headers)
+        except trio_websocket.ConnectionClosed:
+            logger.info("the dialer at %s left during the upgrade", request.remote)
+            await release_stream(request)
+            return None
+
     async def _close_all(self, code: int, reason: str) -> None:
         async with trio.open_nursery() as nursery:
             for connection in list(self._connections.values()):
                 nursery.start_soon(connection._close, code, reason)
-
-
-async def _accept(
-    request: WebSocketRequest, headers: list[tuple[bytes, bytes]]
-) -> trio_websocket.WebSocketConnection | None:
-    """Accept the upgrade; None if the dialer's link died meanwhile."""
-    try:
-        return await request.accept(extra_headers=headers)
-    except trio_websocket.ConnectionClosed:
-        logger.info("the dialer at %s left during the upgrade", request.remote)
-        await release_stream(request)
-        return None
 
 
 class _Handshake:
