@@ -1,13 +1,17 @@
 """``python -m bench``: trio-federation against raw trio-websocket, printed as a table.
 
 Runs (a) one-way throughput and (b) round trips with the two peers in two child
-processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate),
-and (c) the codec cost in this process. Each networked measurement is repeated
-``--repeat`` times: throughput is the median of the repeats; latency
+processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate;
+the library runs once with resumable sessions, its default, and once without,
+the two swapping places from one repeat to the next), (c) the codec cost in
+this process, and (d) the recovery time after ``--cuts`` link cuts through a
+``FaultyProxy``, in this process, for each sending side (:mod:`bench.recovery`).
+(a) and (b) are repeated ``--repeat`` times: throughput is the median of the repeats; latency
 percentiles pool the samples of every repeat. ``--quick`` runs a small version
 for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
 status: 0 when every run completed (whether or not the targets are met), 1 when
-a run failed, 130 when interrupted.
+a run failed or (d) saw a message lost, repeated or reordered, 130 when
+interrupted.
 """
 
 from __future__ import annotations
