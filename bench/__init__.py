@@ -12,9 +12,16 @@ processes on 127.0.0.1:
 (c) codec cost per message (``encode_message`` + ``decode_message`` against
     ``orjson.dumps`` + ``orjson.loads`` of the equivalent dict), in process.
 
+(a) and (b) run the library with resumable sessions (the default) and without
+(``resumable=False``: the plain v1 protocol), and print the ratio of the two.
+(d) is the library alone: the time from a cut link to the first message
+delivered after the reconnect, and whether every message arrived exactly once
+and in order (:mod:`bench.recovery`, in process, through a ``FaultyProxy``).
+
 Modules: :mod:`bench._workload` (the messages), :mod:`bench.worker` (the peer
 processes), :mod:`bench._peers` (starting and watching them), :mod:`bench._report`
-(figures and the table) and :mod:`bench.__main__` (the command line).
+(figures and the table), :mod:`bench.recovery` (d) and :mod:`bench.__main__`
+(the command line).
 
 ``python -m bench.codec`` times the codec's fast paths against the reference
 path they are pinned to, per kind of message (:mod:`bench.codec`).

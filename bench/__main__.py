@@ -1,19 +1,24 @@
 """``python -m bench``: trio-federation against raw trio-websocket, printed as a table.
 
 Runs (a) one-way throughput and (b) round trips with the two peers in two child
-processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate),
-and (c) the codec cost in this process. Each networked measurement is repeated
-``--repeat`` times: throughput is the median of the repeats; latency
+processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate;
+the library runs once with resumable sessions, its default, and once without,
+the two swapping places from one repeat to the next), (c) the codec cost in
+this process, and (d) the recovery time after ``--cuts`` link cuts through a
+``FaultyProxy``, in this process, for each sending side (:mod:`bench.recovery`).
+(a) and (b) are repeated ``--repeat`` times: throughput is the median of the repeats; latency
 percentiles pool the samples of every repeat. ``--quick`` runs a small version
 for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
 status: 0 when every run completed (whether or not the targets are met), 1 when
-a run failed, 130 when interrupted.
+a run failed or (d) saw a message lost, repeated or reordered, 130 when
+interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import sys
@@ -21,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 import trio
@@ -32,16 +37,50 @@ from ._peers import PeerError, pick_cpus, run_pair
 from ._report import (
     P50_TARGET,
     THROUGHPUT_TARGET,
+    Comparison,
     Row,
+    format_comparisons,
     format_table,
     format_verdicts,
     median,
     percentile,
 )
 from ._workload import HEARTBEAT_TIMEOUT, HOST, equivalent_dict, frame_size, make_delegations
+from .recovery import (
+    PACE,
+    SETTLE,
+    Direction,
+    RecoveryError,
+    RecoveryResult,
+    format_recovery,
+    measure_recovery,
+    policy_json,
+)
+from .recovery import POLICY as RECOVERY_POLICY
 
-FULL = {"messages": 50_000, "round_trips": 5_000, "repeat": 3, "codec_messages": 10_000}
-QUICK = {"messages": 2_000, "round_trips": 300, "repeat": 1, "codec_messages": 1_000}
+IMPLS: Final = ("raw", "codec", "lib", "lib-v1")
+"""What runs (a) and (b): see :data:`bench.worker.Impl`."""
+SUFFIX: Final = {"lib": "", "lib-v1": "_v1", "codec": "_floor", "raw": "_raw"}
+"""The JSON key suffix of a row whose subject is that implementation."""
+OVERHEADS: Final = {
+    "throughput": "(a) one-way throughput",
+    "throughput_listener_cpu": "    receiver CPU",
+    "throughput_dialer_cpu": "    sender CPU",
+    "round_trip_p50": "(b) round trip p50",
+    "round_trip_p99": "(b) round trip p99",
+    "round_trip_dialer_cpu": "    dialer CPU",
+    "round_trip_listener_cpu": "    listener CPU",
+}
+"""The rows compared between sessions on and off, and their labels there."""
+
+FULL = {
+    "messages": 50_000,
+    "round_trips": 5_000,
+    "repeat": 3,
+    "codec_messages": 10_000,
+    "cuts": 100,
+}
+QUICK = {"messages": 2_000, "round_trips": 300, "repeat": 1, "codec_messages": 1_000, "cuts": 10}
 CODEC_REPEAT = 5
 
 
@@ -55,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=int, help="messages for (a) (default 50,000)")
     parser.add_argument("--round-trips", type=int, help="round trips for (b) (default 5,000)")
     parser.add_argument("--repeat", type=int, help="runs of (a) and (b) each (default 3)")
+    parser.add_argument(
+        "--cuts", type=int, help="link cuts for (d), for each sending side (default 100)"
+    )
     parser.add_argument(
         "--no-pin",
         action="store_true",
@@ -82,15 +124,17 @@ async def _networked(
 ) -> tuple[list[Row], dict[str, Any]]:
     # figure name -> impl -> one value per repeat
     runs: dict[str, dict[str, list[float]]] = {}
-    latencies: dict[str, list[float]] = {"lib": [], "raw": [], "codec": []}
+    latencies: dict[str, list[float]] = {impl: [] for impl in IMPLS}
 
     def record(name: str, impl: str, value: float) -> None:
-        runs.setdefault(name, {"lib": [], "raw": [], "codec": []})[impl].append(value)
+        runs.setdefault(name, {impl: [] for impl in IMPLS})[impl].append(value)
 
     tp_warmup = max(1, min(1000, messages // 10))
     rt_warmup = max(1, min(200, round_trips // 10))
     for run in range(1, repeat + 1):
-        for impl in ("raw", "codec", "lib"):
+        # The two library modes swap places from one repeat to the next.
+        order = ("raw", "codec", "lib", "lib-v1") if run % 2 else ("raw", "codec", "lib-v1", "lib")
+        for impl in order:
             served, dialed = await run_pair(
                 impl,
                 "throughput",
@@ -105,7 +149,7 @@ async def _networked(
             record("throughput_dialer_cpu", impl, dialed["cpu"] / dialed["sent"] * 1e6)
             record("throughput_sender_side", impl, dialed["sent"] / dialed["elapsed"])
             _progress(f"run {run}/{repeat}: {impl} throughput {rate:,.0f} msg/s")
-        for impl in ("raw", "codec", "lib"):
+        for impl in order:
             served, dialed = await run_pair(
                 impl,
                 "roundtrip",
@@ -138,8 +182,9 @@ async def _networked(
     ) -> Row:
         """A table row: the median of the repeats, or a percentile of ``pooled`` samples.
 
-        ``subject`` is what is compared with raw: the library, or ``codec`` (whose
-        row's key gets a ``_floor`` suffix, so that both rows reach the JSON).
+        ``subject`` is what is compared with raw: the library (sessions on), the
+        library without sessions (``lib-v1``, key suffix ``_v1``) or ``codec``
+        (key suffix ``_floor``), so that every row reaches the JSON.
         """
         values = runs[name]
         if pooled is None:
@@ -148,7 +193,7 @@ async def _networked(
             library = percentile(pooled[subject], fraction)
             raw = percentile(pooled["raw"], fraction)
         return Row(
-            key=name if subject == "lib" else f"{name}_floor",
+            key=name + SUFFIX[subject],
             label=label,
             unit=unit,
             library=library,
@@ -159,10 +204,20 @@ async def _networked(
             runs_raw=tuple(values["raw"]),
         )
 
+    v1 = "lib-v1"
     rows = [
-        row("throughput", "(a) one-way throughput", "msg/s", "higher", target=THROUGHPUT_TARGET),
+        row(
+            "throughput",
+            "(a) one-way throughput, sessions on",
+            "msg/s",
+            "higher",
+            target=THROUGHPUT_TARGET,
+        ),
         row("throughput_listener_cpu", "    receiver CPU", "us/msg", "lower"),
         row("throughput_dialer_cpu", "    sender CPU", "us/msg", "lower"),
+        row("throughput", "    sessions off (v1)", "msg/s", "higher", subject=v1),
+        row("throughput_listener_cpu", "      v1 receiver CPU", "us/msg", "lower", subject=v1),
+        row("throughput_dialer_cpu", "      v1 sender CPU", "us/msg", "lower", subject=v1),
         row("throughput", "    floor: raw + our codec", "msg/s", "higher", subject="codec"),
         row(
             "throughput_listener_cpu",
@@ -174,12 +229,13 @@ async def _networked(
         row("throughput_dialer_cpu", "      floor sender CPU", "us/msg", "lower", subject="codec"),
         row(
             "round_trip_p50",
-            "(b) round trip p50",
+            "(b) round trip p50, sessions on",
             "us",
             "lower",
             target=P50_TARGET,
             pooled=latencies,
         ),
+        row("round_trip_p50", "    sessions off (v1)", "us", "lower", pooled=latencies, subject=v1),
         row(
             "round_trip_p50",
             "    floor: raw + our codec",
@@ -190,14 +246,25 @@ async def _networked(
         ),
         row(
             "round_trip_p99",
-            "(b) round trip p99",
+            "(b) round trip p99, sessions on",
             "us",
             "lower",
             pooled=latencies,
             fraction=0.99,
         ),
+        row(
+            "round_trip_p99",
+            "    sessions off (v1)",
+            "us",
+            "lower",
+            pooled=latencies,
+            fraction=0.99,
+            subject=v1,
+        ),
         row("round_trip_dialer_cpu", "    dialer CPU", "us/trip", "lower"),
         row("round_trip_listener_cpu", "    listener CPU", "us/trip", "lower"),
+        row("round_trip_dialer_cpu", "      v1 dialer CPU", "us/trip", "lower", subject=v1),
+        row("round_trip_listener_cpu", "      v1 listener CPU", "us/trip", "lower", subject=v1),
     ]
     extra = {
         "sender_side_throughput": runs["throughput_sender_side"],
@@ -205,6 +272,37 @@ async def _networked(
         "round_trip_warmup": rt_warmup,
     }
     return rows, extra
+
+
+def _overheads(rows: Sequence[Row]) -> list[Comparison]:
+    """Sessions on against off, for every figure measured both ways."""
+    by_key = {row.key: row for row in rows}
+    return [
+        Comparison.of(by_key[key], by_key[key + "_v1"], label) for key, label in OVERHEADS.items()
+    ]
+
+
+# -- (d): recovery after a cut, in process ----------------------------------------------
+
+
+def _recovery(cuts: int) -> list[RecoveryResult]:
+    """(d) for each sending side, with the library's per-cut warnings silenced."""
+    library_log = logging.getLogger("trio_federation")
+    level = library_log.level
+    library_log.setLevel(logging.ERROR)  # "link lost, waiting to resume", once per cut
+    try:
+        results = []
+        senders: tuple[Direction, ...] = ("dialer", "listener")
+        for sender in senders:
+            result = trio.run(measure_recovery, sender, cuts)
+            results.append(result)
+            _progress(
+                f"{sender} sends: {cuts} cuts, recovery p50 {result.percentile_ms(0.5):.1f} ms, "
+                f"max {result.percentile_ms(1.0):.1f} ms"
+            )
+        return results
+    finally:
+        library_log.setLevel(level)
 
 
 # -- (c): the codec, in process -----------------------------------------------------------
@@ -295,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks, print the table; see the module docstring."""
     args = _parser().parse_args(argv)
     config = dict(QUICK if args.quick else FULL)
-    for key in ("messages", "round_trips", "repeat"):
+    for key in ("messages", "round_trips", "repeat", "cuts"):
         value = getattr(args, key)
         if value is not None:
             if value < 1:
@@ -323,8 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (peer processes stopped)", file=sys.stderr)
         return 130
+    try:
+        recoveries = _recovery(config["cuts"])
+    except RecoveryError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     codec_rows = _codec(config["codec_messages"])
     rows = (*network_rows, *codec_rows)
+    overheads = _overheads(rows)
 
     versions = env["versions"]
     print()
@@ -347,14 +454,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(c) baseline: orjson.dumps + orjson.loads of the same message as one dict "
         "(payload as an object)"
     )
+    print(
+        "library peers: rate_limit=None; 'sessions on' is the default (resumable=True), "
+        "'sessions off (v1)' is resumable=False with resume_timeout=0"
+    )
     print()
     print(format_table(rows))
+    print()
+    print(format_comparisons(overheads))
+    print()
+    policy = RECOVERY_POLICY
+    print(
+        f"(d) in this process: listener, FaultyProxy, dialer with ReconnectPolicy("
+        f"initial_delay={policy.initial_delay:g}, multiplier={policy.multiplier:g}, "
+        f"jitter={policy.jitter:g}); one message every {PACE * 1000:g} ms, a cut (RST) "
+        f"every {SETTLE * 1000:g} ms of steady stream; recovery: cut -> the first message "
+        "sent after it delivered"
+    )
+    print(format_recovery(recoveries))
     print()
     print(format_verdicts(rows))
     if args.quick:
         print("(--quick: small counts, figures are indicative only)")
 
     if args.json is not None:
+        recovery: dict[str, Any] = {"policy": policy_json()}
+        for result in recoveries:
+            recovery[f"{result.sender}_sends"] = result.as_json()
         document = {
             "config": {
                 **config,
@@ -366,10 +492,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "environment": env,
             "results": {row.key: row.as_json() for row in rows},
+            "resumption_overhead": {c.key: c.as_json() for c in overheads},
+            "recovery": recovery,
             "targets_met": all(row.met for row in rows if row.met is not None),
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"results written to {args.json}")
+    broken = [result.sender for result in recoveries if not result.exactly_once]
+    if broken:
+        print(f"benchmark failed: messages lost, repeated or reordered ({broken})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -127,3 +127,82 @@ def format_verdicts(rows: Sequence[Row]) -> str:
             f"{row.target_text()}: {verdict}"
         )
     return "\n".join(out)
+
+
+@attrs.frozen(kw_only=True)
+class Comparison:
+    """One figure of the library with resumable sessions on and off, next to raw's."""
+
+    key: str
+    label: str
+    unit: str
+    on: float
+    off: float
+    raw: float
+    runs_on: tuple[float, ...] = ()
+    runs_off: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, on: Row, off: Row, label: str) -> Comparison:
+        """From the table's row with sessions on and the matching row with them off."""
+        return cls(
+            key=on.key,
+            label=label,
+            unit=on.unit,
+            on=on.library,
+            off=off.library,
+            raw=on.raw,
+            runs_on=on.runs_library,
+            runs_off=off.runs_library,
+        )
+
+    @property
+    def overhead(self) -> float:
+        """on / off: the cost of sessions (above 1 for a time, below 1 for a rate)."""
+        return self.on / self.off if self.off else math.inf
+
+    def as_json(self) -> dict[str, Any]:
+        """The comparison for ``--json``."""
+        return {
+            "label": self.label,
+            "unit": self.unit,
+            "on": self.on,
+            "off": self.off,
+            "raw": self.raw,
+            "on_off": self.overhead,
+            "on_raw": self.on / self.raw if self.raw else math.inf,
+            "off_raw": self.off / self.raw if self.raw else math.inf,
+            "runs": {"on": list(self.runs_on), "off": list(self.runs_off)},
+        }
+
+
+def _aligned(headers: Sequence[str], lines: Sequence[Sequence[str]], left: int) -> str:
+    """A plain table: the first ``left`` columns aligned left, the others right."""
+    widths = [max(len(cells[i]) for cells in (headers, *lines)) for i in range(len(headers))]
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(
+            f"{cell:{'<' if i < left else '>'}{width}}"
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([fmt(headers), rule, *(fmt(cells) for cells in lines)])
+
+
+def format_comparisons(comparisons: Sequence[Comparison]) -> str:
+    """Resumption overhead: sessions on against off, each against raw."""
+    headers = ("resumption overhead", "unit", "on", "off", "on/off", "on/raw", "off/raw")
+    lines = [
+        (
+            c.label,
+            c.unit,
+            _number(c.on),
+            _number(c.off),
+            f"{c.overhead:.2f}x",
+            f"{c.on / c.raw:.2f}x" if c.raw else "",
+            f"{c.off / c.raw:.2f}x" if c.raw else "",
+        )
+        for c in comparisons
+    ]
+    return _aligned(headers, lines, 2)

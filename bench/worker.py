@@ -57,14 +57,27 @@ from ._workload import (
     make_delegations,
 )
 
-Impl = Literal["lib", "raw", "codec"]
-"""``lib``: trio-federation; ``raw``: trio-websocket with pre-encoded frames;
-``codec``: trio-websocket, encoding and decoding every message with our codec
-(the floor for any connection that hands out typed messages)."""
+Impl = Literal["lib", "lib-v1", "raw", "codec"]
+"""``lib``: trio-federation with its defaults (a resumable session: numbered
+messages, acknowledgements, window); ``lib-v1``: trio-federation without
+sessions (``resumable=False``, ``resume_timeout=0``: the plain v1 protocol);
+``raw``: trio-websocket with pre-encoded frames; ``codec``: trio-websocket,
+encoding and decoding every message with our codec (the floor for any
+connection that hands out typed messages)."""
+IMPLS: Final[tuple[Impl, ...]] = ("lib", "lib-v1", "raw", "codec")
 Mode = Literal["throughput", "roundtrip"]
 Report = dict[str, Any]
 
 RAW_PATH: Final = "/raw"
+LIBRARY_OPTIONS: Final[dict[str, Any]] = {
+    "capabilities": CAPABILITIES,
+    "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+    "rate_limit": None,
+}
+"""Options of both library peers. No inbound rate limit: the default (2,000
+messages/s, burst 4,000) is far below what a throughput run sends."""
+NO_SESSIONS: Final[dict[str, Any]] = {"resume_timeout": 0}
+"""The listener's extra options for ``lib-v1``: it grants no session."""
 HARD_STOP_GRACE: Final = 10.0
 """Seconds after ``--timeout`` at which the process exits whatever it is doing."""
 
@@ -189,7 +202,7 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
             await run(functools.partial(_echo_raw, ws, accept=codec))
 
     async with trio.open_nursery() as nursery:
-        if impl == "lib":
+        if impl in ("lib", "lib-v1"):
             listener: FederationListener = await nursery.start(
                 functools.partial(
                     serve_federation,
@@ -197,8 +210,8 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
                     HOST,
                     0,
                     local_id=LISTENER_ID,
-                    capabilities=CAPABILITIES,
-                    heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                    **LIBRARY_OPTIONS,
+                    **({} if impl == "lib" else NO_SESSIONS),
                 )
             )
             port = listener.port
@@ -221,15 +234,14 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
 async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Report:
     """Connect to the listener on ``port``, do the work, and return the dialer's figures."""
     messages = make_delegations(warmup + count)
-    if impl == "lib":
+    if impl in ("lib", "lib-v1"):
         url = f"ws://{HOST}:{port}{FEDERATION_PATH}"
         clock = Stopwatch()
         async with open_orchestrator_connection(
-            url,
-            local_id=DIALER_ID,
-            capabilities=CAPABILITIES,
-            heartbeat_timeout=HEARTBEAT_TIMEOUT,
+            url, local_id=DIALER_ID, resumable=impl == "lib", **LIBRARY_OPTIONS
         ) as conn:
+            if conn.resumable != (impl == "lib"):
+                raise RuntimeError(f"{impl}: the session was not negotiated as expected")
             if mode == "roundtrip":
                 return await _round_trips_lib(conn, messages, warmup)
             clock.restart()
@@ -356,7 +368,7 @@ def _hard_stop(role: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("role", choices=["serve", "dial"])
-    parser.add_argument("--impl", choices=["lib", "raw", "codec"], required=True)
+    parser.add_argument("--impl", choices=IMPLS, required=True)
     parser.add_argument("--mode", choices=["throughput", "roundtrip"], required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--warmup", type=int, default=1)
