@@ -216,3 +216,36 @@ async def test_an_oversized_frame_closes_with_1009(pair: WebSocketPair) -> None:
             assert info.value.code == 1009
             await wait_for(lambda: small.client.closed is not None)
             assert small.client.closed is not None and small.client.closed.code == 1009
+
+
+async def test_in_a_session_refused_frames_keep_the_numbering(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A frame refused by the rate limit is still counted, so the next one is no
+    # "gap" (found by the benchmark: it used to end the session with 1002).
+    from trio_federation.testing import open_connection_pair
+
+    async with open_connection_pair(
+        resumable=True, rate_limit=10.0, rate_burst=2, max_violations=100
+    ) as (a, b):
+        with b.watch_errors() as errors:
+            for n in range(5):
+                await a.send_message(progress(f"f{n}", 0.1, sender="orch-a", recipient="orch-b"))
+            await trio.sleep(1)  # refills the bucket
+            await a.send_message(progress("after", 0.1, sender="orch-a", recipient="orch-b"))
+            received = [(await b.receive()).correlation_id for _ in range(3)]
+            refused = [e for e in drain_errors(errors) if isinstance(e, PolicyViolation)]
+        assert received == ["f0", "f1", "after"]
+        assert len(refused) == 3
+        assert b.status != "disconnected"
+        await trio.sleep(1)
+        assert a.unacknowledged == ()  # refused frames count as consumed: the window is free
+
+
+def drain_errors(stream: object) -> list[FederationError]:
+    items: list[FederationError] = []
+    while True:
+        try:
+            items.append(stream.receive_nowait())  # type: ignore[attr-defined]
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return items

@@ -554,9 +554,19 @@ class OrchestratorConnection:
         epoch, seq, message = delivery
         window = self._recv_window
         if seq and window is not None and epoch == self._epoch:
-            window.consume(seq)
-            self._kick_writer()  # an acknowledgement is due, now or soon
+            self._acknowledge(window, seq)
         return message
+
+    def _acknowledge(self, window: ReceiveWindow, seq: int) -> None:
+        """``seq`` is consumed; wake the writer only when an ack becomes due.
+
+        Twice per quarter window at most (when one becomes pending, and when
+        one is due at once), never once per message.
+        """
+        idle = window.consumed == window.announced
+        window.consume(seq)
+        if window.ack_due or (idle and window.consumed > window.announced):
+            self._kick_writer()
 
     def __aiter__(self) -> Self:
         return self
@@ -1096,24 +1106,17 @@ class OrchestratorConnection:
                 data = await socket.get_message()
             except ConnectionClosed:
                 return
-            if self._bucket is not None and not self._bucket.take(trio.current_time()):
-                # Refused unread: a flood costs no decoding.
-                if await self._violation(
-                    f"more than {self._bucket.rate:g} messages/s (burst {self._bucket.burst})"
-                ):
-                    return
-                continue
             seq = 0
             recv = self._recv_window
             if recv is not None and isinstance(data, str):
+                # The session's numbers first: even a frame refused below must
+                # be counted, or the next one would look like a gap.
                 number, ack = split_frame(data)
                 try:
                     if ack is not None:
                         assert self._send_window is not None
                         if self._send_window.acknowledge(ack):
                             self._kick_writer()
-                    if number is None and ack is not None:
-                        continue  # an acknowledgement alone
                     if number is not None:
                         if not recv.accept(number):
                             continue  # a duplicate sent again after a reconnect
@@ -1121,6 +1124,16 @@ class OrchestratorConnection:
                 except SessionError as exc:
                     await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
                     return
+                if number is None and ack is not None:
+                    continue  # an acknowledgement alone
+            if self._bucket is not None and not self._bucket.take(trio.current_time()):
+                # Refused unread: a flood costs no decoding.
+                self._drop(seq)
+                if await self._violation(
+                    f"more than {self._bucket.rate:g} messages/s (burst {self._bucket.burst})"
+                ):
+                    return
+                continue
             try:
                 message = decode_message(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
@@ -1149,8 +1162,7 @@ class OrchestratorConnection:
     def _drop(self, seq: int) -> None:
         """A numbered message is not delivered: it is consumed all the same."""
         if seq and self._recv_window is not None:
-            self._recv_window.consume(seq)
-            self._kick_writer()
+            self._acknowledge(self._recv_window, seq)
 
     def _check_binding(self, message: FederationMessage) -> str | None:
         """Why ``message`` breaks identity binding, or None if it does not."""
@@ -1239,6 +1251,7 @@ class OrchestratorConnection:
         assert socket is not None
         queue = self._queue
         state = self._state
+        ack_due_at: float | None = None
         while True:
             send, recv = self._send_window, self._recv_window
             frame: str | None = None
@@ -1266,16 +1279,20 @@ class OrchestratorConnection:
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
                 if recv is not None and recv.consumed > recv.announced:
-                    # Caught up: acknowledge soon, coalescing what follows.
-                    with trio.move_on_after(ACK_DELAY) as waited:
+                    # Pending: acknowledge within ACK_DELAY, coalescing what
+                    # follows (a data frame carries it sooner if one is sent).
+                    if ack_due_at is None:
+                        ack_due_at = trio.current_time() + ACK_DELAY
+                    with trio.move_on_at(ack_due_at) as waited:
                         await self._writer_lot.park()
-                    if waited.cancelled_caught:
-                        frame = ack_frame(recv.announce())
-                    else:
+                    if not waited.cancelled_caught:
                         continue
+                    frame = ack_frame(recv.announce())
                 else:
                     await self._writer_lot.park()
                     continue
+            if recv is not None and recv.consumed == recv.announced:
+                ack_due_at = None
             try:
                 await socket.send_message(frame)
             except ConnectionClosed:
