@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_federation import ReconnectPolicy
 from trio_federation._session import (
@@ -145,3 +148,20 @@ def test_backoff_grows_to_its_bound_with_bounded_jitter() -> None:
 def test_bad_policies_are_refused(settings: dict[str, float], words: str) -> None:
     with pytest.raises(ValueError, match=words):
         ReconnectPolicy(**settings)  # type: ignore[arg-type]
+
+
+# ASCII digits only: \d would also take "\uff15" (a fullwidth 5), as the first
+# version of split_frame did.
+_REFERENCE = re.compile(r'\{"seq":([0-9]{1,16}),"ack":([0-9]{1,16}),')
+
+
+@given(
+    st.text(alphabet='0123456789"a,\uff15', max_size=18),
+    st.text(alphabet='0123456789"a,\uff15', max_size=18),
+    st.text(max_size=5),
+)
+def test_the_hand_written_frame_split_matches_a_regex(seq: str, ack: str, rest: str) -> None:
+    frame = f'{{"seq":{seq},"ack":{ack},{rest}'
+    match = _REFERENCE.match(frame)
+    expected = (int(match[1]), int(match[2])) if match else (None, None)
+    assert split_frame(frame) == expected
