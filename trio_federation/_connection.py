@@ -1107,6 +1107,7 @@ class OrchestratorConnection:
             except ConnectionClosed:
                 return
             seq = 0
+            ack_only = False
             recv = self._recv_window
             if recv is not None and isinstance(data, str):
                 # The session's numbers first: even a frame refused below must
@@ -1124,16 +1125,18 @@ class OrchestratorConnection:
                 except SessionError as exc:
                     await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
                     return
-                if number is None and ack is not None:
-                    continue  # an acknowledgement alone
+                ack_only = number is None and ack is not None
             if self._bucket is not None and not self._bucket.take(trio.current_time()):
-                # Refused unread: a flood costs no decoding.
+                # Refused unread: a flood costs no decoding. (An acknowledgement
+                # alone counts too, though its number was read: it is harmless.)
                 self._drop(seq)
                 if await self._violation(
                     f"more than {self._bucket.rate:g} messages/s (burst {self._bucket.burst})"
                 ):
                     return
                 continue
+            if ack_only:
+                continue  # an acknowledgement alone, already applied
             try:
                 message = decode_message(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
