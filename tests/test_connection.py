@@ -807,3 +807,10 @@ async def test_subscribe_without_types_takes_data_messages_only() -> None:
             assert got.type == "broadcast"
             with pytest.raises(trio.WouldBlock):
                 everything.receive_nowait()
+
+
+async def test_a_connection_without_a_socket_cannot_be_entered() -> None:
+    conn = OrchestratorConnection(id="orch-b", socket=None)
+    with pytest.raises(ValueError, match="no socket"):
+        async with conn:
+            pass  # pragma: no cover

@@ -211,7 +211,9 @@ class OrchestratorConnection:
         id: the remote orchestrator's id ("" if not known yet: it is then taken
             from the ``from`` of the first message received).
         socket: an open :class:`trio_websocket.WebSocketConnection`. The
-            connection becomes its only reader and writer.
+            connection becomes its only reader and writer. (None is for the
+            library's own dialer and listener, which attach transports later;
+            entering a connection that has neither raises ``ValueError``.)
         capabilities: the remote's capabilities.
         local_id: this orchestrator's id: the sender of heartbeats and of
             acceptances. Without it, no heartbeat messages are sent.
@@ -733,6 +735,8 @@ class OrchestratorConnection:
     async def __aenter__(self) -> Self:
         if self._entered:
             raise RuntimeError("an OrchestratorConnection can be entered only once")
+        if self._first is None and self._reattach is None:
+            raise ValueError("this connection has no socket and no way to get one")
         self._entered = True
         stack = contextlib.AsyncExitStack()
         nursery = await stack.enter_async_context(trio.open_nursery())
