@@ -119,6 +119,7 @@ _Delivery = tuple[int, int, FederationMessage]  # (session epoch, sequence numbe
 _Socket = WebSocketConnection | WireConnection
 """A trio-websocket connection (wrapped by the user) or our own (dialed or accepted)."""
 
+
 @attrs.define
 class _Transport:
     """One WebSocket handed to a connection, and how it ended."""
@@ -1386,9 +1387,7 @@ class OrchestratorConnection:
         """
         await self._close(1000, "Graceful disconnect")
 
-    def _transport_failed(
-        self, error: BaseException, socket: _Socket | None = None
-    ) -> None:
+    def _transport_failed(self, error: BaseException, socket: _Socket | None = None) -> None:
         """trio-websocket's own reader task died: the socket is unusable now.
 
         Called by the task hosting that reader (see ``_compat.SocketHost``).

@@ -425,8 +425,9 @@ async def open_client(
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body = bytearray()
     while True:
-        ws.receive_data(await _receive(stream, "without answering"))
+        data = await _receive(stream, "without answering")
         try:
+            ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, AcceptConnection):
                     connection = WireConnection(
@@ -538,8 +539,9 @@ async def read_request(
     """
     ws = WSConnection(ConnectionType.SERVER)
     while True:
-        ws.receive_data(await _receive(stream, "before its upgrade request"))
+        data = await _receive(stream, "before its upgrade request")
         try:
+            ws.receive_data(data)
             for event in ws.events():
                 if isinstance(event, Request):
                     return WireRequest(
