@@ -14,7 +14,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
-__all__ = ["SocketHost", "UpgradeWatch", "flush_tls_alert", "release_stream"]
+__all__ = ["SocketHost", "flush_tls_alert", "release_stream"]
 
 logger = logging.getLogger("trio_federation.transport")
 
@@ -22,8 +22,10 @@ TLS_ALERT_GRACE = 1.0
 """Seconds spent sending a TLS alert to a client whose handshake failed."""
 
 
-async def release_stream(socket: WebSocketConnection | WebSocketRequest) -> None:
+async def release_stream(socket: WebSocketConnection | WebSocketRequest | object) -> None:
     """Close the TCP (or TLS) stream under a WebSocket connection or request.
+
+    Also takes our own ``_wire`` connections and requests (their ``_stream``).
 
     trio-websocket's ``aclose()`` returns early when the connection is already
     closed — after the peer closed first, or after a refused upgrade — and then
@@ -108,48 +110,3 @@ class SocketHost:
             logger.debug("trio-websocket's reader failed: %r", exc)
             self.failure = exc
             self.on_failure(exc)
-
-
-class UpgradeWatch(trio.abc.Stream):
-    """A dialer's stream that reports a failure during the upgrade at once.
-
-    When the listener drops the connection before answering the upgrade — a
-    TLS alert refusing our client certificate (TLS 1.3 sends it only after
-    the client's handshake has finished), a reset, an EOF — trio-websocket's
-    reader ends quietly and the dial would wait for its timeout. This wrapper
-    hands the failure to ``on_failure`` while :attr:`watching` is set.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, on_failure: Callable[[BaseException], None]):
-        self.stream = stream
-        self.on_failure = on_failure
-        self.watching = True
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send through the wrapped stream, reporting a failure while watching."""
-        try:
-            await self.stream.send_all(data)
-        except trio.BrokenResourceError as exc:
-            if self.watching:
-                self.on_failure(exc)
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        """Wait on the wrapped stream."""
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        """Receive from the wrapped stream, reporting a failure while watching."""
-        try:
-            data = await self.stream.receive_some(max_bytes)
-        except trio.BrokenResourceError as exc:
-            if self.watching:
-                self.on_failure(exc)
-            raise
-        if not data and self.watching:
-            self.on_failure(EOFError("the listener closed the connection without answering"))
-        return data
-
-    async def aclose(self) -> None:
-        """Close the wrapped stream."""
-        await self.stream.aclose()

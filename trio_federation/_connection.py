@@ -71,6 +71,7 @@ from ._session import (
     split_frame,
 )
 from ._streams import EventStream, MessageStream, OutboundQueue
+from ._wire import WireConnection
 
 __all__ = ["OrchestratorConnection"]
 
@@ -115,12 +116,15 @@ NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 _QueueItem = tuple[FederationMessage, str]
 _Delivery = tuple[int, int, FederationMessage]  # (session epoch, sequence number or 0, message)
 
+_Socket = WebSocketConnection | WireConnection
+"""A trio-websocket connection (wrapped by the user) or our own (dialed or accepted)."""
+
 
 @attrs.define
 class _Transport:
     """One WebSocket handed to a connection, and how it ended."""
 
-    socket: WebSocketConnection
+    socket: _Socket
     offer: ResumeOffer | None
     done: trio.Event = attrs.field(factory=trio.Event)
     ended: ConnectionLost | None = None
@@ -335,7 +339,7 @@ class OrchestratorConnection:
         self._finished = trio.Event()
         self._exit_stack: contextlib.AsyncExitStack | None = None
         # Transports: the current one, and a rendezvous for the next.
-        self._socket: WebSocketConnection | None = socket
+        self._socket: _Socket | None = socket
         self._transport: _Transport | None = None
         self._first: _Transport | None = None if socket is None else _Transport(socket, None)
         self._next_send, self._next_recv = trio.open_memory_channel[_Transport](0)
@@ -373,8 +377,8 @@ class OrchestratorConnection:
         return self._local_id
 
     @property
-    def socket(self) -> WebSocketConnection | None:
-        """The current trio-websocket connection, None between transports (do not use it)."""
+    def socket(self) -> _Socket | None:
+        """The current WebSocket connection, None between transports (do not use it)."""
         return self._socket
 
     @property
@@ -794,7 +798,7 @@ class OrchestratorConnection:
             if self._first is not None:
                 self._first.offer = peer
 
-    def _adopt(self, socket: WebSocketConnection) -> None:
+    def _adopt(self, socket: _Socket) -> None:
         """The first transport, for a connection made before its socket."""
         assert self._first is None
         assert self._socket is None
@@ -811,7 +815,7 @@ class OrchestratorConnection:
         received = 0 if self._recv_window is None else self._recv_window.received
         return ResumeOffer(self._session_id, received, self._receive_buffer_size, resumed)
 
-    async def _attach(self, socket: WebSocketConnection, offer: ResumeOffer | None) -> bool:
+    async def _attach(self, socket: _Socket, offer: ResumeOffer | None) -> bool:
         """Carry on over ``socket``; return once the connection is done with it.
 
         ``offer`` is the peer's session answer (or request) for this transport.
@@ -962,13 +966,13 @@ class OrchestratorConnection:
             transport.done.set()
 
     @staticmethod
-    def _socket_end(socket: WebSocketConnection) -> ConnectionLost:
+    def _socket_end(socket: _Socket) -> ConnectionLost:
         closed = socket.closed
         if closed is None:
             return ConnectionLost(1006, "the WebSocket transport stopped")
         return ConnectionLost(closed.code, closed.reason or "")
 
-    async def _abort_socket(self, socket: WebSocketConnection, ended: ConnectionLost) -> None:
+    async def _abort_socket(self, socket: _Socket, ended: ConnectionLost) -> None:
         """Close ``socket`` at once, with no handshake."""
         with trio.CancelScope(shield=True), trio.CancelScope() as abort:
             abort.cancel()
@@ -1387,9 +1391,7 @@ class OrchestratorConnection:
         """
         await self._close(1000, "Graceful disconnect")
 
-    def _transport_failed(
-        self, error: BaseException, socket: WebSocketConnection | None = None
-    ) -> None:
+    def _transport_failed(self, error: BaseException, socket: _Socket | None = None) -> None:
         """trio-websocket's own reader task died: the socket is unusable now.
 
         Called by the task hosting that reader (see ``_compat.SocketHost``).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -13,12 +12,11 @@ import time
 import types
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn
 
 import attrs
 import trio
 import trio_websocket
-from trio_websocket import WebSocketRequest
 
 from ._auth import (
     AUTH_HEADER,
@@ -34,7 +32,7 @@ from ._auth import (
     secret_lookup,
 )
 from ._codec import MAX_FRAME_SIZE
-from ._compat import SocketHost, UpgradeWatch, flush_tls_alert, release_stream
+from ._compat import flush_tls_alert, release_stream
 from ._connection import (
     CANCEL_CLOSE_GRACE,
     CLOSE_RESTARTING,
@@ -62,6 +60,7 @@ from ._handshake import (
 )
 from ._messages import HeartbeatStatus
 from ._session import RESUME_HEADER, ResumeOffer, parse_resume
+from ._wire import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
 
 __all__ = [
     "CLOSE_REPLACED",
@@ -78,10 +77,6 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 """Seconds a dial (TCP, TLS and the upgrade) may take."""
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """Seconds a listener waits for a dialer's upgrade request."""
-SOCKET_QUEUE_SIZE = 4
-"""Messages trio-websocket buffers between its reader and ours."""
-SOCKET_RECEIVE_BYTES = 64 * 1024
-"""Bytes trio-websocket asks the socket for at once (its default is 4 KiB)."""
 DEFAULT_RESUME_TIMEOUT: Final = 60.0
 """Seconds a listener keeps a resumable session whose peer is gone."""
 DEFAULT_MAX_CONNECTIONS: Final = 1024
@@ -194,8 +189,8 @@ class _Dialer:
     connect_timeout: float
 
     async def dial(
-        self, host: SocketHost, offer: ResumeOffer | None
-    ) -> tuple[trio_websocket.WebSocketConnection, PeerIdentity, ResumeOffer | None]:
+        self, offer: ResumeOffer | None
+    ) -> tuple[WireConnection, PeerIdentity, ResumeOffer | None]:
         """One dial: the upgrade with our identity, a fresh proof and ``offer``.
 
         Raises:
@@ -211,7 +206,6 @@ class _Dialer:
         if offer is not None:
             headers.append((RESUME_HEADER.encode(), offer.header().encode()))
         socket = await _dial(
-            host,
             self.url,
             ssl_context=self.ssl_context,
             headers=headers,
@@ -265,37 +259,27 @@ async def _keep_connected(
     attempt = 0
     while not connection._closing:
         connection._dialing()
-        socket: trio_websocket.WebSocketConnection | None = None
+        socket: WireConnection | None = None
         resume = False
         try:
             try:
-                async with trio.open_nursery() as nursery:
-                    host = SocketHost()
-                    try:
-                        await host.start(nursery)
-                        offer = connection._resume_offer() if connection._session_id else None
-                        socket, identity, granted = await dialer.dial(host, offer)
-                        if identity.id is not None:
-                            if connection.id and identity.id != connection.id:
-                                raise AuthenticationError(
-                                    f"{dialer.url} is now {identity.id!r}, not {connection.id!r}"
-                                )
-                            connection._id = identity.id
-                            connection._capabilities = identity.capabilities
-                        host.on_failure = functools.partial(
-                            connection._transport_failed, socket=socket
+                offer = connection._resume_offer() if connection._session_id else None
+                socket, identity, granted = await dialer.dial(offer)
+                if identity.id is not None:
+                    if connection.id and identity.id != connection.id:
+                        raise AuthenticationError(
+                            f"{dialer.url} is now {identity.id!r}, not {connection.id!r}"
                         )
-                        attempt = 0
-                        if not started:
-                            task_status.started()
-                            started = True
-                        resume = await connection._attach(socket, granted)
-                    finally:
-                        host.scope.cancel()
-                        if socket is not None:
-                            await release_stream(socket)
-            except BaseExceptionGroup as group:
-                raise_single(group)  # one plain exception, for the handlers below
+                    connection._id = identity.id
+                    connection._capabilities = identity.capabilities
+                attempt = 0
+                if not started:
+                    task_status.started()
+                    started = True
+                resume = await connection._attach(socket, granted)
+            finally:
+                if socket is not None:
+                    await release_stream(socket)
         except HandshakeError as exc:
             retryable = not isinstance(exc, AuthenticationError) and (
                 exc.status_code not in _NON_RETRYABLE_STATUS
@@ -414,30 +398,23 @@ async def open_orchestrator_connection(
     try:
         async with trio.open_nursery() as nursery:
             if reconnect is None:
-                host = SocketHost()
-                try:
-                    await host.start(nursery)
-                    offer = (
-                        None if session is None else ResumeOffer(session, 0, receive_buffer_size)
-                    )
-                    socket, identity, granted = await dialer.dial(host, offer)
-                    connection = OrchestratorConnection(
-                        id=identity.id or remote_id or "",
-                        socket=socket,
-                        capabilities=(
-                            identity.capabilities
-                            if identity.id is not None
-                            else tuple(remote_capabilities or ())
-                        ),
-                        **options,
-                    )
-                    if session is not None and granted is not None:
-                        connection._start_session(session, granted)
-                    host.on_failure = functools.partial(connection._transport_failed, socket=socket)
-                    async with connection:
-                        yield connection
-                finally:
-                    host.scope.cancel()
+                offer = None if session is None else ResumeOffer(session, 0, receive_buffer_size)
+                socket, identity, granted = await dialer.dial(offer)
+                connection = OrchestratorConnection(
+                    id=identity.id or remote_id or "",
+                    socket=None,
+                    capabilities=(
+                        identity.capabilities
+                        if identity.id is not None
+                        else tuple(remote_capabilities or ())
+                    ),
+                    **options,
+                )
+                connection._adopt(socket)
+                if session is not None and granted is not None:
+                    connection._start_session(session, granted)
+                async with connection:
+                    yield connection
             else:
                 connection = OrchestratorConnection(
                     id=remote_id or "",
@@ -483,27 +460,17 @@ def _parse_url(
 
 
 async def _dial(
-    host: SocketHost,
     url: str,
     *,
     ssl_context: ssl.SSLContext | None,
     headers: list[tuple[bytes, bytes]],
     max_message_size: int,
     connect_timeout: float,
-) -> trio_websocket.WebSocketConnection:
+) -> WireConnection:
     hostname, port, resource, tls = _parse_url(url, ssl_context)
-    scope = trio.CancelScope(deadline=trio.current_time() + connect_timeout)
-    failures: list[BaseException] = []
-
-    def fail(exc: BaseException) -> None:
-        failures.append(exc)
-        scope.cancel()
-
-    host.on_failure = fail
-    socket: trio_websocket.WebSocketConnection | None = None
+    socket: WireConnection | None = None
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
-    watch: UpgradeWatch | None = None
-    with scope:
+    with trio.move_on_after(connect_timeout):
         try:
             if tls is None:
                 stream = await trio.open_tcp_stream(hostname, port)
@@ -511,33 +478,29 @@ async def _dial(
                 stream = await trio.open_ssl_over_tcp_stream(
                     hostname, port, ssl_context=tls, https_compatible=True
                 )
-                # Handshake now: trio-websocket would meet a TLS failure in its
-                # reader, swallow it, and leave the dial waiting for its timeout.
-                await stream.do_handshake()
-            watch = UpgradeWatch(stream, fail)
-            socket = await trio_websocket.wrap_client_stream(
-                host.nursery,
-                # Annotated as a socket or TLS stream; it uses only the Stream API.
-                cast(trio.SocketStream, watch),
+                await stream.do_handshake()  # a TLS refusal is told apart below
+            # The upgrade is read inline: a refusal, an EOF, a reset or a TLS
+            # alert (TLS 1.3 sends a refused client certificate's only after
+            # the client's handshake) ends the dial at once.
+            socket = await open_client(
+                stream,
                 hostname if port in (80, 443) else f"{hostname}:{port}",
                 resource,
-                extra_headers=headers,
-                message_queue_size=SOCKET_QUEUE_SIZE,
-                max_message_size=max_message_size,
-                receive_buffer_size=SOCKET_RECEIVE_BYTES,
+                headers,
+                max_message_size,
             )
-        except (OSError, trio.BrokenResourceError) as exc:
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio_websocket.ConnectionRejected,
+            UpgradeFailed,
+        ) as exc:
             raise _handshake_error(url, exc) from exc
         finally:
             if socket is None and stream is not None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
-    host.on_failure = lambda exc: None
-    if watch is not None:
-        watch.watching = False
     if socket is None:
-        if failures:
-            raise _handshake_error(url, failures[0]) from failures[0]
         raise HandshakeError(f"no answer from {url} within {connect_timeout:g}s")
     return socket
 
@@ -649,7 +612,7 @@ class FederationListener:
         self._refused[kind] = self._refused.get(kind, 0) + 1
         logger.warning("refused federation upgrade from %s (%s): %s", remote, kind, reason)
 
-    async def _refuse(self, request: WebSocketRequest, status: int, kind: str, reason: str) -> None:
+    async def _refuse(self, request: WireRequest, status: int, kind: str, reason: str) -> None:
         self._count_refusal(kind, request.remote, reason)
         headers = [(b"WWW-Authenticate", b"Federation-HMAC-SHA256")] if status == 401 else None
         with contextlib.suppress(trio_websocket.ConnectionClosed):  # the dialer left first
@@ -663,36 +626,31 @@ class FederationListener:
             return
         self._streams += 1
         handshake = _Handshake(self)
-        host = SocketHost()
         try:
-            async with trio.open_nursery() as nursery:
+            request: WireRequest | None = None
+            cert_id: str | None = None
+            failed: str | None = None
+            with trio.move_on_after(self._handshake_timeout):
+                if isinstance(stream, trio.SSLStream):
+                    cert_id = await self._tls_handshake(stream)
+                    if cert_id == "":
+                        return
                 try:
-                    await host.start(nursery)
-                    request: WebSocketRequest | None = None
-                    cert_id: str | None = None
-                    with trio.move_on_after(self._handshake_timeout) as waiting:
-                        if isinstance(stream, trio.SSLStream):
-                            cert_id = await self._tls_handshake(stream)
-                            if cert_id == "":
-                                return
-                        host.on_failure = lambda exc: waiting.cancel()
-                        request = await trio_websocket.wrap_server_stream(
-                            host.nursery,
-                            stream,
-                            message_queue_size=SOCKET_QUEUE_SIZE,
-                            max_message_size=self._options["max_message_size"],
-                            receive_buffer_size=SOCKET_RECEIVE_BYTES,
-                        )
-                    if request is None:
-                        self._count_refusal(
-                            "timeout",
-                            _remote(stream),
-                            f"no upgrade within {self._handshake_timeout:g}s",
-                        )
-                    else:
-                        await self._handle_request(request, host, cert_id, handshake)
-                finally:
-                    host.scope.cancel()
+                    request = await read_request(
+                        stream, self._options["max_message_size"], remote=_remote(stream)
+                    )
+                except (UpgradeFailed, trio.BrokenResourceError) as exc:
+                    failed = str(exc) or repr(exc)
+            if request is not None:
+                await self._handle_request(request, cert_id, handshake)
+            elif failed is not None:
+                logger.info("no upgrade from %s: %s", _remote(stream), failed)
+            else:
+                self._count_refusal(
+                    "timeout",
+                    _remote(stream),
+                    f"no upgrade within {self._handshake_timeout:g}s",
+                )
         finally:
             self._streams -= 1
             handshake.over()
@@ -731,8 +689,7 @@ class FederationListener:
 
     async def _handle_request(
         self,
-        request: WebSocketRequest,
-        host: SocketHost,
+        request: WireRequest,
         cert_id: str | None,
         handshake: _Handshake,
     ) -> None:
@@ -786,7 +743,7 @@ class FederationListener:
         authenticated = self._verifier is not None or cert_id is not None
         old = self._connections.get(peer_id)
         if offer is not None and old is not None and old._session_id == offer.session:
-            await self._resume(request, host, old, offer, answer, handshake)
+            await self._resume(request, old, offer, answer, handshake)
             return
         claim = object()
         previous = self._claims.get(peer_id)
@@ -820,7 +777,6 @@ class FederationListener:
                 return
             connection._adopt(socket)
             handshake.over()
-            host.on_failure = functools.partial(connection._transport_failed, socket=socket)
             self._connections[peer_id] = connection
             self._accepted += 1
             logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
@@ -844,8 +800,7 @@ class FederationListener:
 
     async def _resume(
         self,
-        request: WebSocketRequest,
-        host: SocketHost,
+        request: WireRequest,
         connection: OrchestratorConnection,
         offer: ResumeOffer,
         answer: list[tuple[bytes, bytes]],
@@ -862,7 +817,6 @@ class FederationListener:
             if socket is None:
                 return
             handshake.over()
-            host.on_failure = functools.partial(connection._transport_failed, socket=socket)
             self._accepted += 1
             logger.info("%r resumed its session (%s)", connection.id, request.remote)
             await connection._attach(socket, attrs.evolve(offer, resumed=True))
@@ -871,12 +825,12 @@ class FederationListener:
 
     async def _accept(
         self,
-        request: WebSocketRequest,
+        request: WireRequest,
         answer: list[tuple[bytes, bytes]],
         session: OrchestratorConnection | None,
         *,
         resumed: bool = False,
-    ) -> trio_websocket.WebSocketConnection | None:
+    ) -> WireConnection | None:
         """Accept the upgrade, granting ``session``'s; None if the dialer left meanwhile."""
         headers = identity_headers(self.local_id, self.capabilities) + answer
         if session is not None:
@@ -923,7 +877,8 @@ def _remote(stream: trio.abc.Stream) -> str:
 
 
 async def _serve_shielded(scope: trio.CancelScope, listener: FederationListener) -> None:
-    # Started with start_soon, not start: see SocketHost.start.
+    # Started with start_soon, not start: a task shielded before started() cannot
+    # be reached by its caller's cancellation, and start would wait for it forever.
     with scope:
         await trio.serve_listeners(listener._handle_stream, list(listener._sockets))
 

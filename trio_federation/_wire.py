@@ -1,0 +1,558 @@
+"""A WebSocket connection that owns its stream: wsproto driven inline, no reader task.
+
+trio-websocket runs a reader task per connection that parses frames and hands
+complete messages to ours through a memory channel, and its ``send_message``
+takes a lock before it writes: two extra scheduler passes per message each way.
+:class:`WireConnection` has the same duck-typed interface as the parts of
+``trio_websocket.WebSocketConnection`` that the connection uses, but the task
+that calls :meth:`~WireConnection.get_message` does the reading itself: it
+receives from the stream, feeds wsproto, and handles what comes out inline.
+
+Who reads: whoever calls :meth:`~WireConnection.get_message` (the connection's
+reader, alone), or :meth:`~WireConnection.aclose` while it waits for the peer's
+close frame and nobody else is reading. At most one task reads at a time; the
+others wait for its read to finish. Pongs to the peer's pings, the answer to
+its close frame and the pongs that :meth:`~WireConnection.ping` waits for are
+therefore only handled while someone reads: a pong waits for the reader, as
+with trio-websocket once its message queue is full. The connection's reader is
+always in ``get_message()`` unless the application stops consuming, in which
+case liveness is reported as stalled anyway.
+
+Who writes: any task, one at a time under a lock. Frames are produced by
+wsproto synchronously into an outbox (so their order is the order of the
+calls, and a task cancelled while waiting for the lock loses nothing) and the
+holder of the lock sends the whole outbox.
+
+Buffers: the outbox holds at most what the tasks waiting for the lock put in
+it (one frame each); the messages parsed from one receive wait in a deque, so
+at most what :data:`RECEIVE_BYTES` can hold; a partial message grows up to
+``max_message_size`` characters or bytes, beyond which the connection is closed
+with 1009, as trio-websocket does.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Final
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed, ConnectionRejected
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "RECEIVE_BYTES",
+    "UpgradeFailed",
+    "WireConnection",
+    "WireRequest",
+    "open_client",
+    "read_request",
+]
+
+logger = logging.getLogger("trio_federation.transport")
+
+RECEIVE_BYTES: Final = 64 * 1024
+"""Bytes asked of the stream at once."""
+MAX_REJECTION_BODY: Final = 64 * 1024
+"""Bytes of a refusal's body a dialer keeps (the rest is dropped)."""
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class UpgradeFailed(Exception):
+    """The peer closed the stream, or broke the protocol, during the upgrade."""
+
+
+class WireConnection:
+    """One open WebSocket over a trio stream that it owns.
+
+    Made by :func:`open_client` or :meth:`WireRequest.accept`. The interface is
+    the subset of ``trio_websocket.WebSocketConnection`` that the federation
+    connection uses, with the same errors: ``ConnectionClosed`` (carrying a
+    ``CloseReason``) once the WebSocket is closed.
+
+    Attributes:
+        handshake_headers: the headers of the peer's upgrade answer (client
+            side) or request (server side).
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        *,
+        max_message_size: int,
+        server: bool,
+        handshake_headers: Iterable[tuple[bytes, bytes]] = (),
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._server = server
+        self._max_message_size = max_message_size
+        self.handshake_headers: Headers = list(handshake_headers)
+        self._messages: collections.deque[str | bytes] = collections.deque()
+        self._parts: list[str | bytes] = []
+        self._size = 0
+        self._outbox = bytearray()
+        self._write_lock = trio.StrictFIFOLock()
+        self._reading: trio.Event | None = None  # set when the current read ends
+        self._closed: CloseReason | None = None
+        self._local_close = False  # we sent a close frame first (aclose, 1009)
+        self._close_done = trio.Event()  # the peer's close frame came, or the stream ended
+        self._pings: dict[bytes, list[object]] = {}  # payload -> [event, answered]
+        self._broken = False  # a send failed: the stream is unusable
+
+    def __repr__(self) -> str:
+        side = "server" if self._server else "client"
+        return f"<WireConnection {side} closed={self._closed!r}>"
+
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the WebSocket closed: None while open.
+
+        Set when a close frame is sent or received (the peer's answer then
+        replaces ours), or to 1006 when the stream ended without one.
+        """
+        return self._closed
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def get_message(self) -> str | bytes:
+        """The next complete message, reading from the stream if none is buffered.
+
+        A checkpoint; cancelling it loses nothing. Messages received before the
+        peer's close frame stay readable; once we started closing (``aclose``,
+        or a message over ``max_message_size``), none are.
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed (``.reason`` says how).
+        """
+        while True:
+            if self._local_close:
+                self._messages.clear()
+                raise ConnectionClosed(self._closed)
+            if self._messages:
+                # Cancellable without a scheduler pass: the read that filled the
+                # buffer was one, and a batch costs one pass instead of one each.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                return self._messages.popleft()
+            if self._closed is not None:
+                raise ConnectionClosed(self._closed)
+            if self._reading is not None:
+                await self._reading.wait()  # aclose is reading for the handshake
+            else:
+                await self._read()
+
+    async def _read(self) -> None:
+        """Receive once, handle every event it completes; the caller reads alone."""
+        done = self._reading = trio.Event()
+        try:
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._ended(f"the stream failed: {exc!r}")
+                return
+            if not data:
+                self._ended("the peer closed the stream")
+                return
+            if self._ws.state is ConnectionState.CLOSED:
+                return  # the handshake is over: what follows is of no use
+            self._ws.receive_data(data if isinstance(data, bytes) else bytes(data))
+            peer_closed = self._handle_events()
+            await self._flush_quietly()
+            if peer_closed and self._server:
+                # RFC 6455: the server closes TCP once the handshake is over.
+                await trio.aclose_forcefully(self._stream)
+        finally:
+            self._reading = None
+            done.set()
+
+    def _handle_events(self) -> bool:
+        """Handle what wsproto parsed; True if it held the peer's close frame."""
+        peer_closed = False
+        try:
+            for event in self._ws.events():
+                if isinstance(event, (TextMessage, BytesMessage)):
+                    self._on_message(event)
+                elif isinstance(event, Ping):
+                    if self._ws.state is ConnectionState.OPEN:
+                        self._outbox += self._ws.send(event.response())
+                elif isinstance(event, Pong):
+                    self._on_pong(bytes(event.payload))
+                elif isinstance(event, CloseConnection):
+                    if self._ws.state is ConnectionState.OPEN:
+                        # wsproto's report of a frame it could not parse.
+                        self._start_close(event.code, event.reason)
+                        self._ended(f"bad frame: {event.reason}")
+                        break
+                    peer_closed = True
+                    self._on_close(event)
+                else:  # pragma: no cover - handshake events come before
+                    logger.debug("%r: ignored %r", self, event)
+        except RemoteProtocolError as exc:
+            logger.debug("%r: protocol error from the peer: %s", self, exc)
+            if exc.event_hint is not None and self._ws.state is ConnectionState.OPEN:
+                with contextlib.suppress(LocalProtocolError):
+                    self._outbox += self._ws.send(exc.event_hint)
+            self._local_close = True
+            self._ended(f"protocol error: {exc}")
+        return peer_closed
+
+    def _on_message(self, event: TextMessage | BytesMessage) -> None:
+        if self._local_close:
+            return  # closing: nobody will read it
+        data: str | bytes = (
+            event.data if isinstance(event.data, (str, bytes)) else bytes(event.data)
+        )
+        self._size += len(data)
+        if self._size > self._max_message_size:
+            error = f"Exceeded maximum message size: {self._max_message_size} bytes"
+            self._parts = []
+            self._size = 0
+            self._start_close(1009, error)
+            return
+        if event.message_finished and not self._parts:
+            self._size = 0
+            self._messages.append(data)  # the common case: one frame, one message
+            return
+        self._parts.append(data)
+        if event.message_finished:
+            message: str | bytes
+            if isinstance(event, TextMessage):
+                message = "".join(part for part in self._parts if isinstance(part, str))
+            else:
+                message = b"".join(part for part in self._parts if isinstance(part, bytes))
+            self._parts = []
+            self._size = 0
+            self._messages.append(message)
+
+    def _on_pong(self, payload: bytes) -> None:
+        # As trio-websocket: a pong answers its ping and every earlier one.
+        if payload not in self._pings:
+            return
+        while self._pings:
+            key, waiter = next(iter(self._pings.items()))
+            del self._pings[key]
+            waiter[1] = True
+            event = waiter[0]
+            assert isinstance(event, trio.Event)
+            event.set()
+            if key == payload:
+                break
+
+    def _on_close(self, event: CloseConnection) -> None:
+        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+            self._outbox += self._ws.send(event.response())  # the peer closes first
+        self._closed = CloseReason(event.code, event.reason or None)
+        self._close_done.set()
+        self._wake_pings()
+
+    def _ended(self, why: str) -> None:
+        """The stream is over (EOF, broken, closed): no handshake can follow."""
+        logger.debug("%r: %s", self, why)
+        if self._closed is None:
+            self._closed = CloseReason(1006, None)
+        self._close_done.set()
+        self._wake_pings()
+
+    def _wake_pings(self) -> None:
+        pings, self._pings = self._pings, {}
+        for waiter in pings.values():
+            event = waiter[0]
+            assert isinstance(event, trio.Event)
+            event.set()
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed is not None or self._local_close:
+            raise ConnectionClosed(self._closed or CloseReason(1006, None))
+
+    async def _flush(self) -> None:
+        """Send the outbox, taking the write lock.
+
+        Raises:
+            ConnectionClosed: the stream failed (the WebSocket is closed now).
+        """
+        try:
+            self._write_lock.acquire_nowait()  # no scheduler pass when free
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
+            if self._broken:
+                raise ConnectionClosed(self._closed)  # another task's send failed
+            while self._outbox:
+                data, self._outbox = self._outbox, bytearray()
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._outbox.clear()
+            self._broken = True
+            self._ended(f"sending failed: {exc!r}")
+            raise ConnectionClosed(self._closed) from None
+        finally:
+            self._write_lock.release()
+
+    async def _flush_quietly(self) -> None:
+        if self._outbox:
+            with contextlib.suppress(ConnectionClosed):  # recorded; the reader raises it
+                await self._flush()
+
+    async def send_message(self, message: str | bytes) -> None:
+        """Send one message (as one frame).
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed or closing.
+        """
+        self._check_open()
+        event = (
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
+        self._outbox += self._ws.send(event)
+        await self._flush()
+
+    async def ping(self, payload: bytes) -> None:
+        """Send a ping and wait for its pong.
+
+        The pong is only read while a task is in :meth:`get_message` (see the
+        module's documentation).
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed, or closed before the pong.
+            ValueError: a ping with this payload is in flight already.
+        """
+        self._check_open()
+        if payload in self._pings:
+            raise ValueError(f"Payload value {payload!r} is already in flight.")
+        event = trio.Event()
+        waiter: list[object] = [event, False]
+        self._pings[payload] = waiter
+        try:
+            self._outbox += self._ws.send(Ping(payload=payload))
+            await self._flush()
+            await event.wait()
+        finally:
+            if self._pings.get(payload) is waiter:
+                del self._pings[payload]
+        if not waiter[1]:
+            raise ConnectionClosed(self._closed)
+
+    # -- closing ------------------------------------------------------------------------
+
+    def _start_close(self, code: int, reason: str | None) -> None:
+        self._local_close = True
+        self._closed = CloseReason(code, reason)
+        self._messages.clear()
+        self._outbox += self._ws.send(CloseConnection(code=code, reason=reason))
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close the WebSocket with ``code``, then the stream. Idempotent.
+
+        Sends the close frame and waits for the peer's, bounded only by the
+        caller's scope: the connection's reader, if it is in
+        :meth:`get_message`, reads it; otherwise this call reads (dropping any
+        message that comes first). Under a cancelled scope it just closes the
+        stream. The stream is closed on every exit.
+        """
+        try:
+            if self._closed is None and self._ws.state is ConnectionState.OPEN:
+                self._start_close(code, reason)
+                await self._flush()
+            while self._local_close and not self._close_done.is_set():
+                if self._reading is not None:
+                    await self._reading.wait()
+                else:
+                    await self._read()
+        except ConnectionClosed:
+            pass
+        finally:
+            await trio.aclose_forcefully(self._stream)
+            if self._closed is None:
+                self._closed = CloseReason(1006, None)
+            self._close_done.set()
+            self._wake_pings()
+
+
+# -- handshakes ---------------------------------------------------------------------------
+
+
+async def _receive(stream: trio.abc.Stream, during: str) -> bytes:
+    data = await stream.receive_some(RECEIVE_BYTES)
+    if not data:
+        raise UpgradeFailed(f"the peer closed the connection {during}")
+    return bytes(data)
+
+
+async def open_client(
+    stream: trio.abc.Stream,
+    host: str,
+    resource: str,
+    extra_headers: Headers,
+    max_message_size: int,
+) -> WireConnection:
+    """Upgrade ``stream`` as a client: send the request, read the answer.
+
+    Offers no extension (so no permessage-deflate). The stream stays the
+    caller's to close if this raises.
+
+    Raises:
+        ConnectionRejected: the server refused the upgrade (status, headers and
+            body, as trio-websocket).
+        UpgradeFailed: the server closed the stream before answering, or
+            answered with something that is not an upgrade.
+        trio.BrokenResourceError: the stream failed.
+    """
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(
+        ws.send(Request(host=host, target=resource, extra_headers=extra_headers, extensions=[]))
+    )
+    status = 0
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body = bytearray()
+    while True:
+        data = await _receive(stream, "without answering")
+        try:
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    connection = WireConnection(
+                        stream,
+                        ws,
+                        max_message_size=max_message_size,
+                        server=False,
+                        handshake_headers=event.extra_headers,
+                    )
+                    # Frames sent right after the answer came with it.
+                    connection._handle_events()
+                    await connection._flush_quietly()
+                    return connection
+                if isinstance(event, RejectConnection):
+                    status, headers = event.status_code, tuple(event.headers)
+                    if not event.has_body:
+                        raise ConnectionRejected(status, headers, None)
+                elif isinstance(event, RejectData):
+                    body += event.data[: MAX_REJECTION_BODY - len(body)]
+                    if event.body_finished:
+                        raise ConnectionRejected(status, headers, bytes(body))
+        except RemoteProtocolError as exc:
+            raise UpgradeFailed(f"bad upgrade answer: {exc}") from exc
+
+
+class WireRequest:
+    """A client's upgrade request, read by :func:`read_request`: accept or reject it.
+
+    Attributes:
+        headers: the request's headers (names in lower case).
+        path: the request target (path and query).
+        remote: the client's address, for the log.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: WSConnection,
+        request: Request,
+        *,
+        max_message_size: int,
+        remote: object,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max_message_size = max_message_size
+        self.headers: Headers = list(request.extra_headers)
+        self.path = request.target
+        self.remote = remote
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionClosed(CloseReason(1006, "the client left")) from None
+
+    async def accept(self, *, extra_headers: Headers | None = None) -> WireConnection:
+        """Answer 101 with ``extra_headers`` and no extension; return the connection.
+
+        Raises:
+            ConnectionClosed: the client left meanwhile.
+        """
+        await self._send(
+            self._ws.send(AcceptConnection(extra_headers=list(extra_headers or ()), extensions=[]))
+        )
+        connection = WireConnection(
+            self._stream,
+            self._ws,
+            max_message_size=self._max_message_size,
+            server=True,
+            handshake_headers=self.headers,
+        )
+        connection._handle_events()  # frames that came with the request
+        await connection._flush_quietly()
+        return connection
+
+    async def reject(
+        self,
+        status_code: int,
+        *,
+        extra_headers: Headers | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        """Refuse the upgrade with an HTTP answer; the caller closes the stream.
+
+        Raises:
+            ConnectionClosed: the client left meanwhile.
+        """
+        headers = list(extra_headers or ())
+        if body:
+            headers.append((b"Content-length", str(len(body)).encode("ascii")))
+        data = self._ws.send(
+            RejectConnection(status_code=status_code, headers=headers, has_body=bool(body))
+        )
+        if body:
+            data += self._ws.send(RejectData(data=body))
+        await self._send(data)
+
+
+async def read_request(
+    stream: trio.abc.Stream, max_message_size: int, *, remote: object = "a client"
+) -> WireRequest:
+    """Read a client's upgrade request from ``stream`` (bounded by the caller's scope).
+
+    Raises:
+        UpgradeFailed: the client closed the stream first, or sent something
+            that is not an upgrade request (answered with 400 when possible).
+        trio.BrokenResourceError: the stream failed.
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    while True:
+        data = await _receive(stream, "before its upgrade request")
+        try:
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, Request):
+                    return WireRequest(
+                        stream, ws, event, max_message_size=max_message_size, remote=remote
+                    )
+        except RemoteProtocolError as exc:
+            hint: Event | None = exc.event_hint
+            if hint is not None:
+                try:
+                    with trio.move_on_after(1.0):
+                        await stream.send_all(ws.send(hint))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+                    pass
+            raise UpgradeFailed(f"bad upgrade request: {exc}") from exc
