@@ -68,14 +68,12 @@ class SocketHost:
     (bounded by the connection's timers). Caught, because that task can crash:
     a refused upgrade raises there, and trio-websocket 0.12 raises wsproto's
     LocalProtocolError from it when a ping arrives after we sent our close
-    frame. A crash is stored in :attr:`failure` and handed to
-    :attr:`on_failure` (the dial, or the connection, which then ends with
-    1006) instead of tearing down the dialer or the whole listener.
+    frame. A crash is handed to :attr:`on_failure` (the connection, which then
+    ends with 1006) instead of tearing down the test pair or the wrapping code.
     """
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope(shield=True)
-        self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] = lambda exc: None
         self._nursery: trio.Nursery | None = None
         self._ready = trio.Event()
@@ -108,5 +106,4 @@ class SocketHost:
             while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
                 exc = exc.exceptions[0]  # the nursery's wrapping
             logger.debug("trio-websocket's reader failed: %r", exc)
-            self.failure = exc
             self.on_failure(exc)

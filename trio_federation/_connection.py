@@ -127,11 +127,10 @@ class _Transport:
     socket: _Socket
     offer: ResumeOffer | None
     done: trio.Event = attrs.field(factory=trio.Event)
-    ended: ConnectionLost | None = None
     resume: bool = False  # the connection waits for another transport
 
 
-def _check_positive(name: str, value: float) -> float:
+def check_seconds(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
@@ -284,8 +283,8 @@ class OrchestratorConnection:
         self._id = id
         self._capabilities = normalize_capabilities(capabilities, strict=False)
         self._local_id = local_id
-        self._heartbeat_timeout = _check_positive("heartbeat_timeout", heartbeat_timeout)
-        self._disconnect_timeout = _check_positive("disconnect_timeout", disconnect_timeout)
+        self._heartbeat_timeout = check_seconds("heartbeat_timeout", heartbeat_timeout)
+        self._disconnect_timeout = check_seconds("disconnect_timeout", disconnect_timeout)
         self._max_queue_size = _check_size("max_queue_size", max_queue_size)
         self._max_message_size = _check_size("max_message_size", max_message_size)
         self._local_status = HeartbeatStatus(local_status)
@@ -294,7 +293,7 @@ class OrchestratorConnection:
             None
             if rate_limit is None
             else TokenBucket(
-                _check_positive("rate_limit", rate_limit), _check_size("rate_burst", rate_burst)
+                check_seconds("rate_limit", rate_limit), _check_size("rate_burst", rate_burst)
             )
         )
         self._max_violations = _check_size("max_violations", max_violations)
@@ -302,10 +301,10 @@ class OrchestratorConnection:
         self._violations = 0
         self._state = ConnectionState(
             heartbeat_timeout=self._heartbeat_timeout,
-            idle_timeout=_check_positive("idle_timeout", idle_timeout),
+            idle_timeout=check_seconds("idle_timeout", idle_timeout),
         )
         self._dead_timeout = (
-            None if dead_timeout is None else _check_positive("dead_timeout", dead_timeout)
+            None if dead_timeout is None else check_seconds("dead_timeout", dead_timeout)
         )
         self._queue: OutboundQueue[_QueueItem] = OutboundQueue(
             self._max_queue_size, self._kick_writer
@@ -951,7 +950,6 @@ class OrchestratorConnection:
                     await self._guarded(self._reader)
                     nursery.cancel_scope.cancel()
             ended = self._transport_end or self._socket_end(transport.socket)
-            transport.ended = ended
             transport.resume = self._may_resume(ended)
             if self._transport_end is not None or transport.socket.closed is None:
                 await self._abort_socket(transport.socket, ended)
@@ -1134,7 +1132,8 @@ class OrchestratorConnection:
                     await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
                     return
                 ack_only = number is None and ack is not None
-            if self._bucket is not None and not self._bucket.take(trio.current_time()):
+            now = trio.current_time()
+            if self._bucket is not None and not self._bucket.take(now):
                 # Refused unread: a flood costs no decoding. (An acknowledgement
                 # alone counts too, though its number was read: it is harmless.)
                 self._drop(seq)
@@ -1159,7 +1158,6 @@ class OrchestratorConnection:
                 if await self._violation(broken):
                     return
                 continue
-            now = trio.current_time()
             is_data = message.type in DATA_TYPES
             changed = state.received(now, data=is_data)
             if message.type is MessageType.HEARTBEAT:

@@ -62,12 +62,12 @@ MAX_UPDATE_ATTEMPTS: Final = 100
 DEFAULT_REDIS_TIMEOUT: Final = 5.0
 """Seconds to connect, and to wait for one reply."""
 
-# KEYS[1] record, KEYS[2] the set of all ids.
-# ARGV: json, lease ms, id, key base ("{prefix}:federation:"), region, capabilities...
-_REGISTER: Final = """
-local old = redis.call('GET', KEYS[1])
-local base, id = ARGV[4], ARGV[3]
-if old then
+# Shared by the scripts below: drop the index entries (capability and region
+# sets) of the record at ``key``, if any; returns the record's text or false.
+_UNINDEX: Final = """
+local function unindex(key, base, id)
+  local old = redis.call('GET', key)
+  if not old then return false end
   local ok, rec = pcall(cjson.decode, old)
   if ok and type(rec) == 'table' then
     if type(rec.capabilities) == 'table' then
@@ -77,32 +77,36 @@ if old then
     end
     if type(rec.region) == 'string' then redis.call('SREM', base .. 'region:' .. rec.region, id) end
   end
+  return old
 end
+"""
+
+# KEYS[1] record, KEYS[2] the set of all ids.
+# ARGV: json, lease ms, id, key base ("{prefix}:federation:"), region, capabilities...
+_REGISTER: Final = (
+    _UNINDEX
+    + """
+local base, id = ARGV[4], ARGV[3]
+unindex(KEYS[1], base, id)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 6, #ARGV do redis.call('SADD', base .. 'capability:' .. ARGV[i], id) end
 redis.call('SADD', base .. 'region:' .. ARGV[5], id)
 redis.call('SADD', KEYS[2], id)
 return 1
 """
+)
 
 # KEYS[1] record, KEYS[2] the set of all ids. ARGV: id, key base.
-_DEREGISTER: Final = """
-local old = redis.call('GET', KEYS[1])
+_DEREGISTER: Final = (
+    _UNINDEX
+    + """
 local id, base = ARGV[1], ARGV[2]
 redis.call('SREM', KEYS[2], id)
-if not old then return 0 end
-local ok, rec = pcall(cjson.decode, old)
-if ok and type(rec) == 'table' then
-  if type(rec.capabilities) == 'table' then
-    for _, cap in ipairs(rec.capabilities) do
-      if type(cap) == 'string' then redis.call('SREM', base .. 'capability:' .. cap, id) end
-    end
-  end
-  if type(rec.region) == 'string' then redis.call('SREM', base .. 'region:' .. rec.region, id) end
-end
+if not unindex(KEYS[1], base, id) then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
+)
 
 # KEYS[1] record. ARGV: the JSON read, the JSON to write, lease ms ('' keeps the TTL).
 _COMPARE_AND_SET: Final = """

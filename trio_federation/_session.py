@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Final, Generic, TypeVar
 
 import attrs
@@ -242,11 +242,6 @@ class ReceiveWindow:
         while pending and pending[0] in self._done:
             self._done.discard(pending.popleft())
             self.consumed += 1
-
-    def consume_all(self, seqs: Iterable[int]) -> None:
-        """Mark several messages consumed."""
-        for seq in seqs:
-            self.consume(seq)
 
     @property
     def ack_due(self) -> bool:

@@ -29,7 +29,6 @@ class OutboundQueue(Generic[T]):
         self._items: deque[tuple[T, bool]] = deque()  # (item, is the extra one)
         self._extra = False
         self._closed = False
-        self._not_empty = trio.lowlevel.ParkingLot()
         self._not_full = trio.lowlevel.ParkingLot()
 
     def __len__(self) -> int:
@@ -54,7 +53,6 @@ class OutboundQueue(Generic[T]):
         if self._full():
             raise trio.WouldBlock
         self._items.append((item, False))
-        self._not_empty.unpark()
         self._on_change()
 
     def put_extra_nowait(self, item: T) -> None:
@@ -65,7 +63,6 @@ class OutboundQueue(Generic[T]):
             raise trio.WouldBlock
         self._extra = True
         self._items.append((item, True))
-        self._not_empty.unpark()
         self._on_change()
 
     async def put(self, item: T) -> None:
@@ -78,14 +75,6 @@ class OutboundQueue(Generic[T]):
         while self._full() and not self._closed:
             await self._not_full.park()
         self.put_nowait(item)
-
-    async def peek(self) -> T:
-        """The oldest item, waiting for one; :exc:`trio.EndOfChannel` once closed and empty."""
-        while not self._items:
-            if self._closed:
-                raise trio.EndOfChannel
-            await self._not_empty.park()
-        return self._items[0][0]
 
     def peek_nowait(self) -> tuple[T, bool] | None:
         """The oldest item and whether it is the extra one, or None if empty."""
@@ -102,7 +91,6 @@ class OutboundQueue(Generic[T]):
     def close(self) -> None:
         """Refuse new items; the writer drains what is left, then gets EndOfChannel."""
         self._closed = True
-        self._not_empty.unpark_all()
         self._not_full.unpark_all()
         self._on_change()
 

@@ -46,6 +46,7 @@ from ._connection import (
     DEFAULT_RATE_LIMIT,
     DEFAULT_RECEIVE_BUFFER,
     OrchestratorConnection,
+    check_seconds,
     normalize_capabilities,
     raise_single,
 )
@@ -88,17 +89,6 @@ _FULL_RESPONSE: Final = (
     b"Content-Length: 35\r\nConnection: close\r\n\r\n"
     b"listener is at its connection limit"
 )
-
-
-def _check_seconds(name: str, value: float, *, zero: bool = False) -> float:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not (value >= 0 if zero else value > 0)
-        or value != value
-    ):
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
 
 
 def _check_local_id(local_id: object) -> str:
@@ -971,7 +961,7 @@ async def serve_federation(
         verifier = TokenVerifier(
             secret_lookup(secrets),
             local_id,
-            lifetime=_check_seconds("proof_lifetime", proof_lifetime),
+            lifetime=check_seconds("proof_lifetime", proof_lifetime),
         )
     if not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"max_connections must be a positive int, got {max_connections!r}")
@@ -993,9 +983,11 @@ async def serve_federation(
             "dead_timeout": dead_timeout,
         },
         verifier=verifier,
-        resume_timeout=_check_seconds("resume_timeout", resume_timeout, zero=True),
+        resume_timeout=0.0
+        if resume_timeout == 0
+        else check_seconds("resume_timeout", resume_timeout),
         max_connections=max_connections,
-        handshake_timeout=_check_seconds("handshake_timeout", handshake_timeout),
+        handshake_timeout=check_seconds("handshake_timeout", handshake_timeout),
     )
     listener._client_certificates = (
         ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -41,6 +40,7 @@ from trio_federation import (
     serve_federation,
 )
 
+from ..conftest import under_ci
 from ._jspeer import JSPeer, js_peer_problems, open_js_peer
 
 TIME_LIMIT = 20.0
@@ -57,7 +57,7 @@ def js_node() -> str:
     node, problems = js_peer_problems()
     if problems or node is None:
         reason = "JavaScript interop peer unavailable: " + "; ".join(problems)
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(f"{reason} (required: the CI environment variable is set)", pytrace=False)
         pytest.skip(reason)
     return node

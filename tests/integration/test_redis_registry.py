@@ -27,7 +27,8 @@ from trio_federation import (
 from trio_federation._redis_registry import _redacted
 from trio_federation.testing import REGISTRY_CHECKS, RegistryFactory
 
-from ._redis_server import RedisServer, redis_required, redis_server
+from ..conftest import under_ci
+from ._redis_server import RedisServer, redis_server
 from .conftest import open_test_registry, unique_prefix
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -120,7 +121,7 @@ process.stdout.write(JSON.stringify({problems, load, registeredAt}));
 async def test_golden_the_daemons_reader_parses_our_record(redis: RedisServer) -> None:
     node = shutil.which("node")
     if node is None:
-        if redis_required():
+        if under_ci():
             pytest.fail("CI requires node for the daemon reader check")
         pytest.skip("node is not installed")
     async with open_test_registry(redis) as registry:
