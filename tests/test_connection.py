@@ -814,3 +814,45 @@ async def test_a_connection_without_a_socket_cannot_be_entered() -> None:
     with pytest.raises(ValueError, match="no socket"):
         async with conn:
             pass  # pragma: no cover
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+async def test_queued_messages_go_out_in_one_write(resumable: bool) -> None:
+    # Our own transport: the writer coalesces what waits into one write (one
+    # system call, one scheduler pass), in order, each counted as sent.
+    from trio_federation._wire import open_client, read_request
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    writes = 0
+    pump = client_stream.send_stream.send_all_hook
+    assert pump is not None
+
+    async def counting_pump() -> None:
+        nonlocal writes
+        writes += 1
+        await pump()
+
+    wires = {}
+
+    async def serve() -> None:
+        request = await read_request(server_stream, 1 << 20)
+        wires["server"] = await request.accept()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        wires["client"] = await open_client(client_stream, "memory", "/", [], 1 << 20)
+    client_stream.send_stream.send_all_hook = counting_pump
+    # Dialled and accepted connections get our transport; here by hand.
+    a = OrchestratorConnection(id="orch-b", socket=wires["client"], local_id="orch-a")  # type: ignore[arg-type]
+    b = OrchestratorConnection(id="orch-a", socket=wires["server"], local_id="orch-b")  # type: ignore[arg-type]
+    if resumable:
+        a._start_session("s", b._resume_offer_for("s"))
+        b._start_session("s", a._resume_offer_for("s"))
+    for i in range(40):
+        await a.send_message(delegation(f"t{i}"))
+    async with b, a:
+        got = [await b.receive() for _ in range(40)]
+        assert [m.correlation_id for m in got] == [f"t{i}" for i in range(40)]
+        assert a.get_status().messages_sent == 40
+        assert not a.message_queue
+        assert writes <= 2  # the batch, and perhaps the first heartbeat

@@ -12,6 +12,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
+    BytesMessage,
     CloseConnection,
     Ping,
     Pong,
@@ -400,3 +401,15 @@ async def test_interoperates_with_trio_websocket() -> None:
         assert await client.get_message() == "echo hi"
         await client.aclose()
         await client_stream.aclose()
+
+
+async def test_send_messages_writes_a_batch_at_once() -> None:
+    client, stream, ws = await _raw_server()
+    await client.send_messages(["one", b"two", "three"])
+    events = await _events(stream, ws)  # one receive holds the whole batch
+    assert [e.data for e in events if isinstance(e, TextMessage | BytesMessage)] == [
+        "one",
+        b"two",
+        "three",
+    ]
+    await _abort(client, stream)

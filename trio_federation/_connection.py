@@ -105,6 +105,8 @@ BROADCAST_ADDRESSES: Final = frozenset({"*", "broadcast"})
 """Recipients (``to``) that address every orchestrator."""
 ACK_DELAY: Final = 0.02
 """Seconds a caught-up receiver waits before acknowledging, to coalesce acks."""
+MAX_WRITE_BATCH: Final = 64 * 1024
+"""Characters of queued frames the writer coalesces into one write (at least one frame)."""
 CLOSE_RESTARTING: Final = 1012
 """Close code meaning "restarting: reconnect and resume" (RFC 6455 Service Restart)."""
 RESUMABLE_CODES: Final = frozenset({1006, CLOSE_RESTARTING})
@@ -1122,7 +1124,10 @@ class OrchestratorConnection:
                 try:
                     if ack is not None:
                         assert self._send_window is not None
-                        if self._send_window.acknowledge(ack):
+                        queue = self._queue
+                        if self._send_window.acknowledge(ack) and (len(queue) or queue.closed):
+                            # The writer may wait for this (a full window, or a
+                            # drain); otherwise it has nothing to do.
                             self._kick_writer()
                     if number is not None:
                         if not recv.accept(number):
@@ -1260,57 +1265,75 @@ class OrchestratorConnection:
         assert socket is not None
         queue = self._queue
         state = self._state
+        # Our transport writes a batch at once; trio-websocket one frame per call.
+        limit = MAX_WRITE_BATCH if isinstance(socket, WireConnection) else 1
+        frames: list[str] = []
         ack_due_at: float | None = None
         while True:
             send, recv = self._send_window, self._recv_window
-            frame: str | None = None
-            message: FederationMessage | None = None
-            pop_after = False
+            frames.clear()
+            written = 0  # queued messages among the frames (not resends, not acks)
+            data = False  # one of them is a data message
+            unnumbered = 0  # items to pop from the queue once written
+            size = 0
             if send is not None and recv is not None:
-                again = send.next_resend()
-                if again is not None:
+                while size < limit and (again := send.next_resend()) is not None:
                     seq, (_, text) = again
-                    frame = sequenced_frame(seq, recv.announce(), text)
-            if frame is None:
-                head = queue.peek_nowait()
-                if head is not None:
+                    frames.append(frame := sequenced_frame(seq, recv.announce(), text))
+                    size += len(frame)
+                while size < limit and (head := queue.peek_nowait()) is not None:
                     (message, text), extra = head
-                    if send is None or recv is None or extra:
-                        frame, pop_after = text, True  # unnumbered: v1, or our heartbeat
-                    elif send.open:
-                        seq = send.number(queue.pop())
-                        frame = sequenced_frame(seq, recv.announce(), text)
-                    else:
-                        message = None  # the window is full: wait for an ack
-            if frame is None and recv is not None and recv.ack_due:
-                frame = ack_frame(recv.announce())
-            if frame is None:
+                    if extra:  # our heartbeat: unnumbered, alone
+                        if not frames:
+                            frames.append(text)
+                            written = unnumbered = 1
+                        break
+                    if not send.open:
+                        break  # the window is full: wait for an ack
+                    seq = send.number(queue.pop())
+                    frames.append(frame := sequenced_frame(seq, recv.announce(), text))
+                    size += len(frame)
+                    written += 1
+                    data = data or message.type in DATA_TYPES
+            else:
+                # v1: popped once written, so "accepted but not yet written" is exact.
+                for message, text in queue.items():
+                    if size >= limit:
+                        break
+                    frames.append(text)
+                    size += len(text)
+                    data = data or message.type in DATA_TYPES
+                written = unnumbered = len(frames)
+            if not frames and recv is not None and recv.ack_due:
+                frames.append(ack_frame(recv.announce()))
+            if not frames:
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
-                if recv is not None and recv.consumed > recv.announced:
-                    # Pending: acknowledge within ACK_DELAY, coalescing what
-                    # follows (a data frame carries it sooner if one is sent).
-                    if ack_due_at is None:
-                        ack_due_at = trio.current_time() + ACK_DELAY
-                    with trio.move_on_at(ack_due_at) as waited:
-                        await self._writer_lot.park()
-                    if not waited.cancelled_caught:
-                        continue
-                    frame = ack_frame(recv.announce())
-                else:
+                if recv is None or recv.consumed == recv.announced:
                     await self._writer_lot.park()
                     continue
+                # Pending: acknowledge within ACK_DELAY of when it became pending,
+                # coalescing what follows (a data frame carries it sooner if sent).
+                if ack_due_at is None:
+                    ack_due_at = trio.current_time() + ACK_DELAY
+                with trio.move_on_at(ack_due_at) as waited:
+                    await self._writer_lot.park()
+                if not waited.cancelled_caught:
+                    continue
+                frames.append(ack_frame(recv.announce()))
             if recv is not None and recv.consumed == recv.announced:
                 ack_due_at = None
             try:
-                await socket.send_message(frame)
+                if len(frames) == 1:
+                    await socket.send_message(frames[0])
+                else:
+                    assert isinstance(socket, WireConnection)
+                    await socket.send_messages(frames)
             except ConnectionClosed:
                 return  # the reader sees the close and ends the transport
-            if pop_after:
+            for _ in range(unnumbered):
                 queue.pop()  # written: no longer waiting
-            if message is not None and state.sent(
-                trio.current_time(), data=message.type in DATA_TYPES
-            ):
+            if written and state.sent(trio.current_time(), data=data, count=written):
                 self._publish_status()
 
     async def _watchdog(self) -> None:

@@ -165,12 +165,12 @@ class ConnectionState:
         self.remote_status = status
         self.liveness(now)
 
-    def sent(self, now: float, *, data: bool) -> bool:
-        """A message was written; ``data`` for non-control messages.
+    def sent(self, now: float, *, data: bool, count: int = 1) -> bool:
+        """``count`` messages were written; ``data`` if one was not a control message.
 
         Returns whether the status may have changed (the shell then publishes it).
         """
-        self.messages_sent += 1
+        self.messages_sent += count
         return data and self._activity(now)
 
     def received(self, now: float, *, data: bool) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import trio
@@ -75,6 +75,13 @@ class OutboundQueue(Generic[T]):
         while self._full() and not self._closed:
             await self._not_full.park()
         self.put_nowait(item)
+
+    def items(self) -> Iterator[T]:
+        """The waiting items, oldest first, without removing them.
+
+        Only valid until the queue changes: consume it before any checkpoint.
+        """
+        return (item for item, _ in self._items)
 
     def peek_nowait(self) -> tuple[T, bool] | None:
         """The oldest item and whether it is the extra one, or None if empty."""
