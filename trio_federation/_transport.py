@@ -61,6 +61,7 @@ from ._handshake import (
 )
 from ._messages import HeartbeatStatus
 from ._session import RESUME_HEADER, ResumeOffer, parse_resume
+from ._sockio import direct
 from ._wire import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
 
 __all__ = [
@@ -473,7 +474,7 @@ async def _dial(
             # alert (TLS 1.3 sends a refused client certificate's only after
             # the client's handshake) ends the dial at once.
             socket = await open_client(
-                stream,
+                direct(stream),
                 hostname if port in (80, 443) else f"{hostname}:{port}",
                 resource,
                 headers,
@@ -627,7 +628,7 @@ class FederationListener:
                         return
                 try:
                     request = await read_request(
-                        stream, self._options["max_message_size"], remote=_remote(stream)
+                        direct(stream), self._options["max_message_size"], remote=_remote(stream)
                     )
                 except (UpgradeFailed, trio.BrokenResourceError) as exc:
                     failed = str(exc) or repr(exc)

@@ -1,0 +1,123 @@
+"""DirectSocketStream: trio.SocketStream's semantics over direct system calls (real sockets)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+
+from trio_federation._sockio import DirectSocketStream, direct
+
+
+async def _pair() -> tuple[DirectSocketStream, trio.SocketStream]:
+    left, right = trio.socket.socketpair()
+    return DirectSocketStream(trio.SocketStream(left)), trio.SocketStream(right)
+
+
+async def test_bytes_flow_both_ways_and_eof_reads_empty() -> None:
+    ours, theirs = await _pair()
+    await ours.send_all(b"hello")
+    assert await theirs.receive_some(100) == b"hello"
+    await theirs.send_all(b"back")
+    assert await ours.receive_some() == b"back"
+    await theirs.send_eof()
+    assert await ours.receive_some(10) == b""
+    await ours.send_eof()
+    assert await theirs.receive_some(10) == b""
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_a_read_waits_for_data_and_is_cancellable() -> None:
+    ours, theirs = await _pair()
+    with trio.move_on_after(0.05) as scope:
+        await ours.receive_some(10)
+    assert scope.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await ours.receive_some(10))
+
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.send_all(b"late")
+    assert got == [b"late"]
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_a_write_larger_than_the_buffers_waits_for_the_reader() -> None:
+    ours, theirs = await _pair()
+    ours.stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = bytes(range(256)) * 4096  # 1 MiB: far beyond the kernel buffers
+    received = bytearray()
+
+    async def read() -> None:
+        while len(received) < len(payload):
+            received.extend(await theirs.receive_some(65536))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await ours.send_all(payload)
+        await ours.wait_send_all_might_not_block()
+    assert bytes(received) == payload
+    await ours.aclose()
+    await theirs.aclose()
+
+
+async def test_a_reset_connection_is_broken() -> None:
+    ours, theirs = await _pair()
+    # SO_LINGER 0: the close sends a reset instead of a FIN.
+    theirs.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await ours.send_all(b"unread")  # unread data makes the close a reset too
+    await theirs.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first writes may still be accepted
+            await ours.send_all(b"x" * 65536)
+    with pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some(10)
+    await ours.aclose()
+
+
+async def test_a_closed_stream_raises_closed_resource_error() -> None:
+    ours, theirs = await _pair()
+    await ours.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some(10)
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"x")
+    with pytest.raises(ValueError, match="max_bytes"):
+        await ours.receive_some(0)
+    await theirs.aclose()
+
+
+async def test_closing_wakes_a_waiting_reader_with_closed_resource_error() -> None:
+    ours, theirs = await _pair()
+    failures: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await ours.receive_some(10)
+        except trio.ClosedResourceError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        await ours.aclose()
+    assert len(failures) == 1
+    await theirs.aclose()
+
+
+async def test_only_plain_socket_streams_are_wrapped() -> None:
+    left, right = trio.socket.socketpair()
+    plain = trio.SocketStream(left)
+    assert isinstance(direct(plain), DirectSocketStream)
+    memory, _ = trio.testing.memory_stream_pair()
+    assert direct(memory) is memory
+    await plain.aclose()
+    right.close()

@@ -1,0 +1,116 @@
+"""A plain TCP stream for the owned transport: the socket's system calls, called directly.
+
+``trio.SocketStream`` wraps every ``send`` and ``recv`` in several layers
+(a conflict detector, error translation, ``_nonblocking_helper`` and its
+context managers) that together cost about as much as the system call itself
+on loopback: a 500-byte ``send_all`` plus ``receive_some`` takes 12 µs through
+them and 7 µs without. :class:`DirectSocketStream` keeps the same semantics —
+both calls are checkpoints, a read that finds nothing waits for readability, a
+write that finds the buffer full waits for writability, a failed socket
+raises :exc:`trio.BrokenResourceError` and a closed one
+:exc:`trio.ClosedResourceError` — with ``os.read``/``os.write`` on the
+socket's descriptor. Closing, half-closing and the socket itself stay the
+wrapped ``SocketStream``'s.
+
+It is used under :class:`~trio_federation._wire.WireConnection`, which reads
+from one task and writes under a lock, so it detects no concurrent use of its
+own. TLS streams keep ``trio.SSLStream`` over a ``trio.SocketStream``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import trio
+
+__all__ = ["DEFAULT_RECEIVE_BYTES", "DirectSocketStream", "direct"]
+
+DEFAULT_RECEIVE_BYTES: Final = 64 * 1024
+"""Bytes a :meth:`DirectSocketStream.receive_some` without a size asks for."""
+
+
+class DirectSocketStream(trio.abc.HalfCloseableStream):
+    """A ``trio.SocketStream`` read and written with direct system calls.
+
+    Attributes:
+        stream: the wrapped stream, which owns the socket.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._socket = stream.socket
+
+    def _fd(self) -> int:
+        fd = self._socket.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("the stream was closed")
+        return fd
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to ``max_bytes`` (64 KiB if None); ``b""`` at end of stream.
+
+        Raises:
+            trio.BrokenResourceError: the connection failed.
+            trio.ClosedResourceError: the stream was closed.
+        """
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_BYTES
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            fd = self._fd()
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as exc:
+                raise _broken(exc) from exc
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data``, waiting while the socket's buffer is full.
+
+        Raises:
+            trio.BrokenResourceError: the connection failed (part of ``data``
+                may have been sent).
+            trio.ClosedResourceError: the stream was closed.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                fd = self._fd()
+                try:
+                    sent += os.write(fd, view[sent:])
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(fd)
+                except OSError as exc:
+                    raise _broken(exc) from exc
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """As ``trio.SocketStream``."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Shut down the sending side (as ``trio.SocketStream``)."""
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the socket (as ``trio.SocketStream``)."""
+        await self.stream.aclose()
+
+
+def _broken(exc: OSError) -> trio.BrokenResourceError:
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+def direct(stream: trio.abc.Stream) -> trio.abc.Stream:
+    """``stream`` with direct system calls if it is a plain ``trio.SocketStream``."""
+    if type(stream) is trio.SocketStream:
+        return DirectSocketStream(stream)
+    return stream
