@@ -41,6 +41,7 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._socket = stream.socket
+        self._drained = False  # the last read returned less than it asked for
 
     def _fd(self) -> int:
         fd = self._socket.fileno()
@@ -59,8 +60,14 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
             max_bytes = DEFAULT_RECEIVE_BYTES
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
-        await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
+        if self._drained:
+            # The last read emptied the socket: most likely it still is, so
+            # wait before reading instead of failing a read first.
+            await trio.lowlevel.wait_readable(self._fd())
+            waited = True
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             fd = self._fd()
             try:
@@ -71,6 +78,7 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
                 continue
             except OSError as exc:
                 raise _broken(exc) from exc
+            self._drained = len(data) < max_bytes
             if not waited:  # a checkpoint yields once: the wait did already
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
