@@ -298,6 +298,24 @@ async def test_rejection_reaches_the_client() -> None:
     await client_stream.aclose()
 
 
+async def test_a_rejection_body_that_comes_after_the_head() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def serve() -> None:
+        await server_stream.receive_some()
+        await server_stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\ngo")
+        await trio.testing.wait_all_tasks_blocked()  # the client reads the head alone
+        await server_stream.send_all(b" away")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        with pytest.raises(ConnectionRejected) as info:
+            await open_client(client_stream, "example", "/", [], MAX)
+    assert (info.value.status_code, info.value.body) == (403, b"go away")
+    await client_stream.aclose()
+    await server_stream.aclose()
+
+
 async def test_rejection_without_a_body() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import struct
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +27,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.utilities import LocalProtocolError
 
 from trio_federation._wire import WireConnection, _mask
 
@@ -210,6 +212,24 @@ def test_control_frames_and_fragments_in_order_at_every_split_point() -> None:
             assert not ours._fragmented and not ours._passthrough and not ours._pending
 
 
+def test_a_whole_frame_inside_a_fragmented_message_is_1002_as_wsproto() -> None:
+    for server in (False, True):
+        ours, peer = _open(server=server)
+        wire = peer.send(TextMessage(data="frag", message_finished=False))
+        wire += b"\x81\x02hi" if not server else b"\x81\x82\x00\x00\x00\x00hi"
+        assert _feed(ours, bytes(wire), []) == []
+        assert ours.closed is not None and ours.closed.code == 1002
+
+
+def test_the_frame_after_a_fragmented_message_takes_the_fast_path() -> None:
+    for server in (False, True):
+        ours, peer = _open(server=server)
+        wire = peer.send(BytesMessage(data=b"fr", message_finished=False))
+        wire += peer.send(BytesMessage(data=b"ag", message_finished=True))
+        assert _feed(ours, bytes(wire), []) == [b"frag"]
+        assert _feed(_fast_only(ours), bytes(_peer_frame(peer, "fast")), []) == ["fast"]
+
+
 def test_frames_after_the_peer_close_frame_are_dropped() -> None:
     ours, peer = _open(server=False)
     wire = _peer_frame(peer, "before") + peer.send(CloseConnection(code=1000))
@@ -272,3 +292,20 @@ def test_through_a_memory_stream_in_chunks(batch: list[str | bytes], data: st.Da
         return received
 
     assert trio.run(main) == batch
+
+
+def test_headers_split_inside_their_extended_length_and_key() -> None:
+    for server in (False, True):
+        for size in (126, 70000):
+            _, peer = _open(server=server)
+            wire = bytes(_peer_frame(peer, b"q" * size) + _peer_frame(peer, "after"))
+            for cut in range(1, 16):
+                ours, _ = _open(server=server)
+                assert _feed(_fast_only(ours), wire, [cut, cut + 1]) == [b"q" * size, "after"]
+
+
+def test_a_data_frame_once_closed_is_refused_as_wsproto_does() -> None:
+    ours, _ = _open(server=True)
+    ours._start_close(1000, None)
+    with pytest.raises(LocalProtocolError):
+        ours._frame("late")

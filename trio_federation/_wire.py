@@ -228,8 +228,8 @@ class WireConnection:
                 return False  # the frame (or its header) is still incomplete
             data = bytes(self._pending)
             self._pending = bytearray()
-        if self._ws.state is not ConnectionState.OPEN:
-            return self._after_open(data)
+        if self._local_close or self._ws.state is not ConnectionState.OPEN:
+            return self._after_open(data)  # no message is delivered once we close
         peer_closed = False
         server = self._server
         max_size = self._max_message_size
@@ -285,8 +285,7 @@ class WireConnection:
                 if masked:
                     payload = _mask(data[start - 4 : start], payload)
                 if first == 0x82:
-                    if not self._local_close:
-                        self._messages.append(payload)
+                    self._messages.append(payload)
                     pos = stop
                     continue
                 try:
@@ -294,8 +293,7 @@ class WireConnection:
                 except UnicodeDecodeError:
                     pass  # wsproto fails the connection with 1007
                 else:
-                    if not self._local_close:
-                        self._messages.append(text)
+                    self._messages.append(text)
                     pos = stop
                     continue
             elif (
