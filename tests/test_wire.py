@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
@@ -297,6 +298,24 @@ async def test_rejection_reaches_the_client() -> None:
     await client_stream.aclose()
 
 
+async def test_a_rejection_body_that_comes_after_the_head() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def serve() -> None:
+        await server_stream.receive_some()
+        await server_stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 7\r\n\r\ngo")
+        await trio.testing.wait_all_tasks_blocked()  # the client reads the head alone
+        await server_stream.send_all(b" away")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        with pytest.raises(ConnectionRejected) as info:
+            await open_client(client_stream, "example", "/", [], MAX)
+    assert (info.value.status_code, info.value.body) == (403, b"go away")
+    await client_stream.aclose()
+    await server_stream.aclose()
+
+
 async def test_rejection_without_a_body() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
 
@@ -413,3 +432,136 @@ async def test_send_messages_writes_a_batch_at_once() -> None:
         "three",
     ]
     await _abort(client, stream)
+
+
+# -- the fast data-frame path and its wsproto fallback ----------------------------------
+
+
+async def _raw_client() -> tuple[WireConnection, trio.abc.Stream, WSConnection]:
+    """Our server against a hand-driven wsproto client (to send odd frames)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    ws = WSConnection(ConnectionType.CLIENT)
+    await client_stream.send_all(ws.send(Request(host="x", target="/")))
+    server = await (await read_request(server_stream, MAX)).accept()
+    events = await _events(client_stream, ws)
+    assert isinstance(events[0], AcceptConnection)
+    return server, client_stream, ws
+
+
+async def _closed_with(
+    ours: WireConnection, stream: trio.abc.Stream, peer: WSConnection, code: int
+) -> None:
+    """``ours`` fails with ``code`` and sends the peer a close frame with it."""
+    with pytest.raises(ConnectionClosed) as info:
+        await ours.get_message()
+    assert _code(info.value) == code
+    events = await _events(stream, peer)
+    assert any(isinstance(e, CloseConnection) and e.code == code for e in events), events
+    await _abort(ours, stream)
+
+
+async def test_data_ping_data_in_one_receive_keep_their_order() -> None:
+    client, stream, ws = await _raw_server()
+    data = ws.send(TextMessage(data="one"))
+    data += ws.send(Ping(payload=b"between"))
+    data += ws.send(BytesMessage(data=b"two"))
+    await stream.send_all(data)
+    assert await client.get_message() == "one"
+    assert await client.get_message() == b"two"
+    events = await _events(stream, ws)
+    assert [e.payload for e in events if isinstance(e, Pong)] == [b"between"]
+    await _abort(client, stream)
+
+
+async def test_invalid_utf8_in_a_text_frame_is_1007_as_wsproto() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\x81\x02\xff\xfe")
+    await _closed_with(client, stream, ws, 1007)
+
+
+async def test_an_unmasked_frame_to_a_server_is_1002() -> None:
+    server, stream, ws = await _raw_client()
+    await stream.send_all(b"\x81\x02hi")
+    await _closed_with(server, stream, ws, 1002)
+
+
+async def test_a_masked_frame_to_a_client_is_1002() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\x81\x82abcd" + bytes([ord("h") ^ ord("a"), ord("i") ^ ord("b")]))
+    await _closed_with(client, stream, ws, 1002)
+
+
+async def test_a_reserved_bit_is_1002() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\xc1\x01a")  # RSV1: no extension was agreed
+    await _closed_with(client, stream, ws, 1002)
+
+
+async def test_a_length_encoded_too_long_is_1002() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\x82\x7e\x00\x05hello")  # 5 in the 16-bit form
+    await _closed_with(client, stream, ws, 1002)
+
+
+async def test_an_oversized_header_is_1009_before_its_payload() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\x82\x7e" + struct.pack("!H", MAX + 1))  # the header only
+    await _closed_with(client, stream, ws, 1009)
+
+
+async def test_a_64_bit_length_beyond_the_limit_is_1009() -> None:
+    client, stream, ws = await _raw_server()
+    await stream.send_all(b"\x82\x7f" + struct.pack("!Q", 1 << 40))
+    await _closed_with(client, stream, ws, 1009)
+
+
+async def test_an_oversized_text_header_is_1009_before_its_payload() -> None:
+    server, stream, ws = await _raw_client()
+    # More bytes than MAX characters can take in UTF-8, masked.
+    await stream.send_all(b"\x81\xfe" + struct.pack("!H", 4 * MAX + 4) + b"mask")
+    await _closed_with(server, stream, ws, 1009)
+
+
+async def test_frames_that_come_with_the_upgrade_answer() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    ws = WSConnection(ConnectionType.SERVER)
+    frames = ws  # the frames are written once the handshake is done
+
+    async def serve() -> None:
+        while True:
+            ws.receive_data(bytes(await server_stream.receive_some()))
+            for event in ws.events():
+                if isinstance(event, Request):
+                    data = ws.send(AcceptConnection())
+                    data += frames.send(TextMessage(data="first"))
+                    data += frames.send(Ping(payload=b"early"))
+                    partial = frames.send(BytesMessage(data=b"second"))
+                    await server_stream.send_all(data + partial[:3])  # half a frame
+                    await server_stream.send_all(partial[3:])
+                    return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        client = await open_client(client_stream, "example", "/", [], MAX)
+    assert await client.get_message() == "first"
+    assert await client.get_message() == b"second"
+    events = await _events(server_stream, ws)
+    assert [e.payload for e in events if isinstance(e, Pong)] == [b"early"]
+    await _abort(client, server_stream)
+
+
+async def test_frames_that_come_with_the_upgrade_request() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    ws = WSConnection(ConnectionType.CLIENT)
+    request = ws.send(Request(host="x", target="/"))
+    # A client that does not wait for the answer: frames made by a twin client.
+    twin = WSConnection(ConnectionType.CLIENT)
+    host = WSConnection(ConnectionType.SERVER)
+    host.receive_data(twin.send(Request(host="x", target="/")))
+    list(host.events())
+    twin.receive_data(host.send(AcceptConnection()))
+    list(twin.events())
+    await client_stream.send_all(request + twin.send(TextMessage(data="eager")))
+    server = await (await read_request(server_stream, MAX)).accept()
+    assert await server.get_message() == "eager"
+    await _abort(server, client_stream)
