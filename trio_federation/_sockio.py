@@ -15,7 +15,9 @@ wrapped ``SocketStream``'s.
 
 It is used under :class:`~trio_federation._wire.WireConnection`, which reads
 from one task and writes under a lock, so it detects no concurrent use of its
-own. TLS streams keep ``trio.SSLStream`` over a ``trio.SocketStream``.
+own. TLS streams keep ``trio.SSLStream`` over a ``trio.SocketStream``, and
+on Windows (where a socket is no file descriptor) ``trio.SocketStream`` is used
+as it is.
 """
 
 from __future__ import annotations
@@ -125,7 +127,11 @@ def _broken(exc: OSError) -> trio.BrokenResourceError:
 
 
 def direct(stream: trio.abc.Stream) -> trio.abc.Stream:
-    """``stream`` with direct system calls if it is a plain ``trio.SocketStream``."""
-    if type(stream) is trio.SocketStream:
+    """``stream`` with direct system calls if it is a plain ``trio.SocketStream``.
+
+    Only on POSIX systems, where a socket is a file descriptor that ``os.read``
+    and ``os.write`` take (not on Windows).
+    """
+    if type(stream) is trio.SocketStream and os.name == "posix":
         return DirectSocketStream(stream)
     return stream
