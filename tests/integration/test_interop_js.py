@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
@@ -660,3 +661,36 @@ async def test_frames_we_encode_are_what_js_decodes(js_node: str) -> None:
     assert status["payload"]["uptime"] == 12500
     assert status["payload"]["latency"] == 12.5
     assert status["payload"]["lastHeartbeat"] == "2026-11-26T12:00:00.250Z"
+
+
+async def test_messages_of_every_frame_size_both_ways_with_js(js_node: str) -> None:
+    # Our frames (7-, 16- and 64-bit lengths, both ways of masking) read by ws,
+    # and ws's frames read by us: whole, and in fragments cut inside UTF-8
+    # characters with a ping between them.
+    sizes = (10, 1_000, 3_000, 70_000, 300_000)
+    sent = [
+        FederationMessage(
+            type="broadcast",
+            payload=BroadcastPayload(topic=f"size-{size}", data={"text": ("é€😀x" * size)[:size]}),
+            sender="py-dialer",
+            recipient="js-peer",
+        )
+        for size in sizes
+    ]
+    with trio.fail_after(TIME_LIMIT):
+        async with open_js_peer(js_node, *JS_SERVER, "--echo") as peer:
+            url = await start_server(peer)
+            async with open_orchestrator_connection(
+                url, local_id="py-dialer", capabilities=[], remote_id="js-peer"
+            ) as conn:
+                for message in sent:
+                    await conn.send_message(message)
+                echoes = [await conn.receive() for _ in range(2 * len(sent))]
+                assert conn.get_status().errors == 0
+                echoed = [(await peer.expect("echoed"))["bytes"] for _ in sent]
+
+    assert echoed == [len(encode_message(m).encode()) for m in sent]
+    for index, message in enumerate(sent):
+        expected = attrs.evolve(message, sender="js-peer", recipient="py-dialer")
+        assert echoes[2 * index] == expected  # one frame
+        assert echoes[2 * index + 1] == expected  # three fragments and a ping

@@ -9,7 +9,9 @@
 // is accepted too). Like the daemon's server it sends no identification
 // headers in its upgrade response. ws answers pings by itself.
 //
-//   node peer.mjs --mode server --port 0 --id js-peer [--delegate-on-connect]
+//   node peer.mjs --mode server --port 0 --id js-peer [--delegate-on-connect] [--echo]
+//                 (--echo: send every message back, from and to swapped, twice:
+//                  as one frame, then in three fragments with a ping between)
 //   node peer.mjs --mode client --url ws://127.0.0.1:PORT/federation --id js-peer
 //                 [--capabilities testing,research] [--to py-listener]
 //                 [--expect-delegation] [--timeout 10]
@@ -36,7 +38,7 @@ function listenerProofOk(answer, secret, listenerId, peerId, nonce) {
   return got.length === expected.length && timingSafeEqual(got, expected);
 }
 
-const FLAGS = new Set(['delegate-on-connect', 'expect-delegation']);
+const FLAGS = new Set(['delegate-on-connect', 'expect-delegation', 'echo']);
 function parseArgs(argv) {
   const args = {};
   for (let i = 0; i < argv.length; i++) {
@@ -98,6 +100,22 @@ function onMessage(ws, selfId, data) {
   return msg;
 }
 
+// Send a message back to its sender, as one frame, then fragmented: three
+// continuation-linked text frames cut at byte offsets (possibly inside a UTF-8
+// character, which fragments may do) with a ping between the first two.
+function echo(ws, data) {
+  const m = JSON.parse(data.toString());
+  [m.from, m.to] = [m.to, m.from];
+  const text = Buffer.from(JSON.stringify(m));
+  ws.send(text, { binary: false });
+  const a = Math.floor(text.length / 3) + 1, b = Math.floor((2 * text.length) / 3) + 1;
+  ws.send(text.subarray(0, a), { binary: false, fin: false });
+  ws.ping('between fragments');
+  ws.send(text.subarray(a, b), { binary: false, fin: false });
+  ws.send(text.subarray(b), { binary: false, fin: true });
+  out({ event: 'echoed', bytes: text.length });
+}
+
 function startPinging(ws, ms) {
   if (!ms) return;
   const timer = setInterval(() => ws.readyState === WebSocket.OPEN && ws.ping(), ms);
@@ -114,7 +132,8 @@ function runServer(args) {
     const query = new URL(req.url, 'http://localhost').searchParams;
     const clientId = req.headers['x-federation-id'] ?? query.get('id') ?? 'unknown';
     out({ event: 'connection', id: clientId, url: req.url, headers: req.headers });
-    ws.on('message', data => onMessage(ws, selfId, data));
+    if (args.echo) ws.on('message', data => echo(ws, data));
+    else ws.on('message', data => onMessage(ws, selfId, data));
     ws.on('error', err => out({ event: 'error', error: err.message }));
     ws.on('close', (code, reason) => out({ event: 'closed', code, reason: reason.toString() }));
     startPinging(ws, Number(args['ping-interval'] ?? 0));
