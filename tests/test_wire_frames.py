@@ -309,3 +309,64 @@ def test_a_data_frame_once_closed_is_refused_as_wsproto_does() -> None:
     ours._start_close(1000, None)
     with pytest.raises(LocalProtocolError):
         ours._frame("late")
+
+
+# -- hostile bytes: the fast path changes nothing wsproto alone would do ------------------
+
+
+def _frame_like(
+    first: int, mask: bool, form: int, length: int | None, payload: bytes, key: bytes
+) -> bytes:
+    """A frame header as written (any flags, any length form), and some payload.
+
+    ``length`` None: the payload's own length (a whole frame, but the payload
+    as it is, masked or not).
+    """
+    if length is None:
+        length = len(payload)
+    if form == 0:
+        header = bytes((first, (0x80 if mask else 0) | min(length, 125)))
+    elif form == 1:
+        header = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, length & 0xFFFF)
+    else:
+        header = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, length)
+    return header + (key if mask else b"") + payload
+
+
+frame_like = st.builds(
+    _frame_like,
+    first=st.one_of(
+        st.sampled_from([0x81, 0x82, 0x01, 0x02, 0x80, 0x00, 0x89, 0x8A, 0x88]), st.integers(0, 255)
+    ),
+    mask=st.booleans(),
+    form=st.sampled_from([0, 0, 1, 2]),
+    length=st.one_of(st.none(), st.integers(0, 130), st.integers(0, 70_000)),
+    payload=st.one_of(st.binary(max_size=140), st.text(max_size=40).map(str.encode)),
+    key=st.binary(min_size=4, max_size=4),
+)
+
+
+@slow
+@given(
+    server=st.booleans(),
+    chunks=st.lists(st.one_of(frame_like, st.binary(max_size=20)), max_size=8),
+    data=st.data(),
+)
+def test_hostile_bytes_end_as_with_wsproto_alone(
+    server: bool, chunks: list[bytes], data: st.DataObject
+) -> None:
+    wire = b"".join(chunks)
+    cuts = data.draw(st.lists(st.integers(0, len(wire)), max_size=4))
+    ours, _ = _open(server=server)
+    reference, _ = _open(server=server)
+    got = _feed(ours, wire, cuts)  # never raises: every failure is a close
+    reference._to_wsproto(wire)
+    if ours.closed is not None and ours.closed.code == 1009:
+        return  # we refuse an oversized header at once; wsproto waits for the payload
+    if ours.closed is None and ours._pending and reference.closed is not None:
+        # We parse a frame once it is whole; wsproto may refuse a part of one
+        # sooner (invalid UTF-8 in the first bytes of a text payload), and its
+        # close drops what was received before it.
+        return
+    assert got == list(reference._messages)
+    assert (ours.closed and ours.closed.code) == (reference.closed and reference.closed.code)

@@ -106,6 +106,8 @@ Headers = list[tuple[bytes, bytes]]
 
 _HEAD_END: Final = re.compile(b"\n\r?\n")
 """Where an HTTP head ends: h11's own rule (``h11._receivebuffer.blank_line_regex``)."""
+_OPCODES: Final = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})
+"""The opcodes of RFC 6455: continuation, text, binary, close, ping, pong."""
 _INT_MASK_BELOW: Final = 2048
 """Payloads shorter than this are masked as one big integer, longer ones by tables."""
 _XOR_TABLES: Final = [bytes(a ^ b for a in range(256)) for b in range(256)]
@@ -278,6 +280,11 @@ class WireConnection:
             first = data[pos]
             second = data[pos + 1]
             length = second & 0x7F
+            opcode = first & 0x0F
+            if opcode not in _OPCODES or (opcode >= 0x08 and (first < 0x80 or length > 125)):
+                # wsproto refuses this frame from its first two bytes (an unknown
+                # opcode, a fragmented or long control frame): let it, at once.
+                return self._to_wsproto(data[pos:]) or peer_closed
             start = pos + 2
             minimal = True  # wsproto refuses a length encoded longer than needed
             if length == 126:
@@ -296,10 +303,7 @@ class WireConnection:
                 minimal = 0xFFFF < length < 1 << 63
             masked = second >= 0x80
             if masked:
-                start += 4
-                if start > end:
-                    self._wanted = start - pos
-                    break
+                start += 4  # the key: awaited below only for a frame we parse
             stop = start + length
             # FIN, no RSV bit, text or binary, the mask bit our side expects.
             valid = (first == 0x81 or first == 0x82) and masked is server and minimal
@@ -336,7 +340,6 @@ class WireConnection:
                 return self._after_open(data[pos:]) or peer_closed
             # Anything else is wsproto's, as many bytes as the frame has: a control
             # frame, a fragment, a bad frame, a text frame it decodes as it comes.
-            opcode = first & 0x0F
             if opcode == 0x01 or opcode == 0x02:
                 self._fragmented = first < 0x80
             elif opcode == 0x00 and first >= 0x80:
