@@ -56,12 +56,17 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The fuzz suite with many more examples (``-- N`` scales them; default 50)."""
+    """The fuzz suites, ``-- N`` times more examples (default 50).
+
+    Hostile frames through the codec and a live connection, and the wire
+    parser against wsproto alone.
+    """
     session.install("-e", ".[test]")
     scale = session.posargs[0] if session.posargs else "50"
     session.run(
         "pytest",
         "tests/test_fuzz.py",
+        "tests/test_wire_frames.py::test_hostile_bytes_end_as_with_wsproto_alone",
         "-p",
         "no:cacheprovider",
         "--durations=5",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +31,9 @@ from trio_federation import (
     TaskStatus,
     TaskType,
 )
+
+FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
+"""Multiplies the example counts of the fuzz tests (``nox -s fuzz`` sets it)."""
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 text = st.text(max_size=20)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +37,7 @@ from trio_federation.testing import open_websocket_pair
 
 from . import strategies
 
-FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "1"))
-"""Multiplies the example counts (``nox -s fuzz`` sets it)."""
+FUZZ_SCALE = strategies.FUZZ_SCALE
 
 # -- hostile frames ---------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from wsproto.utilities import LocalProtocolError
 
 from trio_federation._wire import WireConnection, _mask
 
+from .strategies import FUZZ_SCALE
+
 BIG = 1 << 20
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
 
@@ -346,7 +348,9 @@ frame_like = st.builds(
 )
 
 
-@slow
+@settings(
+    max_examples=200 * FUZZ_SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     server=st.booleans(),
     chunks=st.lists(st.one_of(frame_like, st.binary(max_size=20)), max_size=8),
