@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -119,5 +120,53 @@ async def test_only_plain_socket_streams_are_wrapped() -> None:
     assert isinstance(direct(plain), DirectSocketStream)
     memory, _ = trio.testing.memory_stream_pair()
     assert direct(memory) is memory
+    await plain.aclose()
+    right.close()
+
+
+async def test_failures_are_checkpoints_and_say_closed_or_broken() -> None:
+    ours, theirs = await _pair()
+    await ours.send_eof()
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError, match="EOF"):
+        await ours.send_all(b"after eof")
+    await ours.aclose()
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some(10)
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.ClosedResourceError):
+        await ours.send_all(b"")  # even with nothing to send
+    await theirs.aclose()
+
+    ours, theirs = await _pair()
+    theirs.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await ours.send_all(b"unread")
+    await theirs.aclose()  # a reset
+    with trio.testing.assert_checkpoints(), pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some(10)
+    await ours.aclose()
+
+
+async def test_a_descriptor_closed_underneath_is_a_closed_stream() -> None:
+    ours, theirs = await _pair()
+    os.close(ours.stream.socket.fileno())  # as if closed behind trio's back
+    try:
+        with pytest.raises(trio.ClosedResourceError):
+            await ours.receive_some(10)
+    finally:
+        ours.stream.socket.detach()  # it is closed already
+        await theirs.aclose()
+
+
+async def test_a_socket_without_a_descriptor_is_left_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    left, right = trio.socket.socketpair()
+    plain = trio.SocketStream(left)
+
+    def no_descriptor() -> int:
+        raise NotImplementedError("a custom socket factory's socket")
+
+    monkeypatch.setattr(left, "fileno", no_descriptor)
+    assert direct(plain) is plain
+    monkeypatch.undo()
     await plain.aclose()
     right.close()

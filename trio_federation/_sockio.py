@@ -22,6 +22,7 @@ as it is.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Final
 
@@ -31,6 +32,8 @@ __all__ = ["DEFAULT_RECEIVE_BYTES", "DirectSocketStream", "direct"]
 
 DEFAULT_RECEIVE_BYTES: Final = 64 * 1024
 """Bytes a :meth:`DirectSocketStream.receive_some` without a size asks for."""
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+"""Errors that mean the socket was closed (trio's ``_closed_stream_errnos``)."""
 
 
 class DirectSocketStream(trio.abc.HalfCloseableStream):
@@ -63,27 +66,32 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         if max_bytes < 1:
             raise ValueError("max_bytes must be >= 1")
         waited = False
-        if self._drained:
-            # The last read emptied the socket: most likely it still is, so
-            # wait before reading instead of failing a read first.
-            await trio.lowlevel.wait_readable(self._fd())
-            waited = True
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            fd = self._fd()
-            try:
-                data = os.read(fd, max_bytes)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+        try:
+            if self._drained:
+                # The last read emptied the socket: most likely it still is, so
+                # wait before reading instead of failing a read first.
+                await trio.lowlevel.wait_readable(self._fd())
                 waited = True
-                continue
-            except OSError as exc:
-                raise _broken(exc) from exc
-            self._drained = len(data) < max_bytes
-            if not waited:  # a checkpoint yields once: the wait did already
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                fd = self._fd()
+                try:
+                    data = os.read(fd, max_bytes)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+                    waited = True
+                except OSError as exc:
+                    raise _stream_error(exc) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not waited:  # a failure is a checkpoint too
                 await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+            raise
+        self._drained = len(data) < max_bytes
+        if not waited:  # a checkpoint yields once: the wait did already
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write all of ``data``, waiting while the socket's buffer is full.
@@ -91,21 +99,30 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         Raises:
             trio.BrokenResourceError: the connection failed (part of ``data``
                 may have been sent).
-            trio.ClosedResourceError: the stream was closed.
+            trio.ClosedResourceError: the stream was closed, or its sending
+                side shut down (:meth:`send_eof`).
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                fd = self._fd()
-                try:
-                    sent += os.write(fd, view[sent:])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(fd)
-                    waited = True
-                except OSError as exc:
-                    raise _broken(exc) from exc
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._socket.did_shutdown_SHUT_WR:
+                raise trio.ClosedResourceError("can't send data after sending EOF")
+            fd = self._fd()
+            with memoryview(data) as view:
+                sent = 0
+                while sent < len(view):
+                    try:
+                        sent += os.write(fd, view[sent:])
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(fd)
+                        waited = True
+                        fd = self._fd()  # closed meanwhile?
+                    except OSError as exc:
+                        raise _stream_error(exc) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            raise
         if not waited:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -122,7 +139,10 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-def _broken(exc: OSError) -> trio.BrokenResourceError:
+def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """The stream error for a failed system call, as ``trio.SocketStream`` maps it."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("the stream was closed")
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
@@ -132,6 +152,10 @@ def direct(stream: trio.abc.Stream) -> trio.abc.Stream:
     Only on POSIX systems, where a socket is a file descriptor that ``os.read``
     and ``os.write`` take (not on Windows).
     """
-    if type(stream) is trio.SocketStream and os.name == "posix":
-        return DirectSocketStream(stream)
-    return stream
+    if type(stream) is not trio.SocketStream or os.name != "posix":
+        return stream
+    try:
+        fd = stream.socket.fileno()
+    except Exception:  # a custom socket factory's socket, without a descriptor
+        return stream
+    return DirectSocketStream(stream) if fd >= 0 else stream
