@@ -1266,7 +1266,8 @@ class OrchestratorConnection:
         queue = self._queue
         state = self._state
         # Our transport writes a batch at once; trio-websocket one frame per call.
-        limit = MAX_WRITE_BATCH if isinstance(socket, WireConnection) else 1
+        wire = socket if isinstance(socket, WireConnection) else None
+        limit = MAX_WRITE_BATCH if wire is not None else 1
         frames: list[str] = []
         ack_due_at: float | None = None
         while True:
@@ -1324,11 +1325,10 @@ class OrchestratorConnection:
             if recv is not None and recv.consumed == recv.announced:
                 ack_due_at = None
             try:
-                if len(frames) == 1:
-                    await socket.send_message(frames[0])
+                if wire is not None:
+                    await wire.send_messages(frames)
                 else:
-                    assert isinstance(socket, WireConnection)
-                    await socket.send_messages(frames)
+                    await socket.send_message(frames[0])
             except ConnectionClosed:
                 return  # the reader sees the close and ends the transport
             for _ in range(unnumbered):
