@@ -1,4 +1,4 @@
-"""Shared fixtures: every test runs under an absolute time guard."""
+"""Shared fixtures; every test runs under an absolute time guard (``tests/_guard.py``)."""
 
 from __future__ import annotations
 
@@ -23,28 +23,14 @@ def under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-TEST_TIME_GUARD = float(os.environ.get("TEST_TIME_GUARD", "30"))
-"""Seconds of real time any single test may take."""
+from ._guard import pytest_runtest_call  # noqa: F401  (the time guard, as a hook)
 
 
 @pytest.fixture(autouse=True)
-def time_guard() -> Iterator[None]:
-    """Fail a test that runs longer than TEST_TIME_GUARD (wall-clock) seconds."""
-    import signal
-
-    def on_alarm(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test exceeded its {TEST_TIME_GUARD}s guard")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, TEST_TIME_GUARD)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        # A leaked socket warns when it is collected: collect now, so the
-        # warning fails the test that leaked it, not a later one.
-        gc.collect()
+def collect_garbage() -> Iterator[None]:
+    """Collect after each test, so a leaked socket's warning fails the test that leaked it."""
+    yield
+    gc.collect()
 
 
 def delegation(

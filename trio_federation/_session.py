@@ -112,7 +112,7 @@ def split_frame(data: str) -> tuple[int | None, int | None]:
     """The ``(seq, ack)`` of a frame: ``(None, ack)`` for an ack frame, ``(None, None)`` else."""
     if data.startswith('{"seq":'):
         # By hand, the hot path: {"seq":N,"ack":M, with N and M 1 to 16 digits.
-        comma = data.find(',"ack":', 7, 24)
+        comma = data.find(',"ack":', 7, 30)  # 7 + 16 digits + the 7 of ,"ack":
         end = data.find(",", comma + 7, comma + 24) if comma > 0 else -1
         seq, ack = data[7:comma], data[comma + 7 : end]
         if end > 0 and seq.isdigit() and ack.isdigit() and seq.isascii() and ack.isascii():
