@@ -66,6 +66,8 @@ def fuzz(session: nox.Session) -> None:
     session.run(
         "pytest",
         "tests/test_fuzz.py",
+        "tests/test_codec.py",
+        "tests/test_codec_fast.py",
         "tests/test_wire_frames.py::test_hostile_bytes_end_as_with_wsproto_alone",
         "-p",
         "no:cacheprovider",

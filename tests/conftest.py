@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from trio_federation import (
     DelegationRequest,
@@ -16,6 +17,12 @@ from trio_federation import (
     Task,
     TaskCallback,
 )
+
+
+# No per-example deadline: on a busy machine a slow example is not a failure
+# (the time guard bounds the whole test).
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 def under_ci() -> bool:

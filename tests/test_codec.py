@@ -28,12 +28,13 @@ from trio_federation import (
 )
 
 from . import strategies
+from .strategies import FUZZ_SCALE
 
 WHEN = datetime(2026, 11, 26, 12, 0, 0, 123000, tzinfo=UTC)
 
 
 @given(strategies.messages())
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
 def test_every_message_round_trips(message: FederationMessage) -> None:
     assert decode_message(encode_message(message)) == message
 
@@ -309,7 +310,7 @@ def test_decode_refuses_non_text() -> None:
 
 
 @given(st.text() | st.binary())
-@settings(max_examples=500)
+@settings(max_examples=150 * FUZZ_SCALE)
 def test_garbage_in_only_malformed_out(frame: str | bytes) -> None:
     with contextlib.suppress(MalformedMessage):
         decode_message(frame)
@@ -323,7 +324,7 @@ def test_garbage_in_only_malformed_out(frame: str | bytes) -> None:
     ),
     as_string=st.booleans(),
 )
-@settings(max_examples=500)
+@settings(max_examples=150 * FUZZ_SCALE)
 def test_hostile_envelopes_only_malformed_or_a_message(
     kind: str, payload: Any, fields: dict[str, Any], as_string: bool
 ) -> None:

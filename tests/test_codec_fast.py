@@ -42,6 +42,7 @@ from trio_federation import (
 from trio_federation._codec import _camel, _decode_envelope, _decode_fast, _encode
 
 from . import strategies
+from .strategies import FUZZ_SCALE
 
 WHEN = datetime(2026, 11, 26, 12, 0, 0, 123000, tzinfo=UTC)
 REFERENCE = make_converter()
@@ -73,7 +74,7 @@ def wire_dict(message: FederationMessage) -> dict[str, Any]:
 
 
 @given(strategies.messages())
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
 def test_fast_encoding_writes_the_reference_bytes(message: FederationMessage) -> None:
     assert encode_message(message) == reference_encode(message)
 
@@ -175,7 +176,7 @@ def test_fast_encoding_refuses_what_the_reference_refuses(payload: Any) -> None:
 
 
 @given(strategies.messages(), st.booleans())
-@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
 def test_valid_frames_take_the_fast_path_to_the_reference_result(
     message: FederationMessage, payload_as_object: bool
 ) -> None:
@@ -269,7 +270,7 @@ def mutated(draw: st.DrawFn, value: Any, rate: int) -> Any:
 
 
 @given(data=st.data())
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
 def test_mutated_frames_decode_as_the_reference_decodes_them(data: st.DataObject) -> None:
     envelope = wire_dict(data.draw(strategies.messages()))
     payload = data.draw(mutated(envelope.pop("payload"), rate=2))

@@ -77,10 +77,10 @@ def drain(stream: Any) -> list[Any]:
             return items
 
 
-async def test_every_message_arrives_once_and_in_order_across_25_random_cuts(
+async def test_every_message_arrives_once_and_in_order_across_8_random_cuts(
     nursery: trio.Nursery,
 ) -> None:
-    count = 10_000
+    count = 3_000  # 10,000 over 20+ cuts: the soak's (a), ``nox -s soak``
     rng = random.Random(2026)
     at_listener: list[str] = []
     handler_done = trio.Event()
@@ -112,7 +112,7 @@ async def test_every_message_arrives_once_and_in_order_across_25_random_cuts(
                     await conn.send(to_listener(n))
 
             async def cut_at_random() -> None:
-                for _ in range(25):
+                for _ in range(8):
                     await trio.sleep(rng.uniform(0.005, 0.08))
                     await wait_for(lambda: proxy.links > 0)
                     proxy.cut()
@@ -120,7 +120,7 @@ async def test_every_message_arrives_once_and_in_order_across_25_random_cuts(
             async with trio.open_nursery() as inner:
                 inner.start_soon(send_all)
                 inner.start_soon(cut_at_random)
-                with trio.fail_after(25):
+                with trio.fail_after(10):
                     async for message in conn:
                         assert message.correlation_id is not None
                         at_dialer.append(message.correlation_id)
@@ -129,7 +129,7 @@ async def test_every_message_arrives_once_and_in_order_across_25_random_cuts(
                     await handler_done.wait()
             statuses = [str(s) for s in drain(status_stream)]
             reported = drain(errors)
-    assert proxy.statistics().cuts == 25
+    assert proxy.statistics().cuts == 8
     assert at_dialer == [f"b{n}" for n in range(count)]
     assert at_listener == [f"a{n}" for n in range(count)]
     # The gaps were visible: disconnected, then connecting again.
