@@ -777,7 +777,9 @@ class OrchestratorConnection:
             elif isinstance(exc, Exception):
                 await self._close(1011, "internal error")
             else:  # cancelled, interrupted, exiting: this side is going away
-                await self._close(1001, "going away", trio.current_time() + CANCEL_CLOSE_GRACE)
+                await self._close(
+                    1001, "going away", trio.current_time() + CANCEL_CLOSE_GRACE, drain=False
+                )
         finally:
             try:
                 await self._exit_stack.__aexit__(exc_type, exc, tb)
@@ -1427,7 +1429,14 @@ class OrchestratorConnection:
             self._close_scope.cancel()  # no close handshake can complete now
         self._abort_transport(lost)
 
-    async def _close(self, code: int, reason: str, deadline: float | None = None) -> None:
+    async def _close(
+        self, code: int, reason: str, deadline: float | None = None, *, drain: bool = True
+    ) -> None:
+        """Close with ``code``; with ``drain``, write the queue (and wait for acks) first.
+
+        Cancelled callers do not drain: they are going away, and a reconnecting
+        dialer would otherwise wait for its next link. Bounded by ``deadline``.
+        """
         if deadline is None:
             deadline = trio.current_time() + self._disconnect_timeout
         if self._closing:
@@ -1444,7 +1453,8 @@ class OrchestratorConnection:
             # dialer brings; a listener's peer that is gone is not waited for.
             may_drain = self._transport is not None or self._reattach == math.inf
             if (
-                may_drain
+                drain
+                and may_drain
                 and self._nursery is not None
                 and (len(self._queue) or self.unacknowledged)
             ):
@@ -1459,19 +1469,23 @@ class OrchestratorConnection:
                 self._id,
             )
         self._next_send.close()
-        socket = self._socket
-        if socket is not None:
-            with trio.CancelScope() as abort:
-                abort.cancel()
-                await socket.aclose(code, reason)  # cancelled: closes the stream
-            await release_stream(socket)
-        if self._run_scope is None:
-            self._finish()  # never entered: nothing else will
-        else:
-            self._abort_transport(ConnectionLost(code, reason))
-            self._run_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await self._finished.wait()
+        # Shielded, and quick: the caller may be cancelled already, and a
+        # Cancelled escaping here would leave the runner waiting for good.
+        with trio.CancelScope(shield=True):
+            try:
+                socket = self._socket
+                if socket is not None:
+                    with trio.CancelScope() as abort:
+                        abort.cancel()
+                        await socket.aclose(code, reason)  # cancelled: closes the stream
+                    await release_stream(socket)
+            finally:
+                if self._run_scope is None:
+                    self._finish()  # never entered: nothing else will
+                else:
+                    self._abort_transport(ConnectionLost(code, reason))
+                    self._run_scope.cancel()
+                    await self._finished.wait()
 
 
 def _detach(error: BaseException) -> None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import random
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -362,3 +365,19 @@ async def test_graceful_disconnect_waits_for_acknowledgements(nursery: trio.Nurs
     # Leaving the block returned only once everything was acknowledged.
     assert conn.unacknowledged == ()
     assert received == [f"a{n}" for n in range(20)]
+
+
+def test_cancelling_a_reconnecting_dialer_at_random_moments_ends_promptly() -> None:
+    # Under -X dev -W error, in a process of its own (see _cancel_moments.py):
+    # 150 cancels at random moments of the dial, handshake, session set-up,
+    # reconnect and resume; each must end within a second, none may hang.
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", "-m", "tests.integration._cancel_moments"]
+        + ["4", "150"],
+        cwd=Path(__file__).parent.parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("max "), done.stdout
