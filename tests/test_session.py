@@ -29,6 +29,10 @@ def test_offers_round_trip_through_the_header() -> None:
     assert parse_resume(granted.header(response=True)) == granted
     assert parse_resume(None) is None
     assert parse_resume("v9;session=x") is None  # a version we do not speak: v1 then
+    one_way = ResumeOffer("abc123", 0, 64, returns=False)
+    assert one_way.header().endswith(";reconnects=0")
+    assert parse_resume(one_way.header()) == one_way
+    assert parse_resume(offer.header()).returns  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -60,17 +60,25 @@ class ResumeOffer:
         received: how many of the other side's messages this side has received.
         window: how many unacknowledged messages this side accepts.
         resumed: (responses only) whether the listener knew the session.
+        returns: (requests only) whether the dialer will come back after a
+            lost link. A dialer without a reconnect policy says it will not
+            (``reconnects=0``): the listener then keeps nothing after a cut,
+            and its handler sees the loss at once. The session still numbers,
+            acknowledges and flow-controls the one link.
     """
 
     session: str
     received: int
     window: int
     resumed: bool = False
+    returns: bool = True
 
     def header(self, *, response: bool = False) -> str:
         """The header value."""
         text = f"{_VERSION};session={self.session};received={self.received};window={self.window}"
-        return text + (f";resumed={int(self.resumed)}" if response else "")
+        if response:
+            return f"{text};resumed={int(self.resumed)}"
+        return text if self.returns else f"{text};reconnects=0"
 
 
 def parse_resume(value: str | None) -> ResumeOffer | None:
@@ -89,13 +97,14 @@ def parse_resume(value: str | None) -> ResumeOffer | None:
         session = fields["session"]
         received, window = int(fields["received"]), int(fields["window"])
         resumed = fields.get("resumed", "0") == "1"
+        returns = fields.get("reconnects", "1") != "0"
     except (KeyError, ValueError):
         raise ValueError(f"malformed {RESUME_HEADER} header: {value[:100]!r}") from None
     if not (0 < len(session) <= 64 and session.isalnum()):
         raise ValueError(f"bad session id in {RESUME_HEADER}: {session[:70]!r}")
     if not (0 <= received <= _MAX_COUNTER and 0 < window <= 1_000_000):
         raise ValueError(f"out-of-range numbers in {RESUME_HEADER}: {value[:100]!r}")
-    return ResumeOffer(session, received, window, resumed)
+    return ResumeOffer(session, received, window, resumed, returns)
 
 
 def sequenced_frame(seq: int, ack: int, text: str) -> str:

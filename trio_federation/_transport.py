@@ -389,7 +389,12 @@ async def open_orchestrator_connection(
     try:
         async with trio.open_nursery() as nursery:
             if reconnect is None:
-                offer = None if session is None else ResumeOffer(session, 0, receive_buffer_size)
+                # No reconnect policy, no way back: the listener need keep nothing.
+                offer = (
+                    None
+                    if session is None
+                    else ResumeOffer(session, 0, receive_buffer_size, returns=False)
+                )
                 socket, identity, granted = await dialer.dial(offer)
                 connection = OrchestratorConnection(
                     id=identity.id or remote_id or "",
@@ -762,7 +767,8 @@ class FederationListener:
             )
             if offer is not None:
                 connection._start_session(offer.session, offer)
-                connection._reattach = self._resume_timeout
+                # A dialer that will not come back: a cut ends the connection now.
+                connection._reattach = self._resume_timeout if offer.returns else None
             socket = await self._accept(request, answer, connection if offer else None)
             if socket is None:
                 return

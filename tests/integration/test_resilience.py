@@ -337,11 +337,10 @@ async def test_the_listener_keeps_a_session_for_resume_timeout_then_reports_it(
 
     listener = await start_listener(nursery, handler, resume_timeout=0.3)
     proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
-    async with dial(proxy.port, reconnect=None) as conn:  # will not come back
+    async with dial(proxy.port) as conn:  # would come back, but cannot
         assert (await conn.receive()).correlation_id == "b1"
+        proxy.refusing = True
         proxy.cut()
-        with pytest.raises(ConnectionLost):
-            await conn.receive()
         started = trio.current_time()
         await wait_for(lambda: bool(outcome))
         waited = trio.current_time() - started
@@ -381,3 +380,37 @@ def test_cancelling_a_reconnecting_dialer_at_random_moments_ends_promptly() -> N
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("max "), done.stdout
+
+
+async def test_a_cut_dialer_without_reconnect_ends_the_handler_within_a_second(
+    nursery: trio.Nursery,
+) -> None:
+    # Without a reconnect policy the dialer says it will not come back, so the
+    # listener keeps nothing for resume_timeout (60 s by default).
+    outcome: list[BaseException] = []
+    ended = trio.Event()
+
+    async def handler(conn: OrchestratorConnection) -> None:
+        await conn.send_message(to_dialer(1))
+        try:
+            async for _ in conn:
+                pass
+        except ConnectionLost as exc:
+            outcome.append(exc)
+        ended.set()
+
+    listener = await start_listener(nursery, handler)
+    proxy: FaultyProxy = await nursery.start(FaultyProxy(listener.port).run)
+    async with dial(proxy.port, reconnect=None) as conn:
+        assert conn.resumable  # the one link is still numbered and flow-controlled
+        assert (await conn.receive()).correlation_id == "b1"
+        proxy.cut()
+        started = trio.current_time()
+        with pytest.raises(ConnectionLost):
+            await conn.receive()
+        with trio.fail_after(1):
+            await ended.wait()
+        waited = trio.current_time() - started
+    assert waited < 1
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLost)
+    assert listener.connections == {}
