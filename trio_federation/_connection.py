@@ -1462,6 +1462,12 @@ class OrchestratorConnection:
             self._next_send.close()  # no transport will come any more
             socket = self._socket
             if socket is not None and self._transport is not None:
+                recv = self._recv_window
+                if recv is not None and recv.consumed > recv.announced:
+                    # Settle the books first: what we consumed is acknowledged,
+                    # so the peer's ``unacknowledged`` lists only what was not.
+                    with contextlib.suppress(ConnectionClosed):
+                        await socket.send_message(ack_frame(recv.announce()))
                 await socket.aclose(code, reason)
         if scope.cancel_called:
             logger.warning(

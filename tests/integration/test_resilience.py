@@ -414,3 +414,25 @@ async def test_a_cut_dialer_without_reconnect_ends_the_handler_within_a_second(
     assert waited < 1
     assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLost)
     assert listener.connections == {}
+
+
+async def test_a_clean_close_acknowledges_everything_consumed(nursery: trio.Nursery) -> None:
+    count = 10
+    consumed: list[str] = []
+
+    async def handler(conn: OrchestratorConnection) -> None:
+        async for message in conn:
+            consumed.append(message.correlation_id or "")
+            if len(consumed) == count:
+                return  # close 1000 at once, no other frame to carry the ack
+
+    listener = await start_listener(nursery, handler)
+    async with dial(listener.port, reconnect=None) as conn:
+        assert conn.resumable
+        for n in range(count):
+            await conn.send(to_listener(n))
+        with trio.fail_after(2):
+            async for _ in conn:
+                pass  # ends at the peer's normal close
+        assert len(consumed) == count
+        assert conn.unacknowledged == ()
