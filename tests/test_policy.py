@@ -18,6 +18,7 @@ from trio_federation import (
     FederationError,
     FederationMessage,
     OrchestratorConnection,
+    MessageRefused,
     PolicyViolation,
     encode_message,
 )
@@ -218,28 +219,51 @@ async def test_an_oversized_frame_closes_with_1009(pair: WebSocketPair) -> None:
             assert small.client.closed is not None and small.client.closed.code == 1009
 
 
-async def test_in_a_session_refused_frames_keep_the_numbering(
+async def test_in_a_session_the_rate_limit_paces_instead_of_refusing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A frame refused by the rate limit is still counted, so the next one is no
-    # "gap" (found by the benchmark: it used to end the session with 1002).
+    # The limit as flow control: the reader waits for tokens, the sender's
+    # window closes, and every message arrives; nothing is refused.
     from trio_federation.testing import open_connection_pair
 
     async with open_connection_pair(
-        resumable=True, rate_limit=10.0, rate_burst=2, max_violations=100
+        resumable=True, rate_limit=10.0, rate_burst=2, max_violations=1
     ) as (a, b):
-        with b.watch_errors() as errors:
-            for n in range(5):
-                await a.send_message(progress(f"f{n}", 0.1, sender="orch-a", recipient="orch-b"))
-            await trio.sleep(1)  # refills the bucket
-            await a.send_message(progress("after", 0.1, sender="orch-a", recipient="orch-b"))
-            received = [(await b.receive()).correlation_id for _ in range(3)]
-            refused = [e for e in drain_errors(errors) if isinstance(e, PolicyViolation)]
-        assert received == ["f0", "f1", "after"]
-        assert len(refused) == 3
-        assert b.status != "disconnected"
-        await trio.sleep(1)
-        assert a.unacknowledged == ()  # refused frames count as consumed: the window is free
+        with a.watch_errors() as a_errors, b.watch_errors() as b_errors:
+            started = trio.current_time()
+            for n in range(12):
+                await a.send(progress(f"f{n}", 0.1, sender="orch-a", recipient="orch-b"))
+            received = [(await b.receive()).correlation_id for _ in range(12)]
+            took = trio.current_time() - started
+            await trio.sleep(1)
+            assert drain_errors(a_errors) == [] and drain_errors(b_errors) == []
+        assert received == [f"f{n}" for n in range(12)]
+        assert took >= (12 - 2) / 10.0 - 0.01  # held to the rate after the burst
+        assert a.unacknowledged == ()
+        assert a.status != "disconnected" and b.status != "disconnected"
+
+
+async def test_in_a_session_a_refused_message_is_reported_to_its_sender(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from trio_federation.testing import open_connection_pair
+
+    async with open_connection_pair(resumable=True) as (a, b):
+        with a.watch_errors() as a_errors:
+            await a.send(progress("ok-1", 0.1, sender="orch-a", recipient="orch-b"))
+            spoofed = progress("spoofed", 0.1, sender="mallory", recipient="orch-b")
+            await a.send(spoofed)
+            await a.send(progress("ok-2", 0.1, sender="orch-a", recipient="orch-b"))
+            received = [(await b.receive()).correlation_id for _ in range(2)]
+            await trio.sleep(1)  # the acknowledgements come back
+            reported = drain_errors(a_errors)
+        assert received == ["ok-1", "ok-2"]
+        refused = [e for e in reported if isinstance(e, MessageRefused)]
+        assert len(refused) == 1
+        assert refused[0].message == spoofed
+        assert refused[0].peer == "orch-b"
+        assert "'from' is 'mallory'" in refused[0].reason
+        assert a.unacknowledged == ()  # acknowledged, but only after it was reported
 
 
 def drain_errors(stream: object) -> list[FederationError]:

@@ -44,6 +44,7 @@ from ._exceptions import (
     FederationError,
     HeartbeatTimeout,
     MalformedMessage,
+    MessageRefused,
     PolicyViolation,
     QueueFull,
     SessionLost,
@@ -67,6 +68,8 @@ from ._session import (
     SendWindow,
     SessionError,
     ack_frame,
+    parse_refusal,
+    refusal_frame,
     sequenced_frame,
     split_frame,
 )
@@ -91,9 +94,14 @@ EVENT_BUFFER: Final = 256
 """Status changes or errors buffered per watcher before the oldest are dropped."""
 CANCEL_CLOSE_GRACE: Final = 2.0
 """Upper bound, in seconds, on the close handshake when the block is cancelled."""
-DEFAULT_RATE_LIMIT: Final = 2000.0
-"""Incoming messages a second a peer may send, on average (None: no limit)."""
-DEFAULT_RATE_BURST: Final = 4000
+DEFAULT_RATE_LIMIT: Final = 10_000.0
+"""Incoming messages a second a peer may send, on average (None: no limit).
+
+About a fifth of what one connection carries on one core (~50,000 messages/s
+of 500 bytes): one peer cannot take a whole core. In a session (between
+trio-federation peers) the limit paces the sender; from a v1 peer, frames
+beyond it are refused and the peer is cut off after ``max_violations``."""
+DEFAULT_RATE_BURST: Final = 10_000
 """Incoming messages a peer may send at once above the rate."""
 DEFAULT_MAX_VIOLATIONS: Final = 20
 """Refused messages (spoofed, misaddressed, over the rate) before a peer is cut off."""
@@ -239,10 +247,13 @@ class OrchestratorConnection:
         active_connections: called for the ``active_connections`` figure of
             heartbeat messages (default: 1).
         rate_limit: incoming messages a second the peer may send on average
-            (a token bucket; None for no limit). A frame beyond it is refused
-            unread: reported as :exc:`~trio_federation.PolicyViolation`.
+            (a token bucket; None for no limit). In a resumable session it is
+            flow control: the reader waits for a token, so the peer's window
+            closes and its sender is slowed, never refused. From a v1 peer
+            (no session, so no credit to slow it with) a frame beyond it is
+            refused unread: reported as :exc:`~trio_federation.PolicyViolation`.
         rate_burst: how many messages the peer may send at once above the rate.
-        max_violations: refused messages (over the rate, or breaking identity
+        max_violations: refused messages (over the rate from a v1 peer, or breaking identity
             binding: a ``from`` other than ``id``, a ``to`` other than
             ``local_id`` or a broadcast address, a delegation from someone
             else) after which the peer is disconnected with 1008.
@@ -359,6 +370,9 @@ class OrchestratorConnection:
         self._first_offer: ResumeOffer | None = None
         self._attaching = False  # a listener is resuming this session
         self._epoch = 0
+        # Refused numbered messages not yet told to the peer: (seq, reason).
+        # At most a window's worth: each is a message the peer had in flight.
+        self._refusals: list[tuple[int, str]] = []
 
     # -- identity and state ---------------------------------------------------
 
@@ -1030,6 +1044,7 @@ class OrchestratorConnection:
             lost = self._send_window.restart()
         if self._recv_window is not None:
             self._recv_window.restart()
+        self._refusals.clear()  # numbers of the session that ended
         self._epoch += 1
         if lost or (self._send_window is not None and not disable):
             self._report(SessionLost(self._id, tuple(m for m, _ in lost), reason))
@@ -1119,6 +1134,14 @@ class OrchestratorConnection:
             seq = 0
             ack_only = False
             recv = self._recv_window
+            bucket = self._bucket
+            if recv is not None and bucket is not None:
+                # In a session the limit is flow control: the reader waits for
+                # a token, so what the peer sent waits unconsumed, its window
+                # closes and its sender is slowed; nothing is refused.
+                delay = bucket.reserve(trio.current_time())
+                if delay:
+                    await trio.sleep(delay)
             if recv is not None and isinstance(data, str):
                 # The session's numbers first: even a frame refused below must
                 # be counted, or the next one would look like a gap.
@@ -1135,17 +1158,19 @@ class OrchestratorConnection:
                         if not recv.accept(number):
                             continue  # a duplicate sent again after a reconnect
                         seq = number
+                    elif ack is None and (refusal := parse_refusal(data)) is not None:
+                        self._refused_by_peer(*refusal)
+                        continue
                 except SessionError as exc:
                     await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
                     return
                 ack_only = number is None and ack is not None
             now = trio.current_time()
-            if self._bucket is not None and not self._bucket.take(now):
-                # Refused unread: a flood costs no decoding. (An acknowledgement
-                # alone counts too, though its number was read: it is harmless.)
-                self._drop(seq)
+            if recv is None and bucket is not None and not bucket.take(now):
+                # v1 has no credit to slow the peer with: refused unread (a
+                # flood costs no decoding), and cut off after max_violations.
                 if await self._violation(
-                    f"more than {self._bucket.rate:g} messages/s (burst {self._bucket.burst})"
+                    f"more than {bucket.rate:g} messages/s (burst {bucket.burst})"
                 ):
                     return
                 continue
@@ -1154,14 +1179,14 @@ class OrchestratorConnection:
             try:
                 message = decode_message(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
-                self._drop(seq)
+                self._refuse(seq, str(exc))
                 self._report(exc)
                 continue
             if not self._id:
                 self._id = message.sender
             broken = self._check_binding(message)
             if broken is not None:
-                self._drop(seq)
+                self._refuse(seq, broken)
                 if await self._violation(broken):
                     return
                 continue
@@ -1179,6 +1204,22 @@ class OrchestratorConnection:
         """A numbered message is not delivered: it is consumed all the same."""
         if seq and self._recv_window is not None:
             self._acknowledge(self._recv_window, seq)
+
+    def _refuse(self, seq: int, reason: str) -> None:
+        """A numbered message is refused: tell the sender, then consume it.
+
+        The writer sends the refusal before any acknowledgement that covers
+        it, so the sender never counts a refused message as delivered.
+        """
+        if seq and self._recv_window is not None:
+            self._refusals.append((seq, reason))
+            self._acknowledge(self._recv_window, seq)
+            self._kick_writer()
+
+    def _refused_by_peer(self, seq: int, reason: str) -> None:
+        """The peer refused our message ``seq``: report it (it is about to be acknowledged)."""
+        item = None if self._send_window is None else self._send_window.get(seq)
+        self._report(MessageRefused(self._id, None if item is None else item[0], reason))
 
     def _check_binding(self, message: FederationMessage) -> str | None:
         """Why ``message`` breaks identity binding, or None if it does not."""
@@ -1275,6 +1316,10 @@ class OrchestratorConnection:
         while True:
             send, recv = self._send_window, self._recv_window
             frames.clear()
+            if self._refusals:
+                # Before anything that carries an ack past them.
+                frames.extend(refusal_frame(seq, why) for seq, why in self._refusals)
+                self._refusals.clear()
             written = 0  # queued messages among the frames (not resends, not acks)
             data = False  # one of them is a data message
             unnumbered = 0  # items to pop from the queue once written
@@ -1321,7 +1366,7 @@ class OrchestratorConnection:
                     ack_due_at = trio.current_time() + ACK_DELAY
                 with trio.move_on_at(ack_due_at) as waited:
                     await self._writer_lot.park()
-                if not waited.cancelled_caught:
+                if not waited.cancelled_caught or self._refusals:
                     continue
                 frames.append(ack_frame(recv.announce()))
             if recv is not None and recv.consumed == recv.announced:

@@ -145,6 +145,31 @@ class PolicyViolation(FederationError):
         return f"refused a message from {self.peer!r}: {self.reason}"
 
 
+class MessageRefused(FederationError):
+    """The peer refused a message we sent it (it broke a rule of the peer's).
+
+    Between trio-federation peers in a session, the receiver tells the sender
+    which numbered message it refused and why, before acknowledging past it:
+    a refused message is never counted as delivered silently. Reported on the
+    sender's errors stream and logged; never raised.
+
+    Attributes:
+        peer: the remote orchestrator's id (the one that refused).
+        message: the refused message, or None if it is no longer known.
+        reason: the peer's reason.
+    """
+
+    def __init__(self, peer: str, message: FederationMessage | None, reason: str) -> None:
+        super().__init__(peer, message, reason)
+        self.peer = peer
+        self.message = message
+        self.reason = reason
+
+    def __str__(self) -> str:
+        what = "a message" if self.message is None else f"a {self.message.type} message"
+        return f"{self.peer!r} refused {what}: {self.reason}"
+
+
 class HeartbeatTimeout(FederationError):
     """No liveness signal came from a peer within ``heartbeat_timeout``.
 

@@ -273,12 +273,25 @@ class TokenBucket:
     def __attrs_post_init__(self) -> None:
         self._tokens = float(self.burst)
 
-    def take(self, now: float) -> bool:
-        """Spend a token at time ``now``; False if the bucket is empty."""
+    def _refill(self, now: float) -> None:
         if self._updated is not None:
             self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
+
+    def take(self, now: float) -> bool:
+        """Spend a token at time ``now``; False if the bucket is empty."""
+        self._refill(now)
         if self._tokens >= 1:
             self._tokens -= 1
             return True
         return False
+
+    def reserve(self, now: float) -> float:
+        """Spend a token at time ``now``, in debt if need be: the seconds to wait for it.
+
+        0 when a token was there. The limit as flow control: a reader that
+        waits this long before going on holds the sender to ``rate``.
+        """
+        self._refill(now)
+        self._tokens -= 1
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

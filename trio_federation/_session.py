@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Final, Generic, TypeVar
 
 import attrs
+import orjson
 
 __all__ = [
     "RESUME_HEADER",
@@ -33,7 +34,9 @@ __all__ = [
     "SendWindow",
     "SessionError",
     "ack_frame",
+    "parse_refusal",
     "parse_resume",
+    "refusal_frame",
     "sequenced_frame",
     "split_frame",
 ]
@@ -117,6 +120,36 @@ def ack_frame(ack: int) -> str:
     return f'{{"ctl":"ack","ack":{ack}}}'
 
 
+_REFUSED_PREFIX: Final = '{"ctl":"refused",'
+MAX_REFUSAL_REASON: Final = 200
+"""Characters of a refusal's reason sent to the peer (the rest is cut)."""
+
+
+def refusal_frame(seq: int, reason: str) -> str:
+    """A control frame saying that message ``seq`` was refused, and why."""
+    return orjson.dumps(
+        {"ctl": "refused", "seq": seq, "reason": reason[:MAX_REFUSAL_REASON]}
+    ).decode()
+
+
+def parse_refusal(data: str) -> tuple[int, str] | None:
+    """The ``(seq, reason)`` of a refusal frame; None if ``data`` is not one.
+
+    Raises:
+        SessionError: it says it is a refusal but is malformed.
+    """
+    if not data.startswith(_REFUSED_PREFIX):
+        return None
+    try:
+        frame = orjson.loads(data)
+        seq, reason = frame["seq"], frame["reason"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise SessionError(f"malformed refusal frame: {data[:100]!r}") from None
+    if type(seq) is not int or not (0 < seq <= _MAX_COUNTER) or not isinstance(reason, str):
+        raise SessionError(f"malformed refusal frame: {data[:100]!r}")
+    return seq, reason[:MAX_REFUSAL_REASON]
+
+
 def split_frame(data: str) -> tuple[int | None, int | None]:
     """The ``(seq, ack)`` of a frame: ``(None, ack)`` for an ack frame, ``(None, None)`` else."""
     if data.startswith('{"seq":'):
@@ -165,6 +198,12 @@ class SendWindow(Generic[T]):
         self.last_seq += 1
         self._unacked.append((self.last_seq, item))
         return self.last_seq
+
+    def get(self, seq: int) -> T | None:
+        """The unacknowledged item numbered ``seq``, if it is still kept."""
+        if not self._unacked or not (self._unacked[0][0] <= seq <= self.last_seq):
+            return None
+        return self._unacked[seq - self._unacked[0][0]][1]
 
     def acknowledge(self, ack: int) -> bool:
         """The peer consumed every item up to ``ack``; True if the window moved.

@@ -436,3 +436,43 @@ async def test_a_clean_close_acknowledges_everything_consumed(nursery: trio.Nurs
                 pass  # ends at the peer's normal close
         assert len(consumed) == count
         assert conn.unacknowledged == ()
+
+
+async def test_a_fast_sender_at_default_settings_is_slowed_never_cut_off(
+    nursery: trio.Nursery,
+) -> None:
+    # Every setting at its default on both sides: send() in a tight loop, far
+    # past the rate limit's burst. The limit paces (the session's window
+    # closes); nothing is refused, lost or cut off.
+    count = 20_000
+    received: list[str] = []
+    errors_at_listener: list[FederationError] = []
+
+    async def handler(conn: OrchestratorConnection) -> None:
+        with conn.watch_errors() as errors:
+            async for message in conn:
+                received.append(message.correlation_id or "")
+            errors_at_listener.extend(drain(errors))
+
+    listener: FederationListener = await nursery.start(
+        functools.partial(
+            serve_federation, handler, "127.0.0.1", 0, local_id="orch-b", capabilities=[]
+        )
+    )
+    async with open_orchestrator_connection(
+        f"ws://127.0.0.1:{listener.port}/federation", local_id="orch-a", capabilities=[]
+    ) as conn:
+        with conn.watch_errors() as errors, conn.watch_status() as statuses:
+            started = trio.current_time()
+            for n in range(count):
+                await conn.send(to_listener(n))
+            with trio.fail_after(10):
+                await wait_for(lambda: len(received) == count)
+            took = trio.current_time() - started
+            seen = [str(s) for s in drain(statuses)]
+            assert drain(errors) == []
+    # Held to the limit past the burst: (20,000 - 10,000) / 10,000 per second.
+    assert took >= 0.95
+    assert received == [f"a{n}" for n in range(count)]
+    assert "disconnected" not in seen
+    assert errors_at_listener == []
