@@ -21,6 +21,7 @@ Every test may take at most ``TEST_TIME_GUARD`` seconds of real time (default
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import functools
 import os
@@ -65,10 +66,8 @@ def guard_trio(
             scope.cancel()
 
         def from_timer() -> None:
-            try:
+            with contextlib.suppress(trio.RunFinishedError):  # it ended as the timer fired
                 token.run_sync_soon(expire)
-            except trio.RunFinishedError:
-                pass  # the test ended as the timer fired
 
         timer = threading.Timer(max(0.0, deadline - time.monotonic()), from_timer)
         timer.daemon = True

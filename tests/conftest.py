@@ -18,6 +18,7 @@ from trio_federation import (
     TaskCallback,
 )
 
+from ._guard import pytest_runtest_call  # noqa: F401  (the time guard, as a hook)
 
 # No per-example deadline: on a busy machine a slow example is not a failure
 # (the time guard bounds the whole test).
@@ -28,9 +29,6 @@ settings.load_profile("suite")
 def under_ci() -> bool:
     """Whether CI runs us (``CI=true``): a missing tool then fails, not skips."""
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-from ._guard import pytest_runtest_call  # noqa: F401  (the time guard, as a hook)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
 
-SAMPLE = '''
+SAMPLE = """
 import time
 
 import trio
@@ -53,7 +53,7 @@ async def test_slow_hypothesis(n):
 async def test_swallowing_trio():
     with trio.move_on_after(100):
         await trio.sleep_forever()
-'''
+"""
 
 
 def test_an_overrun_fails_that_test_by_name_with_the_guard_value(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ from trio_federation import (
     ConnectionLost,
     FederationError,
     FederationMessage,
-    OrchestratorConnection,
     MessageRefused,
+    OrchestratorConnection,
     PolicyViolation,
     encode_message,
 )

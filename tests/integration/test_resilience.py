@@ -366,13 +366,15 @@ async def test_graceful_disconnect_waits_for_acknowledgements(nursery: trio.Nurs
     assert received == [f"a{n}" for n in range(20)]
 
 
+DEV_PYTHON = (sys.executable, "-X", "dev", "-W", "error")
+
+
 def test_cancelling_a_reconnecting_dialer_at_random_moments_ends_promptly() -> None:
     # Under -X dev -W error, in a process of its own (see _cancel_moments.py):
     # 150 cancels at random moments of the dial, handshake, session set-up,
     # reconnect and resume; each must end within a second, none may hang.
     done = subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", "-m", "tests.integration._cancel_moments"]
-        + ["4", "150"],
+        [*DEV_PYTHON, "-m", "tests.integration._cancel_moments", "4", "150"],
         cwd=Path(__file__).parent.parent.parent,
         capture_output=True,
         text=True,
