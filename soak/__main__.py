@@ -12,11 +12,12 @@ from typing import Final
 
 import trio
 
-from . import cuts
+from . import cuts, stall
 from ._report import Figure, check, format_table
 
 PARTS: Final[dict[str, tuple[str, Callable[[], Awaitable[list[Figure]]]]]] = {
     "a": ("exactly once across random link cuts", cuts.run),
+    "b": ("a stalled consumer over 100,000 messages", stall.run),
 }
 
 
