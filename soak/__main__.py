@@ -12,13 +12,14 @@ from typing import Final
 
 import trio
 
-from . import cuts, restart, stall
+from . import cuts, refusals, restart, stall
 from ._report import Figure, check, format_table
 
 PARTS: Final[dict[str, tuple[str, Callable[[], Awaitable[list[Figure]]]]]] = {
     "a": ("exactly once across random link cuts", cuts.run),
     "b": ("a stalled consumer over 100,000 messages", stall.run),
     "c": ("a listener down within its resume window, past it, restarted", restart.run),
+    "d": ("every refusal, beside 10 honest peers sending", refusals.run),
 }
 
 
