@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
@@ -12,7 +13,7 @@ from typing import Final
 
 import trio
 
-from . import cuts, refusals, restart, stall
+from . import cuts, fuzz, refusals, restart, stall
 from ._report import Figure, check, format_table
 
 PARTS: Final[dict[str, tuple[str, Callable[[], Awaitable[list[Figure]]]]]] = {
@@ -20,6 +21,7 @@ PARTS: Final[dict[str, tuple[str, Callable[[], Awaitable[list[Figure]]]]]] = {
     "b": ("a stalled consumer over 100,000 messages", stall.run),
     "c": ("a listener down within its resume window, past it, restarted", restart.run),
     "d": ("every refusal, beside 10 honest peers sending", refusals.run),
+    "e": ("the fuzz suites, scaled", fuzz.run),  # with --fuzz-scale
 }
 
 
@@ -29,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default=",".join(PARTS),
         help="comma-separated parts to run (default: all of %(default)s)",
+    )
+    parser.add_argument(
+        "--fuzz-scale",
+        type=int,
+        default=fuzz.SCALE,
+        help="FUZZ_SCALE of part (e): times the examples of the test suite (%(default)s)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the library's warnings (refusals...)"
@@ -42,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown parts {unknown}: choose among {','.join(PARTS)}")
     figures: list[Figure] = []
     timings: list[str] = []
+    began = time.monotonic()
     for part in chosen:
         title, run = PARTS[part]
-        print(f"({part}) {title} ...", flush=True)
+        if part == "e":
+            run = functools.partial(fuzz.run, args.fuzz_scale)
+        print(f"({part}) {title} ...", end=" ", flush=True)
         started = time.monotonic()
         try:
             found = trio.run(run)
@@ -52,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             found = [check(part, "completed", f"{type(exc).__name__}: {exc}"[:60], "yes", False)]
         took = time.monotonic() - started
+        print(f"{took:.1f} s", flush=True)
         figures.extend(found)
         timings.append(f"({part}) {took:.1f} s")
     print()
     print(format_table(figures))
     print()
-    print("wall time: " + ", ".join(timings))
+    print(f"wall time: {', '.join(timings)}; total {time.monotonic() - began:.1f} s")
     missed = [f for f in figures if not f.ok]
     if missed:
-        print(f"MISSED {len(missed)} of {len(figures)} bounds: " + "; ".join(
-            f"({f.part}) {f.name}" for f in missed))
+        print(
+            f"MISSED {len(missed)} of {len(figures)} bounds: "
+            + "; ".join(f"({f.part}) {f.name}" for f in missed)
+        )
         return 1
     print(f"all {len(figures)} figures within their bounds")
     return 0

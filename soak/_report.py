@@ -75,9 +75,7 @@ def _number(value: float) -> str:
 def format_table(figures: Iterable[Figure]) -> str:
     """The table: part | figure | measured | bound | ok."""
     headers = ("part", "figure", "measured", "bound", "ok")
-    rows = [
-        (f.part, f.name, f.measured, f.bound, "ok" if f.ok else "MISSED") for f in figures
-    ]
+    rows = [(f.part, f.name, f.measured, f.bound, "ok" if f.ok else "MISSED") for f in figures]
     widths = [max(len(cells[i]) for cells in (headers, *rows)) for i in range(len(headers))]
 
     def line(cells: tuple[str, ...]) -> str:

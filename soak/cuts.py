@@ -123,9 +123,7 @@ async def run() -> list[Figure]:
                             pace.cut()
                             await up.recovered.wait()
                             await down.recovered.wait()
-                            recoveries.append(
-                                max(up.recovered_at, down.recovered_at) - cut_at
-                            )
+                            recoveries.append(max(up.recovered_at, down.recovered_at) - cut_at)
                         await up_done.wait()
                         await down_done.wait()
                         work.cancel_scope.cancel()

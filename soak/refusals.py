@@ -46,7 +46,7 @@ from trio_federation import (
 )
 
 from ._common import Tracker, collect
-from ._report import Figure, at_most, check, outcome, percentile, seconds_at_most
+from ._report import Figure, at_most, outcome, percentile, seconds_at_most
 
 HONEST_PEERS: Final = 10
 HONEST_RATE: Final = 200.0
@@ -86,6 +86,9 @@ class _Attacks:
         self.url = url_of(listener)
         self.rng = random.Random(SEED)
 
+    async def _here(self, peer: str) -> None:
+        await wait_for(lambda: peer in self.listener.connections)
+
     async def _gone(self, peer: str) -> None:
         await wait_for(lambda: peer not in self.listener.connections)
 
@@ -107,7 +110,7 @@ class _Attacks:
     async def replayed_proof(self) -> str:
         captured = proof_headers("mallory", _secret("mallory"))
         async with open_raw_client(self.url, headers=captured):
-            await wait_for(lambda: "mallory" in self.listener.connections)
+            await self._here("mallory")
         await self._gone("mallory")
         try:
             async with open_raw_client(self.url, headers=captured):
@@ -176,7 +179,7 @@ class _Attacks:
                 await held.enter_async_context(
                     open_raw_client(self.url, headers=proof_headers(peer, _secret(peer)))
                 )
-                await wait_for(lambda: peer in self.listener.connections)
+                await self._here(peer)
                 extra += 1
             answer = await self._dial_refused("mallory", _secret("mallory"))
         await wait_for(lambda: not any(p.startswith("extra-") for p in self.listener.connections))
@@ -230,7 +233,11 @@ ATTACKS: Final[list[tuple[str, Callable[[_Attacks], Awaitable[str]], str]]] = [
     ("oversized frame", _Attacks.oversized_frame, "close 1009"),
     (f"flood past {RATE:g}/s, raw client", _Attacks.flood, "close 1008"),
     ("slowloris upgrade", _Attacks.slowloris, "cut at the handshake timeout"),
-    (f"connection {MAX_CONNECTIONS + 1} of max {MAX_CONNECTIONS}", _Attacks.too_many_connections, "HTTP 503"),
+    (
+        f"connection {MAX_CONNECTIONS + 1} of max {MAX_CONNECTIONS}",
+        _Attacks.too_many_connections,
+        "HTTP 503",
+    ),
     ("garbage before the upgrade", _Attacks.garbage_before_upgrade, "HTTP 400, closed"),
     ("garbage after the upgrade", _Attacks.garbage_after_upgrade, "close 1002"),
 ]
@@ -329,11 +336,17 @@ async def run() -> list[Figure]:
             sum(t.lost for t in trackers.values()),
             0,
         ),
-        at_most("d", "honest peers: duplicated, reordered", sum(
-            t.duplicated + t.reordered for t in trackers.values()), 0),
+        at_most(
+            "d",
+            "honest peers: duplicated, reordered",
+            sum(t.duplicated + t.reordered for t in trackers.values()),
+            0,
+        ),
         at_most("d", "honest peers: errors reported", len(errors), 0),
         seconds_at_most(
-            "d", "honest peers: worst delay", percentile(delays, 1.0) if delays else 1e9, WORST_DELAY
+            "d",
+            "honest peers: worst delay",
+            percentile(delays, 1.0) if delays else 1e9,
+            WORST_DELAY,
         ),
     ]
-

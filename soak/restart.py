@@ -28,6 +28,7 @@ from typing import Final, Literal
 
 import trio
 
+from tests.conftest import wait_for
 from tests.integration.test_resilience import dial, serve_until, to_listener
 from trio_federation import (
     ConnectionLost,
@@ -77,9 +78,7 @@ class _Result:
     def unaccounted(self) -> int:
         """Messages sent, never delivered, never named in a report."""
         tracker = self.tracker
-        return sum(
-            1 for n in range(tracker.sent) if n not in tracker.seen and n not in self.named
-        )
+        return sum(1 for n in range(tracker.sent) if n not in tracker.seen and n not in self.named)
 
     def gaps(self) -> int:
         return sum(isinstance(e, SessionLost) for e in self.dialer_errors)
@@ -152,8 +151,7 @@ async def _outage(kind: Outage) -> _Result:
                             proxy.refusing = False
                         await trio.sleep(STEADY)
                         stop.set()
-                        while result.unaccounted:
-                            await trio.sleep(0.01)
+                        await wait_for(lambda: not result.unaccounted)
                         await trio.sleep(0.1)  # a late report
                         work.cancel_scope.cancel()
             nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ messages delivered exactly once in order (bound: all).
 from __future__ import annotations
 
 import gc
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -58,7 +58,11 @@ async def run() -> list[Figure]:
     stalls = 0
     largest_window = largest_queue = 0
     done = trio.Event()
-    options = {"heartbeat_timeout": HEARTBEAT, "receive_buffer_size": WINDOW, "rate_limit": None}
+    options: dict[str, Any] = {
+        "heartbeat_timeout": HEARTBEAT,
+        "receive_buffer_size": WINDOW,
+        "rate_limit": None,
+    }
 
     async def consume(conn: OrchestratorConnection) -> None:
         nonlocal stalls, in_order
@@ -120,7 +124,9 @@ async def run() -> list[Figure]:
             growth <= GROWTH,
         ),
         at_least("b", f"delivered once, in order (of {TOTAL:,})", in_order, TOTAL),
-        at_least("b", f"consumer stalls of {STALL:g} s (dead after {2 * HEARTBEAT:g} s)", stalls, 5),
+        at_least(
+            "b", f"consumer stalls of {STALL:g} s (dead after {2 * HEARTBEAT:g} s)", stalls, 5
+        ),
         at_most("b", "largest unacknowledged window", largest_window, WINDOW),
         at_most("b", f"largest send queue ({QUEUE} + a heartbeat)", largest_queue, QUEUE + 1),
         check(
@@ -132,4 +138,3 @@ async def run() -> list[Figure]:
         ),
         at_most("b", "heartbeat timeouts, lost links reported", len(errors), 0),
     ]
-
