@@ -246,21 +246,24 @@ ATTACKS: Final[list[tuple[str, Callable[[_Attacks], Awaitable[str]], str]]] = [
 async def _honest(
     peer: str, url: str, tracker: Tracker, stop: trio.Event, errors: list[FederationError]
 ) -> None:
-    async with open_orchestrator_connection(
-        url, local_id=peer, capabilities=[], secret=_secret(peer)
-    ) as conn:
-        with conn.watch_errors() as stream:
-            async with trio.open_nursery() as watching:
-                watching.start_soon(collect, stream, errors)
-                started = trio.current_time()
-                n = 0
-                while not stop.is_set():
-                    tracker.send(n)
-                    await conn.send(progress(str(n), 0.5, sender=peer, recipient="orch-b"))
-                    n += 1
-                    await trio.sleep_until(started + n / HONEST_RATE)
-                watching.cancel_scope.cancel()
-    # Leaving the block waited for every message to be acknowledged.
+    try:
+        async with open_orchestrator_connection(
+            url, local_id=peer, capabilities=[], secret=_secret(peer)
+        ) as conn:
+            with conn.watch_errors() as stream:
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(collect, stream, errors)
+                    started = trio.current_time()
+                    n = 0
+                    while not stop.is_set():
+                        tracker.send(n)
+                        await conn.send(progress(str(n), 0.5, sender=peer, recipient="orch-b"))
+                        n += 1
+                        await trio.sleep_until(started + n / HONEST_RATE)
+                    watching.cancel_scope.cancel()
+        # Leaving the block waited for every message to be acknowledged.
+    except FederationError as exc:  # counted: the figures say what it cost
+        errors.append(exc)
 
 
 async def run() -> list[Figure]:

@@ -12,9 +12,10 @@ Figures: resident memory growth of the process (both sides) after warm-up —
 the largest of the samples taken every 10,000 messages from the third on, less
 the second (bound: :data:`GROWTH` bytes: flat); the sender's largest
 unacknowledged window and queue (bounds: its ``receive_buffer_size`` and
-``max_queue_size``); statuses other than ``connected`` seen on either side
-during the run, and heartbeat timeouts or lost links reported (bound: 0); the
-messages delivered exactly once in order (bound: all).
+``max_queue_size``, plus a heartbeat); ``degraded``, ``connecting``,
+``disconnected`` or ``error`` seen on either side during the run, and heartbeat
+timeouts or lost links reported (bound: none, 0); the messages delivered
+exactly once in order (bound: all).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ async def run() -> list[Figure]:
     stalls = 0
     largest_window = largest_queue = 0
     done = trio.Event()
+    seen: list[ConnectionStatus] = []
     options: dict[str, Any] = {
         "heartbeat_timeout": HEARTBEAT,
         "receive_buffer_size": WINDOW,
