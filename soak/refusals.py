@@ -83,6 +83,8 @@ class _Attacks:
         self.listener = listener
         self.delivered = delivered
         """Messages the handler got from each peer other than the honest ones."""
+        self.flooded = (0, 0, 0.0)
+        """The flood's frames delivered, frames sent, and what the token bucket allows."""
         self.url = url_of(listener)
         self.rng = random.Random(SEED)
 
@@ -152,7 +154,10 @@ class _Attacks:
 
     async def flood(self) -> str:
         frame = encode_message(delegation("flood", sender="mallory", recipient="orch-b"))
-        code, _ = await self._closed_after(lambda n: frame, 20 * BURST)
+        before, started = self.delivered.get("mallory", 0), trio.current_time()
+        code, sent = await self._closed_after(lambda n: frame, 20 * BURST)
+        took = trio.current_time() - started
+        self.flooded = (self.delivered.get("mallory", 0) - before, sent, BURST + RATE * took)
         return f"close {code}"
 
     async def slowloris(self) -> str:
@@ -321,6 +326,7 @@ async def run() -> list[Figure]:
                 outcomes.append(outcome("d", name, f"none in {ATTACK_LIMIT:g} s", expected))
             await trio.sleep(STEADY)
             stop.set()
+        flooded, flood_sent, allowed = attacks.flooded
         refused = dict(listener.statistics().refused)
         nursery.cancel_scope.cancel()
     sent = sum(t.sent for t in trackers.values())
@@ -332,6 +338,12 @@ async def run() -> list[Figure]:
             "upgrades refused, by reason",
             ", ".join(f"{k} {v}" for k, v in sorted(refused.items())),
             "auth 3, capacity 1, timeout 1",
+        ),
+        at_most(
+            "d",
+            f"flood: frames delivered (of {flood_sent:,} sent)",
+            flooded,
+            int(allowed),
         ),
         at_most(
             "d",
