@@ -9,7 +9,16 @@ import attrs
 
 from bench._report import percentile
 
-__all__ = ["Figure", "at_least", "at_most", "check", "format_table", "outcome", "percentile"]
+__all__ = [
+    "Figure",
+    "at_least",
+    "at_most",
+    "check",
+    "format_table",
+    "outcome",
+    "percentile",
+    "seconds_at_most",
+]
 
 
 @attrs.frozen(kw_only=True)
