@@ -1,4 +1,6 @@
-"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``bench``, ``fuzz``."""
+"""Developer tasks: ``nox -s tests``, ``lint``, ``typecheck``, ``docs`` (the defaults),
+and ``bench``, ``fuzz``, ``soak``.
+"""
 
 from __future__ import annotations
 
@@ -97,6 +99,17 @@ def fuzz(session: nox.Session) -> None:
         "--durations=5",
         env={"FUZZ_SCALE": scale, "TEST_TIME_GUARD": "3600"},
     )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The reliability figures beside their bounds; fails if one is missed (not in the defaults).
+
+    ``nox -s soak -- --only a,b`` runs some parts; ``-- --fuzz-scale N`` scales (e).
+    See ``docs/reliability.rst``.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "soak", *session.posargs)
 
 
 @nox.session
