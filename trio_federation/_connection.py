@@ -359,6 +359,7 @@ class OrchestratorConnection:
         self._first_offer: ResumeOffer | None = None
         self._attaching = False  # a listener is resuming this session
         self._epoch = 0
+        self._extensions: frozenset[str] = frozenset()  # negotiated at the upgrade
 
     # -- identity and state ---------------------------------------------------
 
@@ -407,6 +408,16 @@ class OrchestratorConnection:
         if self._send_window is None:
             return ()
         return tuple(message for message, _ in self._send_window.items())
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The protocol extensions both sides agreed on at the upgrade.
+
+        ``"cancel"``: the peer understands a delegator's cancel (see
+        :doc:`/protocol`). Empty for a v1 peer, such as the TypeScript daemon,
+        and for a connection wrapped around a socket opened elsewhere.
+        """
+        return self._extensions
 
     @property
     def resumable(self) -> bool:
