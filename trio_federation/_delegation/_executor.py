@@ -174,9 +174,9 @@ class Admission:
 
     def finish(self, origin: str, task_id: str, final: TaskCallback, now: float) -> None:
         """A task ended with ``final`` (``completed`` or ``failed``); remember it."""
-        entry = self._seen.pop((origin, task_id))
-        if entry.final is not None:
+        if self._seen[(origin, task_id)].final is not None:
             raise RuntimeError(f"task {task_id!r} from {origin!r} finished twice")
+        del self._seen[(origin, task_id)]
         self.running -= 1
         if final.status == "completed":
             self.completed += 1
