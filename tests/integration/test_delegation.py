@@ -639,3 +639,148 @@ async def test_node_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="cancel_grace"):
         async with node("orch-a", cancel_grace=0):
             pass  # pragma: no cover
+
+
+# -- edges: lost executors, v1 peers, slow readers --------------------------------------
+
+
+async def test_an_executor_whose_connection_ends_is_lost_and_the_task_fails_over() -> None:
+    async def crash(conn: OrchestratorConnection) -> None:
+        async for message in conn:
+            request = message.payload
+            assert isinstance(request, DelegationRequest)
+            await conn.send(
+                envelope(DelegationResponse(task_id=request.task.id, accepted=True), "raw", conn.id)
+            )
+            raise RuntimeError("executor crashed")  # closes the connection with 1011
+
+    async with raw_executor(crash) as listener, node("orch-c", executor=echo) as c:
+        peers = {"raw": f"ws://127.0.0.1:{listener.port}/federation"}
+        async with node("orch-a", peers=peers, registry=c.registry) as a:
+            async with a.open_delegation(task(), prefer=["raw"]) as delegation:
+                assert await delegation.result() == {"echo": "lint"}
+            outcomes = [(x.peer, x.outcome) for x in delegation.attempts]
+            assert outcomes == [("raw", "lost"), ("orch-c", "completed")]
+
+
+async def test_against_a_v1_peer_nothing_is_sent_and_late_callbacks_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_federation import _transport
+
+    monkeypatch.setattr(_transport, "EXTENSIONS", frozenset())  # a peer without extensions
+    received: list[Any] = []
+    accepted = trio.Event()
+    later = trio.Event()
+
+    async def v1(conn: OrchestratorConnection) -> None:
+        assert conn.extensions == frozenset()
+        async for message in conn:
+            received.append(message.payload)
+            if isinstance(message.payload, DelegationRequest):
+                await conn.send(
+                    envelope(DelegationResponse(task_id="t-1", accepted=True), "raw", conn.id)
+                )
+                accepted.set()
+                await later.wait()
+                await conn.send(
+                    envelope(TaskCallback(task_id="t-1", status="completed"), "raw", conn.id)
+                )
+
+    async with raw_executor(v1) as listener:
+        peers = {"raw": f"ws://127.0.0.1:{listener.port}/federation"}
+        async with node("orch-a", peers=peers) as a:
+            with trio.fail_after(1):  # no grace is waited for: the block is left at once
+                async with a.open_delegation(task()) as delegation:
+                    await accepted.wait()
+            assert delegation.status is DelegationStatus.CANCELLED
+            later.set()
+            with trio.fail_after(2):
+                while a.statistics().illegal_callbacks < 1:  # the late outcome, dropped
+                    await trio.sleep(0.01)
+    assert [type(p).__name__ for p in received] == ["DelegationRequest"]
+
+
+async def test_a_slow_reader_loses_the_oldest_progress_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_federation._delegation import _node
+
+    monkeypatch.setattr(_node, "UPDATE_BUFFER", 3)
+
+    async def execute(ctx: TaskContext) -> str:
+        for percent in range(1, 6):
+            await ctx.report_progress(percent)
+        return "ok"
+
+    async with node("orch-b", executor=execute), node("orch-a") as a:
+        async with a.open_delegation(task()) as delegation:
+            assert await delegation.result() == "ok"
+            updates = [u async for u in delegation]
+    assert updates == [
+        TaskAccepted(peer="orch-b"),
+        TaskProgress(peer="orch-b", percent=5),
+        TaskCompleted(peer="orch-b", result="ok"),
+    ]
+
+
+async def test_a_full_subscription_drops_and_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trio_federation._delegation import _node
+
+    monkeypatch.setattr(_node, "BROADCAST_BUFFER", 1)
+    async with node("orch-b") as b, node("orch-a") as a:
+        with b.subscribe_broadcasts() as stream:
+            for index in range(3):
+                await a.broadcast("t", index)
+            with trio.fail_after(2):
+                while b.statistics().broadcasts_dropped < 2:
+                    await trio.sleep(0.01)
+            assert (await stream.receive()).data == 0
+
+
+async def test_outcomes_for_a_delegator_that_left_are_dropped() -> None:
+    release = trio.Event()
+    done = trio.Event()
+
+    async def execute(ctx: TaskContext) -> str:
+        await release.wait()
+        done.set()
+        return "nobody listens"
+
+    async with node("orch-b", executor=execute) as b:
+        async with raw_client(b) as conn:
+            await conn.send(delegation_to(b))
+            assert (await next_payload(conn)).accepted
+            await conn.send(
+                envelope(DelegationResponse(task_id="zzz", accepted=True), "raw", "orch-b")
+            )
+        release.set()
+        with trio.fail_after(2):
+            await done.wait()
+            while b.statistics().tasks_completed < 1:
+                await trio.sleep(0.01)
+        assert b.statistics().illegal_callbacks == 1
+
+
+async def test_broadcast_skips_an_unreachable_peer_and_a_failing_registry_is_survived() -> None:
+    class Flaky(MemoryRegistry):
+        fail = False
+
+        async def list_all(self) -> list[Any]:
+            if self.fail:
+                from trio_federation import RegistryUnavailable
+
+                raise RegistryUnavailable("down")
+            return await super().list_all()
+
+    registry = Flaky()
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = f"ws://127.0.0.1:{sock.getsockname()[1]}/federation"
+        async with (
+            node("orch-b", registry=registry),
+            node("orch-a", registry=registry, peers={"ghost": dead}) as a,
+        ):
+            assert await a.broadcast("t") == 1
+            registry.fail = True
+            assert await a.broadcast("t") == 1  # the cached records and the live connection
