@@ -27,8 +27,10 @@ def test_readme_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     script.write_text(blocks[0])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "DelegationResponse(task_id='task-1', accepted=True" in out
-    assert "TaskCallback(task_id='task-1'" in out
+    assert "TaskAccepted(peer='orch-b')" in out
+    assert "TaskProgress(peer='orch-b', percent=50.0, message='halfway')" in out
+    assert "TaskCompleted(peer='orch-b', result={'ok': True, 'task': 'run the tests'})" in out
+    assert "{'ok': True, 'task': 'lint'}" in out
 
 
 def test_examples_exist() -> None:
