@@ -44,7 +44,7 @@ def test_settings_are_frozen_keyword_only_and_checked() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         Timeouts().heartbeat = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
-        Timeouts(5.0)  # type: ignore[misc]
+        Timeouts(5.0)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="heartbeat"):
         Timeouts(heartbeat=0)
     with pytest.raises(TypeError, match="idle"):

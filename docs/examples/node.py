@@ -20,24 +20,24 @@ async def run_tests(ctx: TaskContext) -> dict[str, object]:
 async def main() -> None:
     # Both nodes share the default in-process memory registry: orch-a finds
     # orch-b there, with its endpoint, capabilities and load.
-    async with open_federation_node(
-        local_id="orch-b", capabilities=["testing"], executor=run_tests
+    async with (
+        open_federation_node(local_id="orch-b", capabilities=["testing"], executor=run_tests),
+        open_federation_node(local_id="orch-a", capabilities=["research"]) as node,
     ):
-        async with open_federation_node(local_id="orch-a", capabilities=["research"]) as node:
-            # The simple form: the result, or DelegationFailed.
-            result = await node.delegate(
-                Task(id="task-1", description="run the unit tests"),
-                required_capabilities=["testing"],
-            )
-            print("result:", result)
+        # The simple form: the result, or DelegationFailed.
+        result = await node.delegate(
+            Task(id="task-1", description="run the unit tests"),
+            required_capabilities=["testing"],
+        )
+        print("result:", result)
 
-            # The streaming form: every update, then the result.
-            task = Task(id="task-2", description="run the integration tests")
-            async with node.open_delegation(task, required_capabilities=["testing"]) as delegation:
-                async for update in delegation:
-                    print(update)
-                print("result:", await delegation.result())
-            print(node.statistics().completed, "delegations completed")
+        # The streaming form: every update, then the result.
+        task = Task(id="task-2", description="run the integration tests")
+        async with node.open_delegation(task, required_capabilities=["testing"]) as delegation:
+            async for update in delegation:
+                print(update)
+            print("result:", await delegation.result())
+        print(node.statistics().completed, "delegations completed")
 
 
 if __name__ == "__main__":

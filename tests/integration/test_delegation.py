@@ -63,7 +63,7 @@ def envelope(
     if isinstance(payload, DelegationRequest):
         task_id = payload.task.id
     return FederationMessage(
-        type=kind,  # type: ignore[arg-type]
+        type=kind,
         payload=payload,
         sender=sender,
         recipient=recipient,
@@ -579,7 +579,7 @@ async def test_broadcasts_reach_every_peer_once_and_expired_ones_are_dropped() -
                 assert (await c_all.receive()).topic == "other"
             async with raw_client(b, "old") as conn:
                 stale = FederationMessage(
-                    type="broadcast",  # type: ignore[arg-type]
+                    type="broadcast",
                     payload=BroadcastPayload(topic="news", data=0, ttl=1.0),
                     sender="old",
                     recipient="orch-b",

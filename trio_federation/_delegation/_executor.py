@@ -86,10 +86,10 @@ def required_capabilities(request: DelegationRequest) -> tuple[str, ...]:
     return tuple(required)
 
 
-@attrs.define
+@attrs.frozen
 class _Entry:
-    final: TaskCallback | None = None  # None while running
-    finished_at: float = 0.0
+    final: TaskCallback
+    finished_at: float
 
 
 class Admission:
@@ -131,8 +131,9 @@ class Admission:
         self.completed = 0
         self.failed = 0
         self._refused: collections.Counter[str] = collections.Counter()
-        self._seen: collections.OrderedDict[tuple[str, str], _Entry] = collections.OrderedDict()
-        self._finished = 0  # entries in _seen with a final callback
+        self._running: set[tuple[str, str]] = set()
+        # Finished tasks in the order they finished: the oldest go first.
+        self._finished: collections.OrderedDict[tuple[str, str], _Entry] = collections.OrderedDict()
 
     @property
     def refused(self) -> Mapping[str, int]:
@@ -142,9 +143,12 @@ class Admission:
     def check(self, origin: str, request: DelegationRequest, now: float) -> Decision:
         """What to do with ``request`` from ``origin`` (refusals are counted)."""
         self._expire(now)
-        entry = self._seen.get((origin, request.task.id))
+        key = (origin, request.task.id)
+        if key in self._running:
+            return Running()
+        entry = self._finished.get(key)
         if entry is not None:
-            return Running() if entry.final is None else Replay(entry.final)
+            return Replay(entry.final)
         if request.timeout is not None and request.timeout <= 0:
             return self.refuse(RefusalReason.DEADLINE_EXCEEDED)
         if not set(required_capabilities(request)) <= self.capabilities:
@@ -167,35 +171,31 @@ class Admission:
             RuntimeError: it is known already (check first).
         """
         key = (origin, task_id)
-        if key in self._seen:
+        if key in self._running or key in self._finished:
             raise RuntimeError(f"task {task_id!r} from {origin!r} is known already")
-        self._seen[key] = _Entry()
+        self._running.add(key)
         self.running += 1
 
     def finish(self, origin: str, task_id: str, final: TaskCallback, now: float) -> None:
         """A task ended with ``final`` (``completed`` or ``failed``); remember it."""
-        if self._seen[(origin, task_id)].final is not None:
-            raise RuntimeError(f"task {task_id!r} from {origin!r} finished twice")
-        del self._seen[(origin, task_id)]
+        key = (origin, task_id)
+        if key not in self._running:
+            state = "finished already" if key in self._finished else "not running"
+            raise RuntimeError(f"task {task_id!r} from {origin!r} is {state}")
+        self._running.remove(key)
         self.running -= 1
         if final.status == "completed":
             self.completed += 1
         else:
             self.failed += 1
-        self._seen[(origin, task_id)] = _Entry(final, now)  # now the newest
-        self._finished += 1
+        self._finished[key] = _Entry(final, now)
         self._expire(now)
 
     def _expire(self, now: float) -> None:
         """Forget finished tasks past the window, and the oldest beyond ``size``."""
-        for key in list(self._seen):
-            if self._finished <= self.size and now - self._seen[key].finished_at < self.window:
-                # Entries are in finishing order, running ones among them:
-                # skip the running ones, stop at the first finished one to keep.
-                if self._seen[key].final is not None:
-                    break
-                continue
-            if self._seen[key].final is None:
-                continue
-            del self._seen[key]
-            self._finished -= 1
+        finished = self._finished
+        while finished:
+            oldest = next(iter(finished.values()))
+            if len(finished) <= self.size and now - oldest.finished_at < self.window:
+                break
+            finished.popitem(last=False)
