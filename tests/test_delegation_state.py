@@ -459,3 +459,50 @@ def test_admission_arguments_are_checked() -> None:
         Admission([], 1, window=0)
     with pytest.raises(ValueError, match="size"):
         Admission([], 1, size=0)
+
+
+# -- the trio shell's retries, on a virtual clock ---------------------------------------
+
+
+async def test_retry_rounds_back_off_on_trio_time(autojump_clock: object) -> None:
+    """A pure client with no peers: every round finds no candidate, and waits."""
+    import trio
+
+    from trio_federation import MemoryRegistry, open_federation_node
+
+    backoff = Backoff(initial_delay=10.0, multiplier=2.0, max_delay=15.0)
+    async with open_federation_node(
+        local_id="orch-a",
+        port=None,
+        registry=MemoryRegistry(),
+        backoff=backoff,
+        rng=random.Random(1),
+    ) as node:
+        start = trio.current_time()
+        with pytest.raises(DelegationFailed) as info:
+            await node.delegate(Task(id="t", description=""), max_attempts=4)
+        waited = trio.current_time() - start
+    # three waits between four rounds, each within its full-jitter ceiling
+    assert 0 < waited <= 10 + 15 + 15
+    assert [a.outcome for a in info.value.attempts] == ["no_candidate"] * 4
+    assert node.statistics().failed == 1
+
+
+async def test_a_delegation_runs_under_the_callers_deadline(autojump_clock: object) -> None:
+    import trio
+
+    from trio_federation import DelegationStatus, MemoryRegistry, open_federation_node
+
+    async with open_federation_node(
+        local_id="orch-a",
+        port=None,
+        registry=MemoryRegistry(),
+        backoff=Backoff(initial_delay=60, max_delay=60),
+    ) as node:
+        with trio.move_on_after(30) as scope:
+            async with node.open_delegation(Task(id="t", description="")) as delegation:
+                await delegation.result()
+        assert scope.cancelled_caught
+        assert delegation.status is DelegationStatus.TIMEOUT
+        assert [u async for u in delegation] == []  # no final update: it was cancelled
+        assert node.statistics().cancelled == 1

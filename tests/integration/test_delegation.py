@@ -551,7 +551,9 @@ async def test_a_cancelled_node_hands_its_tasks_back_and_they_fail_over() -> Non
                             await trio.sleep_forever()
 
                 nursery.start_soon(run_b)
-                await trio.sleep(0.05)
+                with trio.fail_after(2):
+                    while await a.registry.get("orch-b") is None:
+                        await trio.sleep(0.01)
                 async with a.open_delegation(task(), prefer=["orch-b"]) as delegation:
                     await started.wait()
                     b_scope.cancel()

@@ -330,7 +330,7 @@ class Delegation:
 
     async def __anext__(self) -> DelegationUpdate:
         while not self._updates:
-            if self._final_seen:
+            if self._final_seen or self._done.is_set():  # (cancelled: no final update)
                 raise StopAsyncIteration
             await self._lot.park()
         update = self._updates.popleft()
@@ -911,7 +911,11 @@ class FederationNode:
         self._records = {r.id: r for r in records}
 
     async def _candidates(self, delegation: Delegation) -> list[str]:
-        """The peers that may take ``delegation``'s task, in the order to try them."""
+        """The peers that may take ``delegation``'s task, in the order to try them.
+
+        The registry is read afresh for every round: a peer registered a
+        moment ago is a candidate.
+        """
         await self._refresh_records()
         required = set(delegation._required)
         candidates: list[Candidate] = []
@@ -1304,6 +1308,7 @@ async def open_federation_node(
             )
             async with trio.open_nursery() as connections:
                 node._connection_nursery = connections
+                clean = False
                 try:
                     async with contextlib.AsyncExitStack() as registration:
                         if port is not None:
@@ -1325,11 +1330,15 @@ async def open_federation_node(
                                 # The tasks still running are cancelled and report
                                 # "cancelled"; the nursery waits for them.
                                 node._cancel_executions()
+                    clean = True
                 finally:
+                    # Close every connection gracefully (what is queued is
+                    # written); after an error or a cancellation within the
+                    # short grace only.
                     node._closing = True
-                    with trio.CancelScope(shield=True):
-                        with trio.move_on_after(timeouts.disconnect):
-                            await node._disconnect_all()
+                    bound = timeouts.disconnect if clean else min(cancel_grace, timeouts.disconnect)
+                    with trio.CancelScope(shield=True), trio.move_on_after(bound):
+                        await node._disconnect_all()
                     connections.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         _raise_single(group)
