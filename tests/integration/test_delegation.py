@@ -507,6 +507,7 @@ async def test_illegal_callbacks_are_refused_without_changing_the_outcome() -> N
             for payload in (
                 TaskCallback(task_id="nobody", status="progress"),  # unknown task
                 DelegationResponse(task_id=task_id, accepted=True),
+                DelegationResponse(task_id=task_id, accepted=True),  # a second acceptance
                 TaskCallback(task_id=task_id, status="completed", result=1),
                 TaskCallback(task_id=task_id, status="completed", result=2),  # second outcome
                 TaskCallback(task_id=task_id, status="progress", progress=99),  # after the end
@@ -520,13 +521,13 @@ async def test_illegal_callbacks_are_refused_without_changing_the_outcome() -> N
                 assert await delegation.result() == 1
                 updates = [u async for u in delegation]
                 with trio.fail_after(2):
-                    while a.statistics().illegal_callbacks < 2:
+                    while a.statistics().illegal_callbacks < 3:
                         await trio.sleep(0.01)
             assert delegation.status is DelegationStatus.COMPLETED
             assert await delegation.result() == 1
             assert updates == [TaskAccepted(peer="raw"), TaskCompleted(peer="raw", result=1)]
             with trio.fail_after(2):
-                while a.statistics().illegal_callbacks < 3:
+                while a.statistics().illegal_callbacks < 4:
                     await trio.sleep(0.01)
 
 
@@ -730,7 +731,7 @@ async def test_a_full_subscription_drops_and_counts(monkeypatch: pytest.MonkeyPa
     from trio_federation._delegation import _node
 
     monkeypatch.setattr(_node, "BROADCAST_BUFFER", 1)
-    async with node("orch-b") as b, node("orch-a") as a:
+    async with node("orch-b", executor=echo) as b, node("orch-a") as a:
         with b.subscribe_broadcasts() as stream:
             for index in range(3):
                 await a.broadcast("t", index)
@@ -786,3 +787,57 @@ async def test_broadcast_skips_an_unreachable_peer_and_a_failing_registry_is_sur
             assert await a.broadcast("t") == 1
             registry.fail = True
             assert await a.broadcast("t") == 1  # the cached records and the live connection
+
+
+async def test_unreachable_registered_peers_and_concurrent_dials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trio_federation import OrchestratorRecord
+    from trio_federation._delegation import _node
+
+    monkeypatch.setattr(_node, "DEFAULT_DEDUPE_SIZE", 1)  # the sticky-executor memory too
+    registry = MemoryRegistry()
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = f"ws://127.0.0.1:{sock.getsockname()[1]}/federation"
+        await registry.register(OrchestratorRecord(id="ghost", endpoint=dead))
+        await registry.register(OrchestratorRecord(id="no-endpoint"))  # never a candidate
+        async with (
+            node("orch-b", executor=echo, registry=registry),
+            node("orch-a", registry=registry, port=None) as a,
+        ):
+            results: list[Any] = []
+            failures: list[DelegationFailed] = []
+
+            async def one(task_id: str, **options: Any) -> None:
+                try:
+                    results.append(await a.delegate(task(task_id), **options))
+                except DelegationFailed as error:
+                    failures.append(error)
+
+            async with trio.open_nursery() as nursery:  # two dial the same peers at once
+                nursery.start_soon(functools.partial(one, "t-1", prefer=["ghost"]))
+                nursery.start_soon(functools.partial(one, "t-2", prefer=["ghost"]))
+            assert results == [{"echo": "lint"}] * 2 and not failures
+            async with trio.open_nursery() as nursery:
+                for task_id in ("t-3", "t-4"):
+                    nursery.start_soon(
+                        functools.partial(one, task_id, exclude=["orch-b"], max_attempts=1)
+                    )
+            assert len(failures) == 2
+            for error in failures:
+                assert [(x.peer, x.outcome) for x in error.attempts] == [("ghost", "unreachable")]
+            assert {p.id for p in a.peers()} == {"ghost", "no-endpoint", "orch-b"}
+
+
+async def test_a_closed_subscription_and_a_closing_node_refuse_politely() -> None:
+    async with node("orch-b", executor=echo) as b, node("orch-a") as a:
+        with b.subscribe_broadcasts() as stream:
+            stream.close()
+            assert await a.broadcast("t") == 1
+            await trio.sleep(0.05)  # it arrives for a closed subscription: skipped
+        async with raw_client(b) as conn:
+            b._cancel_executions()  # what leaving the block does first: take no new tasks
+            await conn.send(delegation_to(b))
+            assert (await next_payload(conn)).reason == "draining"
+        assert b.statistics().tasks_refused == {"draining": 1}

@@ -895,8 +895,7 @@ class FederationNode:
         await self._conclude(origin, task.id, final)
 
     async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
-        if self._executions.pop((origin, task_id), None) is None:
-            return
+        del self._executions[(origin, task_id)]
         self._admission.finish(origin, task_id, final, trio.current_time())
         await self._send_callback(origin, final)
 
@@ -1027,8 +1026,7 @@ class FederationNode:
         except BaseExceptionGroup as group:
             _raise_single(group)
         finally:
-            if self._delegations.get(task.id) is delegation:
-                del self._delegations[task.id]
+            del self._delegations[task.id]
 
     async def delegate(
         self,
