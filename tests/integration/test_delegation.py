@@ -636,6 +636,11 @@ async def test_a_peer_that_dialed_us_is_delegated_to_over_its_connection() -> No
 
 
 async def test_node_arguments_are_checked() -> None:
+    async with node("orch-a", port=None) as a:
+        with pytest.raises(TypeError, match="required_capabilities"):
+            await a.delegate(task(), required_capabilities="testing")
+        with pytest.raises(ValueError, match="max_attempts"):
+            await a.delegate(task(), max_attempts=0)
     with pytest.raises(ValueError, match="max_depth"):
         async with node("orch-a", max_depth=0):
             pass  # pragma: no cover

@@ -991,8 +991,17 @@ class FederationNode:
         Raises:
             DelegationFailed: on entry, when the task would travel past
                 ``max_depth`` hops.
-            ValueError: this node is delegating a task with this id already.
+            ValueError: this node is delegating a task with this id already,
+                or ``max_attempts`` is below 1.
+            TypeError: a string where a list of names belongs.
         """
+        for name, value in (
+            ("required_capabilities", required_capabilities),
+            ("prefer", prefer),
+            ("exclude", exclude),
+        ):
+            if isinstance(value, str):
+                raise TypeError(f"{name} must be a list of names, not the string {value!r}")
         hops = _HOPS.get() + 1
         if hops > self.max_depth:
             reason = f"{hops} hops exceed max_depth={self.max_depth}"
