@@ -848,8 +848,10 @@ class FederationNode:
             deadline = trio.current_time() + request.timeout
         scope = trio.CancelScope(deadline=deadline)
         self._executions[(origin, task_id)] = _Execution(scope)
-        await self._respond(origin, task_id, None)
+        # Started first, answered at once: the acceptance is queued before the
+        # task can report, and the two often leave in one write.
         self._task_nursery.start_soon(self._execute, origin, request, scope, name=f"task {task_id}")
+        await self._respond(origin, task_id, None)
 
     async def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
         response = DelegationResponse(task_id=task_id, accepted=refusal is None, reason=refusal)
