@@ -476,6 +476,30 @@ async def test_the_same_task_id_runs_once() -> None:
     assert runs == ["t-1"]
 
 
+async def test_after_the_dedupe_window_a_task_id_is_new_again() -> None:
+    runs: list[str] = []
+
+    def executor(name: str) -> Callable[[TaskContext], Awaitable[str]]:
+        async def execute(ctx: TaskContext) -> str:
+            runs.append(name)
+            return name
+
+        return execute
+
+    async with (
+        node("orch-b", executor=executor("b"), dedupe_window=0.05),
+        node("orch-c", executor=executor("c")),
+        node("orch-a", dedupe_window=0.05) as a,
+    ):
+        assert await a.delegate(task(), prefer=["orch-b"]) == "b"
+        # within the window: back to B, whose dedupe answers (no second run)
+        assert await a.delegate(task(), prefer=["orch-c"]) == "b"
+        await trio.sleep(0.1)
+        # past it: a new task, free to go where preferred
+        assert await a.delegate(task(), prefer=["orch-c"]) == "c"
+    assert runs == ["b", "c"]
+
+
 async def test_delegating_the_same_task_again_goes_to_the_same_executor() -> None:
     runs: list[str] = []
 

@@ -446,9 +446,7 @@ class Delegation:
             timeout=budget,
         )
         node._stats["delegations_sent"] += 1
-        node._recent_assignees[self.task_id] = peer
-        while len(node._recent_assignees) > DEFAULT_DEDUPE_SIZE:
-            node._recent_assignees.popitem(last=False)
+        node._remember_assignee(self.task_id, peer)
         try:
             connection = await node._connection_for(peer)
             await connection.send(
@@ -580,7 +578,12 @@ class FederationNode:
         self._dial_errors: dict[str, BaseException] = {}
         self._records: dict[str, OrchestratorRecord] = {}
         self._delegations: dict[str, Delegation] = {}
-        self._recent_assignees: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Task id -> (executor, when): where a task went lately, to send a
+        # repeat to the same executor (whose dedupe then answers it).
+        self._recent_assignees: collections.OrderedDict[str, tuple[str, float]] = (
+            collections.OrderedDict()
+        )
+        self._dedupe_window = dedupe_window
         self._executions: dict[tuple[str, str], _Execution] = {}
         self._subscribers: list[
             tuple[frozenset[str], trio.MemorySendChannel[BroadcastPayload]]
@@ -650,6 +653,20 @@ class FederationNode:
             tasks_refused=types.MappingProxyType(dict(admission.refused)),
             broadcasts_dropped=stats["broadcasts_dropped"],
         )
+
+    def _remember_assignee(self, task_id: str, peer: str) -> None:
+        recent = self._recent_assignees
+        recent.pop(task_id, None)
+        recent[task_id] = (peer, trio.current_time())
+        while len(recent) > DEFAULT_DEDUPE_SIZE:
+            recent.popitem(last=False)
+
+    def _recent_assignee(self, task_id: str) -> str | None:
+        """The executor ``task_id`` went to within the dedupe window, if any."""
+        entry = self._recent_assignees.get(task_id)
+        if entry is None or trio.current_time() - entry[1] >= self._dedupe_window:
+            return None
+        return entry[0]
 
     def _illegal(self, reason: str) -> None:
         self._stats["illegal_callbacks"] += 1
@@ -959,7 +976,7 @@ class FederationNode:
             return []
         ordered = [c.id for c in delegation._strategy.order(delegation._task, candidates)]
         front = [p for p in delegation._prefer if p in ordered]
-        sticky = self._recent_assignees.get(delegation.task_id)
+        sticky = self._recent_assignee(delegation.task_id)
         if sticky in ordered:
             front.insert(0, sticky)
         return list(dict.fromkeys([*front, *ordered]))
@@ -1269,6 +1286,12 @@ async def open_federation_node(
     configure the connections as for
     :func:`~trio_federation.open_orchestrator_connection` (dialing) and
     :func:`~trio_federation.serve_federation` (listening).
+
+    ``dedupe_window`` is how long, in seconds, a finished task is remembered
+    (by delegator and task id) so that a repeat is not run again, and how
+    long a task id this node delegated goes back to the same executor.
+    ``cancel_grace`` bounds the wait for an executor's answer to a cancel;
+    ``rng`` is the source of the backoff's jitter (for reproducible tests).
 
     Leaving the block — normally, by an exception or by cancellation —
     cancels the tasks still running (each reported ``failed`` with error
