@@ -424,7 +424,7 @@ class Delegation:
                 await self._dispatch(step.peer)
             elif isinstance(step, Wait):
                 with trio.move_on_at(step.until):
-                    await self._wake.wait()  # nothing will set it: a plain, cancellable sleep
+                    await self._wake.wait()  # an early wake-up just asks again
             else:
                 assert isinstance(step, GiveUp)
                 node._stats["failed"] += 1
@@ -711,6 +711,7 @@ class FederationNode:
         if self._closing or self._connection_nursery is None:
             raise FederationError(f"node {self.local_id!r} is closing")
         dialing = self._dialing[peer] = trio.Event()
+        self._dial_errors.pop(peer, None)  # an older failure is not this dial's
         try:
             dialed: OrchestratorConnection = await self._connection_nursery.start(
                 self._dial, peer, url
