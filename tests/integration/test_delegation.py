@@ -631,9 +631,31 @@ async def test_a_registry_url_a_given_registry_and_a_pure_client() -> None:
             assert a.port is None and a.endpoint is None
             assert await a.delegate(task()) == {"echo": "lint"}
             assert [r.id for r in await registry.list_all()] == ["orch-b"]
-    async with node("orch-x", registry="memory://") as x:
-        assert x.registry is not registry
+    async with node("orch-x", registry="memory://") as x, node("orch-y") as y:
+        assert x.registry is y.registry is not registry  # the shared one
+        assert [r.id for r in await x.registry.list_all()] == ["orch-x", "orch-y"]
+
+
+async def test_a_registry_url_is_opened_and_closed_with_the_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from contextlib import asynccontextmanager
+
+    from trio_federation._delegation import _node
+
+    opened: list[str] = []
+
+    @asynccontextmanager
+    async def fake_open_registry(url: str) -> AsyncIterator[MemoryRegistry]:
+        opened.append(url)
+        async with MemoryRegistry() as registry:
+            yield registry
+        opened.append("closed")
+
+    monkeypatch.setattr(_node, "open_registry", fake_open_registry)
+    async with node("orch-x", registry="redis://127.0.0.1:1/0") as x:
         assert [r.id for r in await x.registry.list_all()] == ["orch-x"]
+    assert opened == ["redis://127.0.0.1:1/0", "closed"]
 
 
 async def test_static_peers_without_a_registry_entry() -> None:

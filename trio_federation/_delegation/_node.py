@@ -1266,9 +1266,10 @@ async def open_federation_node(
 
     The node listens on ``host``:``port`` (``port=None``: it does not
     listen, a pure client) and registers itself in ``registry`` — a
-    :class:`~trio_federation.FederationRegistry`, a URL for
-    :func:`~trio_federation.open_registry`, or by default one memory registry
-    shared by every node of this trio run — with its ``endpoint`` (default
+    :class:`~trio_federation.FederationRegistry`, a Redis URL for
+    :func:`~trio_federation.open_registry` (opened and closed with the node),
+    or by default (or ``"memory://"``) the one memory registry shared by every
+    node of this trio run — with its ``endpoint`` (default
     ``ws://{host}:{port}/federation``), its capabilities and its live load
     (``current_sessions`` = tasks running, ``max_sessions`` =
     ``max_concurrent_tasks``). Peers are found through the registry and the
@@ -1313,7 +1314,9 @@ async def open_federation_node(
         raise ValueError(f"cancel_grace must be positive, got {cancel_grace!r}")
     try:
         async with contextlib.AsyncExitStack() as stack:
-            if registry is None:
+            if registry is None or (
+                isinstance(registry, str) and registry.lower().rstrip("/") == "memory:"
+            ):
                 the_registry: FederationRegistry = _shared_memory_registry()
             elif isinstance(registry, str):
                 the_registry = await stack.enter_async_context(open_registry(registry))
