@@ -506,3 +506,22 @@ async def test_a_delegation_runs_under_the_callers_deadline(autojump_clock: obje
         assert delegation.status is DelegationStatus.TIMEOUT
         assert [u async for u in delegation] == []  # no final update: it was cancelled
         assert node.statistics().cancelled == 1
+
+
+@pytest.mark.parametrize("module", ["_state", "_executor", "_strategies"])
+def test_the_cores_import_no_trio(module: str) -> None:
+    """The sans-IO cores do no I/O: neither trio nor the connection layer."""
+    import ast
+    from pathlib import Path
+
+    import trio_federation
+
+    source = Path(trio_federation.__file__).parent / "_delegation" / f"{module}.py"
+    imported: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(("." * node.level) + (node.module or ""))
+    assert not {"trio", "trio_websocket"} & imported
+    assert not any(name.endswith(("_connection", "_transport", "_node")) for name in imported)
