@@ -892,3 +892,26 @@ async def test_a_closed_subscription_and_a_closing_node_refuse_politely() -> Non
             await conn.send(delegation_to(b))
             assert (await next_payload(conn)).reason == "draining"
         assert b.statistics().tasks_refused == {"draining": 1}
+
+
+async def test_nodes_over_tls_with_shared_secrets() -> None:
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    authority.configure_trust(client)
+    key = b"k" * 32
+    async with node(
+        "orch-b", executor=echo, server_ssl_context=server, secrets={"orch-a": key}
+    ) as b:
+        assert b.endpoint is not None and b.endpoint.startswith("wss://127.0.0.1:")
+        async with node("orch-a", port=None, ssl_context=client, secret=key) as a:
+            assert await a.delegate(task()) == {"echo": "lint"}
+        async with node("orch-z", port=None, ssl_context=client, secret=b"x" * 32) as z:
+            with pytest.raises(DelegationFailed) as info:
+                await z.delegate(task("t-2"), max_attempts=1)
+            assert info.value.attempts[0].outcome == "unreachable"

@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import random
+import ssl
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -545,7 +546,7 @@ class FederationNode:
         limits: Limits,
         reconnect: ReconnectPolicy,
         secret: bytes | str | None,
-        ssl_context: Any,
+        ssl_context: ssl.SSLContext | None,
         cancel_grace: float,
         dedupe_window: float,
         rng: random.Random | None,
@@ -1202,7 +1203,7 @@ class FederationNode:
         endpoint: str | None,
         *,
         secrets: Mapping[str, bytes | str] | None,
-        server_ssl_context: Any,
+        server_ssl_context: ssl.SSLContext | None,
     ) -> None:
         """Start the listener in the connection nursery and register with its endpoint."""
         assert self._connection_nursery is not None
@@ -1256,8 +1257,8 @@ async def open_federation_node(
     reconnect: ReconnectPolicy | None = None,
     secret: bytes | str | None = None,
     secrets: Mapping[str, bytes | str] | None = None,
-    ssl_context: Any = None,
-    server_ssl_context: Any = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_ssl_context: ssl.SSLContext | None = None,
     cancel_grace: float = DEFAULT_CANCEL_GRACE,
     dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
     rng: random.Random | None = None,
@@ -1298,8 +1299,10 @@ async def open_federation_node(
     Leaving the block — normally, by an exception or by cancellation —
     cancels the tasks still running (each reported ``failed`` with error
     ``"cancelled"``, so its delegator hands it elsewhere), deregisters, and
-    closes every connection, shielded and bounded (``cancel_grace`` for the
-    tasks' last words, ``timeouts.disconnect`` for the connections).
+    closes every connection gracefully, all shielded and bounded: the tasks'
+    last words within ``cancel_grace``, the connections within
+    ``timeouts.disconnect`` (within ``cancel_grace`` too when the block was
+    left by an exception or a cancellation).
 
     Raises:
         OSError: the address could not be bound.
