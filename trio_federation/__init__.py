@@ -6,8 +6,8 @@ Every public name is re-exported here; the modules behind them are private.
 from ._codec import MAX_FRAME_SIZE, decode_message, encode_message, make_converter
 from ._connection import OrchestratorConnection
 from ._delegation._executor import RefusalReason
+from ._delegation._handle import Delegation
 from ._delegation._node import (
-    Delegation,
     FederationNode,
     NodeStatistics,
     PeerInfo,

@@ -758,9 +758,9 @@ async def test_against_a_v1_peer_nothing_is_sent_and_late_callbacks_are_dropped(
 async def test_a_slow_reader_loses_the_oldest_progress_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trio_federation._delegation import _node
+    from trio_federation._delegation import _handle
 
-    monkeypatch.setattr(_node, "UPDATE_BUFFER", 3)
+    monkeypatch.setattr(_handle, "UPDATE_BUFFER", 3)
 
     async def execute(ctx: TaskContext) -> str:
         for percent in range(1, 6):
