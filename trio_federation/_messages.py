@@ -119,6 +119,9 @@ class CallbackStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     PROGRESS = "progress"
+    CANCEL = "cancel"
+    """Not an outcome: a delegator asks the executor to cancel the task (the
+    ``cancel`` extension, sent only to peers that negotiated it)."""
 
 
 class HeartbeatStatus(enum.StrEnum):

@@ -1037,6 +1037,7 @@ async def open_registration(
     heartbeat_interval: float | None = None,
     tokens_used: Callable[[], int] | None = None,
     cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+    sessions: Callable[[], int] | None = None,
 ) -> AsyncIterator[Registration]:
     """Register this orchestrator, keep its record fresh, and leave cleanly.
 
@@ -1051,7 +1052,9 @@ async def open_registration(
     (``tokens_used()`` if given); the status is ``busy`` while the sessions
     reach ``max_sessions``, else ``online``, or ``draining`` after
     :meth:`Registration.drain`. An unreachable store is logged and retried at
-    the next beat; an expired record is registered again.
+    the next beat; an expired record is registered again. ``sessions()``, if
+    given, is the live ``current_sessions`` figure instead of the listener's
+    connection count (a federation node reports the tasks it runs).
 
     On leaving the block — normally, by an exception or by cancellation — it
     marks the record ``draining`` and deregisters it, shielded and within
@@ -1065,14 +1068,15 @@ async def open_registration(
     """
     if host is not None and listener is None:
         raise ValueError("host= needs a listener= to take the port from")
-    sessions: Callable[[], int] | None = None
     if listener is not None:
         bound = listener
-        sessions = lambda: len(bound.connections)  # noqa: E731
+        if sessions is None:
+            sessions = lambda: len(bound.connections)  # noqa: E731
         if not record.capabilities:
             record = attrs.evolve(record, capabilities=listener.capabilities)
         if record.endpoint is None and host is not None:
             record = attrs.evolve(record, endpoint=f"ws://{host}:{listener.port}/federation")
+    if sessions is not None:
         record = attrs.evolve(record, current_sessions=sessions())
     if heartbeat_interval is None:
         heartbeat_interval = registry.heartbeat_timeout / 3

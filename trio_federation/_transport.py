@@ -52,7 +52,9 @@ from ._connection import (
 )
 from ._exceptions import AuthenticationError, ConnectionLost, HandshakeError
 from ._handshake import (
+    EXTENSIONS,
     PeerIdentity,
+    extensions_header,
     header_value,
     identity_headers,
     parse_request_identity,
@@ -61,6 +63,15 @@ from ._handshake import (
 )
 from ._messages import HeartbeatStatus
 from ._session import RESUME_HEADER, ResumeOffer, parse_resume
+from ._settings import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RESUME_TIMEOUT,
+    Limits,
+    Timeouts,
+    resolve_settings,
+)
 from ._sockio import direct
 from ._wire import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
 
@@ -75,14 +86,6 @@ __all__ = [
 
 logger = logging.getLogger("trio_federation.transport")
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-"""Seconds a dial (TCP, TLS and the upgrade) may take."""
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a listener waits for a dialer's upgrade request."""
-DEFAULT_RESUME_TIMEOUT: Final = 60.0
-"""Seconds a listener keeps a resumable session whose peer is gone."""
-DEFAULT_MAX_CONNECTIONS: Final = 1024
-"""Connections (open or still in their handshake) one listener holds at once."""
 CLOSE_REPLACED: Final = 4000
 """Close code of a connection replaced by a newer one from the same orchestrator."""
 _FULL_RESPONSE: Final = (
@@ -188,6 +191,7 @@ class _Dialer:
             AuthenticationError, HandshakeError: as open_orchestrator_connection.
         """
         headers = identity_headers(self.local_id, self.capabilities)
+        headers.append(extensions_header(EXTENSIONS))
         proof = None
         if self.key is not None:
             proof = make_proof(
@@ -263,6 +267,7 @@ async def _keep_connected(
                         )
                     connection._id = identity.id
                     connection._capabilities = identity.capabilities
+                connection._extensions = identity.extensions & EXTENSIONS
                 attempt = 0
                 if not started:
                     task_status.started()
@@ -318,6 +323,8 @@ async def open_orchestrator_connection(
     reconnect: ReconnectPolicy | None = None,
     wait_for_connection: bool = True,
     resumable: bool = True,
+    timeouts: Timeouts | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[OrchestratorConnection]:
     """Dial a federation listener and yield the open connection.
 
@@ -340,7 +347,10 @@ async def open_orchestrator_connection(
     it sends a 1001 close and waits at most ``CANCEL_CLOSE_GRACE`` for the
     handshake. Exceptions leave the block as themselves, never as an exception
     group. Other arguments are those of
-    :class:`~trio_federation.OrchestratorConnection`.
+    :class:`~trio_federation.OrchestratorConnection`. ``timeouts`` and
+    ``limits`` (:class:`~trio_federation.Timeouts`,
+    :class:`~trio_federation.Limits`) give the timers and bounds as one
+    object each, instead of the individual keywords.
 
     Raises:
         AuthenticationError: the listener refused our credentials (401 or
@@ -351,6 +361,35 @@ async def open_orchestrator_connection(
         ValueError: ``url`` is not a ``ws://`` or ``wss://`` URL, or an argument
             is out of range.
     """
+    timeouts, limits = resolve_settings(
+        timeouts,
+        limits,
+        heartbeat_timeout=heartbeat_timeout,
+        max_queue_size=max_queue_size,
+        disconnect_timeout=disconnect_timeout,
+        idle_timeout=idle_timeout,
+        receive_buffer_size=receive_buffer_size,
+        max_message_size=max_message_size,
+        connect_timeout=connect_timeout,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        max_violations=max_violations,
+        max_subscriptions=max_subscriptions,
+        dead_timeout=dead_timeout,
+    )
+    heartbeat_timeout, disconnect_timeout, idle_timeout = (
+        timeouts.heartbeat,
+        timeouts.disconnect,
+        timeouts.idle,
+    )
+    connect_timeout, dead_timeout = timeouts.connect, timeouts.dead
+    max_queue_size, receive_buffer_size = limits.max_queue_size, limits.receive_buffer_size
+    max_message_size, rate_limit, rate_burst = (
+        limits.max_message_size,
+        limits.rate_limit,
+        limits.rate_burst,
+    )
+    max_violations, max_subscriptions = limits.max_violations, limits.max_subscriptions
     local_id = _check_local_id(local_id)
     local_capabilities = normalize_capabilities(capabilities, strict=True)
     if remote_id is not None:
@@ -406,6 +445,7 @@ async def open_orchestrator_connection(
                     ),
                     **options,
                 )
+                connection._extensions = identity.extensions & EXTENSIONS
                 connection._adopt(socket)
                 if session is not None and granted is not None:
                     connection._start_session(session, granted)
@@ -712,6 +752,9 @@ class FederationListener:
             )
             return
         answer: list[tuple[bytes, bytes]] = []
+        extensions = identity.extensions & EXTENSIONS
+        if extensions:
+            answer.append(extensions_header(extensions))
         if self._verifier is not None:
             proof = header_value(request.headers, AUTH_HEADER)
             if proof is None:
@@ -765,6 +808,7 @@ class FederationListener:
                 active_connections=lambda: len(self._connections),
                 **self._options,
             )
+            connection._extensions = extensions
             if offer is not None:
                 connection._start_session(offer.session, offer)
                 # A dialer that will not come back: a cut ends the connection now.
@@ -904,6 +948,8 @@ async def serve_federation(
     max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
     dead_timeout: float | None = None,
     resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+    timeouts: Timeouts | None = None,
+    limits: Limits | None = None,
     task_status: trio.TaskStatus[FederationListener] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Listen for orchestrators and run ``handler(conn)`` for each one.
@@ -957,11 +1003,50 @@ async def serve_federation(
     exception from a handler is logged and closes that connection with 1011;
     the listener goes on. Cancelling the listener closes every connection with
     1001 ("going away"), each within its ``disconnect_timeout``, then stops.
-    Other arguments are those of :class:`~trio_federation.OrchestratorConnection`.
+    Other arguments are those of :class:`~trio_federation.OrchestratorConnection`;
+    ``timeouts`` and ``limits`` (:class:`~trio_federation.Timeouts`,
+    :class:`~trio_federation.Limits`) give the timers and bounds as one object
+    each, instead of the individual keywords.
 
     Raises:
         OSError: the address could not be bound.
     """
+    timeouts, limits = resolve_settings(
+        timeouts,
+        limits,
+        heartbeat_timeout=heartbeat_timeout,
+        max_queue_size=max_queue_size,
+        disconnect_timeout=disconnect_timeout,
+        idle_timeout=idle_timeout,
+        receive_buffer_size=receive_buffer_size,
+        max_message_size=max_message_size,
+        handshake_timeout=handshake_timeout,
+        max_connections=max_connections,
+        rate_limit=rate_limit,
+        rate_burst=rate_burst,
+        max_violations=max_violations,
+        max_subscriptions=max_subscriptions,
+        dead_timeout=dead_timeout,
+        resume_timeout=resume_timeout,
+    )
+    heartbeat_timeout, disconnect_timeout, idle_timeout = (
+        timeouts.heartbeat,
+        timeouts.disconnect,
+        timeouts.idle,
+    )
+    handshake_timeout, dead_timeout, resume_timeout = (
+        timeouts.handshake,
+        timeouts.dead,
+        timeouts.resume,
+    )
+    max_queue_size, receive_buffer_size = limits.max_queue_size, limits.receive_buffer_size
+    max_message_size, rate_limit, rate_burst = (
+        limits.max_message_size,
+        limits.rate_limit,
+        limits.rate_burst,
+    )
+    max_violations, max_subscriptions = limits.max_violations, limits.max_subscriptions
+    max_connections = limits.max_connections
     local_id = _check_local_id(local_id)
     verifier = None
     if secrets is not None:

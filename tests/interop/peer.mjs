@@ -14,7 +14,9 @@
 //                  as one frame, then in three fragments with a ping between)
 //   node peer.mjs --mode client --url ws://127.0.0.1:PORT/federation --id js-peer
 //                 [--capabilities testing,research] [--to py-listener]
-//                 [--expect-delegation] [--timeout 10]
+//                 [--expect-delegation] [--expect-result] [--timeout 10]
+//                 (--expect-result: stay until our delegation's final callback,
+//                  completed or failed, arrived; not just its acceptance)
 //                 [--secret S]  (prove our id as docs/protocol.rst "Authentication"
 //                                says, in ?auth=, and check the listener's proof)
 //   both: [--ping-interval MS]  (send WebSocket pings like the daemon does)
@@ -38,7 +40,7 @@ function listenerProofOk(answer, secret, listenerId, peerId, nonce) {
   return got.length === expected.length && timingSafeEqual(got, expected);
 }
 
-const FLAGS = new Set(['delegate-on-connect', 'expect-delegation', 'echo']);
+const FLAGS = new Set(['delegate-on-connect', 'expect-delegation', 'expect-result', 'echo']);
 function parseArgs(argv) {
   const args = {};
   for (let i = 0; i < argv.length; i++) {
@@ -161,7 +163,7 @@ function runClient(args) {
   const url = args.url + (args.url.includes('?') ? '&' : '?') + query.join('&');
   const timeout = setTimeout(() => fail(`timeout after ${args.timeout ?? 10} s`),
     Number(args.timeout ?? 10) * 1000);
-  let accepted = false, answered = false, closing = false;
+  let accepted = false, answered = false, finished = false, closing = false;
   let upgradeHeaders = {};
   const ws = new WebSocket(url);
   ws.on('upgrade', res => { upgradeHeaders = res.headers; });
@@ -180,8 +182,11 @@ function runClient(args) {
     const msg = onMessage(ws, selfId, data);
     const p = msg?.payload;
     if (msg?.type === 'callback' && p?.taskId === 'js-task-1' && p.accepted !== undefined) accepted = true;
+    if (msg?.type === 'callback' && p?.taskId === 'js-task-1' &&
+        (p.status === 'completed' || p.status === 'failed')) finished = true;
     if (msg?.type === 'delegation') answered = true;
-    if (accepted && (answered || !args['expect-delegation']) && !closing) {
+    if (accepted && (answered || !args['expect-delegation']) &&
+        (finished || !args['expect-result']) && !closing) {
       closing = true;
       ws.close(1000, 'Graceful disconnect');
     }
