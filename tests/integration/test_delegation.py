@@ -24,6 +24,7 @@ from trio_federation import (
     FederationNode,
     MemoryRegistry,
     OrchestratorConnection,
+    RedisRegistry,
     Task,
     TaskAccepted,
     TaskCallback,
@@ -34,8 +35,11 @@ from trio_federation import (
     TaskProgress,
     open_federation_node,
     open_orchestrator_connection,
+    open_registry,
     serve_federation,
 )
+
+from ._redis_server import RedisServer
 
 FAST = Backoff(initial_delay=0.01, max_delay=0.02)
 
@@ -636,26 +640,16 @@ async def test_a_registry_url_a_given_registry_and_a_pure_client() -> None:
         assert [r.id for r in await x.registry.list_all()] == ["orch-x", "orch-y"]
 
 
-async def test_a_registry_url_is_opened_and_closed_with_the_node(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from contextlib import asynccontextmanager
-
-    from trio_federation._delegation import _node
-
-    opened: list[str] = []
-
-    @asynccontextmanager
-    async def fake_open_registry(url: str) -> AsyncIterator[MemoryRegistry]:
-        opened.append(url)
-        async with MemoryRegistry() as registry:
-            yield registry
-        opened.append("closed")
-
-    monkeypatch.setattr(_node, "open_registry", fake_open_registry)
-    async with node("orch-x", registry="redis://127.0.0.1:1/0") as x:
-        assert [r.id for r in await x.registry.list_all()] == ["orch-x"]
-    assert opened == ["redis://127.0.0.1:1/0", "closed"]
+async def test_a_redis_url_federates_through_a_real_redis(redis: RedisServer) -> None:
+    url = redis.url.rsplit("/", 1)[0] + "/7"  # a database of its own
+    async with node("orch-b", executor=echo, registry=url) as b:
+        assert isinstance(b.registry, RedisRegistry)
+        async with node("orch-a", registry=url, port=None) as a:
+            assert await a.delegate(task()) == {"echo": "lint"}
+            (record,) = await a.registry.list_all()
+            assert record.id == "orch-b" and record.endpoint == b.endpoint
+    async with open_registry(url) as registry:
+        assert await registry.list_all() == []  # deregistered on the way out
 
 
 async def test_static_peers_without_a_registry_entry() -> None:
