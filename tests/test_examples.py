@@ -44,6 +44,19 @@ def test_readme_example_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "{'ok': True, 'task': 'lint'}" in out
 
 
+def test_every_readme_program_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every block that is a whole program (it calls trio.run) runs as shown;
+    # the others are fragments (a function to call from your own program).
+    readme = (ROOT / "README.md").read_text()
+    programs = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "trio.run(" in b]
+    assert len(programs) >= 2
+    for n, block in enumerate(programs):
+        script = tmp_path / f"readme_{n}.py"
+        script.write_text(block)
+        runpy.run_path(str(script), run_name="__main__")
+        assert capsys.readouterr().out.strip(), f"README program {n} printed nothing"
+
+
 def test_examples_exist() -> None:
     assert EXAMPLES, "docs/examples is empty"
     assert sys.version_info >= (3, 11)
