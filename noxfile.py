@@ -17,6 +17,8 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).parent
 INTEROP = ROOT / "tests" / "interop"
 COVERAGE_FLOOR = "95"
+NODE_DEPENDENCIES = ("ws", "redis", "eventemitter3")
+"""What ``tests/interop/package-lock.json`` pins: the peer's and the daemon registry's."""
 
 
 def requirement_in_test_extra(name: str) -> str:
@@ -49,9 +51,12 @@ def tests(session: nox.Session) -> None:
         if os.environ.get("CI"):
             session.error("npm is required for the interop tests under CI")
         session.warn("npm not found: the JavaScript interop tests will be skipped")
-    elif not (INTEROP / "node_modules" / "ws").exists():
-        with session.chdir(INTEROP):
-            session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+    else:
+        if not all((INTEROP / "node_modules" / name).exists() for name in NODE_DEPENDENCIES):
+            with session.chdir(INTEROP):
+                session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+        # The daemon's registry.js, pinned: npm pack + integrity check + extract (no-op if there).
+        session.run("python", "-m", "tests.integration._daemon")
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")
