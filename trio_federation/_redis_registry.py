@@ -9,15 +9,23 @@ TypeScript daemon's (``registry.ts``)::
     {prefix}:federation:region:{region}     set of ids
     {prefix}:federation:orchestrators       set of every id
 
-Additions a daemon reader does not see: the record's ``endpoint`` field (its
-``JSON.parse`` keeps unknown fields) and the key's expiry (a lease renewed by
-every heartbeat, so a dead orchestrator disappears without any janitor).
+Additions a daemon reader does not see: the record's ``endpoint`` and
+``leaseMs`` fields (its ``JSON.parse`` keeps unknown fields, and its updates
+write them back) and the key's expiry (a lease renewed by every heartbeat, so
+a dead orchestrator disappears without any janitor). The daemon's plain
+``SET`` removes that expiry: every script that meets a record with
+``leaseMs`` and no expiry gives it back (``lastHeartbeat + leaseMs``), or
+deletes the record and its index entries once that time has passed; and our
+readers treat any record whose last heartbeat is ``stale_timeout`` old as gone.
 Writes that touch several keys run as Lua scripts (atomic); updates of one
-record are compare-and-set on its JSON text, retried on conflict. Reads run a
-script that drops index entries whose record has expired, in the same atomic
-step, so a query never returns a vanished orchestrator and never races a
-re-registration. The scripts compute key names from ids, so this backend
+record are compare-and-set on its JSON text, retried on conflict. Writes and
+reads sweep the index sets they touch of ids whose record is gone, in the same
+atomic step, so a query never returns a vanished orchestrator, never races a
+re-registration, and daemon readers of the sets see a dead id only until our
+next operation on that set. Registration keeps the ``registeredAt`` of the
+record it replaces. The scripts compute key names from ids, so this backend
 needs a single Redis server (not Redis Cluster), as the daemon's layout does.
+See "Sharing Redis with the daemon" in docs/registry.rst.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ contract suite in :mod:`trio_federation.testing`.
 Liveness needs no janitor. Every read derives the status ``offline`` for a
 record whose last heartbeat is older than ``heartbeat_timeout``, and a record
 whose last heartbeat is older than ``stale_timeout`` no longer exists (Redis:
-the key's expiry; memory: it is dropped when next looked at).
+the key's expiry, and readers that skip such records where the daemon's plain
+``SET`` removed the expiry; memory: it is dropped when next looked at).
 """
 
 from __future__ import annotations
