@@ -13,7 +13,7 @@ Additions a daemon reader does not see: the record's ``endpoint`` and
 ``leaseMs`` fields (its ``JSON.parse`` keeps unknown fields, and its updates
 write them back) and the key's expiry (a lease renewed by every heartbeat, so
 a dead orchestrator disappears without any janitor). The daemon's plain
-``SET`` removes that expiry: every script that meets a record with
+``SET`` removes that expiry: every script that reads a record with
 ``leaseMs`` and no expiry gives it back (``lastHeartbeat + leaseMs``), or
 deletes the record and its index entries once that time has passed; and our
 readers treat any record whose last heartbeat is ``stale_timeout`` old as gone.
@@ -138,10 +138,23 @@ local function live(base, id, now)
   return false
 end
 
--- Drop from the set every id whose record is gone.
-local function sweep(set, base, now)
-  for _, id in ipairs(redis.call('SMEMBERS', set)) do
-    if not live(base, id, now) then redis.call('SREM', set, id) end
+-- Drop from the set (and from the set of all ids) every id whose record key is
+-- gone: one EXISTS per 500 ids, then one per id only in a batch with gone ones.
+local function sweep(set, base)
+  local ids = redis.call('SMEMBERS', set)
+  for first = 1, #ids, 500 do
+    local keys = {}
+    for i = first, math.min(first + 499, #ids) do
+      keys[#keys + 1] = base .. 'orchestrator:' .. ids[i]
+    end
+    if redis.call('EXISTS', unpack(keys)) < #keys then
+      for j, key in ipairs(keys) do
+        if redis.call('EXISTS', key) == 0 then
+          redis.call('SREM', set, ids[first + j - 1])
+          redis.call('SREM', base .. 'orchestrators', ids[first + j - 1])
+        end
+      end
+    end
   end
 end
 
@@ -187,7 +200,7 @@ redis.call('SET', KEYS[1], text, 'PX', ARGV[2])
 local sets = {KEYS[2], base .. 'region:' .. ARGV[5]}
 for i = 9, #ARGV do sets[#sets + 1] = base .. 'capability:' .. ARGV[i] end
 for _, set in ipairs(sets) do redis.call('SADD', set, id) end
-for _, set in ipairs(sets) do sweep(set, base, now) end
+for _, set in ipairs(sets) do sweep(set, base) end
 return registered
 """
 )
@@ -205,7 +218,7 @@ redis.call('DEL', KEYS[1])
 local rec = decode(old)
 if rec == nil then return 1 end
 unindex(rec, base, id)
-for _, set in ipairs(index_sets(rec, base)) do sweep(set, base, now) end
+for _, set in ipairs(index_sets(rec, base)) do sweep(set, base) end
 if is_stale(rec, now, tonumber(ARGV[4])) then return 0 end
 return 1
 """
@@ -238,30 +251,37 @@ end
 local rec = decode(ARGV[2])
 if rec ~= nil then
   for _, set in ipairs(index_sets(rec, base)) do
-    if set ~= base .. 'orchestrators' then sweep(set, base, now) end
+    if set ~= base .. 'orchestrators' then sweep(set, base) end
   end
 end
 return 1
 """
 )
 
-# KEYS: index sets, all of which an id must be in. ARGV: key base, now ms.
-# Sweeps each set, then returns the records of the ids in all of them.
+# KEYS: the set of all ids, then the index sets an id must also be in. ARGV: key
+# base, now ms. Sweeps the index sets (the set of all ids when it is alone),
+# then returns the records of the ids in all of them (see live()); an id whose
+# record is gone leaves these sets.
 _SELECT: Final = (
     _LIB
     + """
 local base, now = ARGV[1], tonumber(ARGV[2])
-for i = 1, #KEYS do sweep(KEYS[i], base, now) end
 local ids
 if #KEYS == 1 then
+  sweep(KEYS[1], base)
   ids = redis.call('SMEMBERS', KEYS[1])
 else
+  for i = 2, #KEYS do sweep(KEYS[i], base) end
   ids = redis.call('SINTER', unpack(KEYS))
 end
 local found = {}
 for _, id in ipairs(ids) do
-  local record = redis.call('GET', base .. 'orchestrator:' .. id)
-  if record then found[#found + 1] = record end
+  local record = live(base, id, now)
+  if record then
+    found[#found + 1] = record
+  else
+    for i = 1, #KEYS do redis.call('SREM', KEYS[i], id) end
+  end
 end
 return found
 """

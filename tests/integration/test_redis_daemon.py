@@ -214,24 +214,36 @@ async def test_expired_index_entries_are_removed_by_our_next_write_or_read(
 
         # Our next write touching an index removes them: a heartbeat...
         await ours.heartbeat("alive")
-        assert await daemon.call("indexIds", {"capabilities": ["testing"]}) == ["alive"]
-        assert await ids(daemon, "getOrchestratorsByCapability", ["testing"]) == ["alive"]
-        # ... and the record past its lease that the daemon had rewritten went whole.
-        assert await client.exists([ours.record_key("rewritten")]) == 0
-        assert await daemon.call("indexIds", {"capabilities": ["tpu"]}) == []
-        assert await daemon.call("indexIds", {"region": "ap"}) == []
-        assert await daemon.call("getOrchestratorMetadata", "rewritten") is None
+        assert await daemon.call("indexIds", {"capabilities": ["testing"]}) == [
+            "alive",
+            "rewritten",  # still there: no expiry, until one of our reads meets it
+        ]
         assert await daemon.call("indexIds", {"capabilities": ["gpu"]}) == ["dead"]  # untouched
 
-        # Our next read touching an index: a query.
+        # ...a read: a query...
         assert await ours.query(OrchestratorQuery(capabilities=["gpu"])) == []
         assert await daemon.call("indexIds", {"capabilities": ["gpu"]}) == []
         assert await daemon.call("indexIds", {"region": "eu"}) == ["dead"]  # untouched
 
-        # A registration touching the region.
+        # ...a registration touching the region.
         await ours.register(OrchestratorRecord(id="new", capabilities=["gpu"], region="eu"))
         assert await daemon.call("indexIds", {"region": "eu"}) == ["new"]
         assert await ids(daemon, "getOrchestratorsByRegion", "eu") == ["new"]
+
+        # The record past its lease that the daemon had rewritten: the daemon still lists it
+        # until one of our reads meets it, which deletes it with all its index entries.
+        assert await ids(daemon, "getOrchestratorsByCapability", ["testing"]) == [
+            "alive",
+            "rewritten",
+        ]
+        assert [r.id for r in await ours.query(OrchestratorQuery(capabilities=["testing"]))] == [
+            "alive"
+        ]
+        assert await client.exists([ours.record_key("rewritten")]) == 0
+        assert await daemon.call("indexIds", {"capabilities": ["testing"]}) == ["alive"]
+        assert await daemon.call("indexIds", {"capabilities": ["tpu"]}) == []
+        assert await daemon.call("indexIds", {"region": "ap"}) == []
+        assert await ids(daemon, "getOrchestratorsByCapability", ["testing"]) == ["alive"]
         assert await client.smembers(ours.orchestrators_key) == {"alive", "new"}
 
 
