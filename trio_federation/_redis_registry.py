@@ -551,11 +551,8 @@ def _ms(value: datetime) -> str:
 
 
 def _lease_of(raw: str) -> int | None:
-    """The ``leaseMs`` of a record's JSON text: set on ours, absent on the daemon's."""
-    try:
-        lease = orjson.loads(raw).get("leaseMs")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+    """The ``leaseMs`` of a record's (valid) JSON text: ours have it, the daemon's not."""
+    lease = orjson.loads(raw).get("leaseMs")
     return lease if isinstance(lease, int) and not isinstance(lease, bool) else None
 
 

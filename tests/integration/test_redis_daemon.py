@@ -281,8 +281,11 @@ async def test_registered_at_is_kept_from_the_first_registration(
         got = await ours.get("ts")
         assert got is not None
         assert iso(got.registered_at) == given
-        assert iso((await ours.heartbeat("ts", current_sessions=1)).registered_at) == given
         assert iso((await ours.set_status("ts", "busy")).registered_at) == given
+        # A status change leaves the daemon's record the daemon's: no lease, no expiry.
+        assert "leaseMs" not in json.loads(await ours.client.get(ours.record_key("ts")) or "")
+        assert await ours.client.pttl(ours.record_key("ts")) == -1
+        assert iso((await ours.heartbeat("ts", current_sessions=1)).registered_at) == given
         await daemon.call("updateHeartbeat", "ts")
         took_over = await ours.register(OrchestratorRecord(id="ts", capabilities=["a"]))
         assert iso(took_over.registered_at) == given
