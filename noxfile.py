@@ -17,6 +17,8 @@ nox.options.reuse_existing_virtualenvs = True
 ROOT = Path(__file__).parent
 INTEROP = ROOT / "tests" / "interop"
 COVERAGE_FLOOR = "95"
+NODE_DEPENDENCIES = ("ws", "redis", "eventemitter3")
+"""What ``tests/interop/package-lock.json`` pins: the peer's and the daemon registry's."""
 
 
 def requirement_in_test_extra(name: str) -> str:
@@ -40,6 +42,20 @@ def report_redis(session: nox.Session) -> None:
         session.warn(f"{said} (the Redis tests will be skipped)")
 
 
+def fetch_daemon_registry(session: nox.Session) -> None:
+    """The daemon's registry.js, pinned: npm pack, integrity check, extract (no-op if there)."""
+    said = session.run(
+        "python", "-m", "tests.integration._daemon", silent=True, success_codes=[0, 1]
+    )
+    said = str(said).strip()
+    if not said.startswith("could not"):
+        session.log(said)
+    elif os.environ.get("CI"):
+        session.error(f"the daemon's registry is required under CI: {said}")
+    else:
+        session.warn(f"{said} (the tests beside the daemon's registry will be skipped)")
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite with branch coverage (fails under the floor)."""
@@ -49,9 +65,11 @@ def tests(session: nox.Session) -> None:
         if os.environ.get("CI"):
             session.error("npm is required for the interop tests under CI")
         session.warn("npm not found: the JavaScript interop tests will be skipped")
-    elif not (INTEROP / "node_modules" / "ws").exists():
-        with session.chdir(INTEROP):
-            session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+    else:
+        if not all((INTEROP / "node_modules" / name).exists() for name in NODE_DEPENDENCIES):
+            with session.chdir(INTEROP):
+                session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+        fetch_daemon_registry(session)
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")

@@ -10,7 +10,8 @@ contract suite in :mod:`trio_federation.testing`.
 Liveness needs no janitor. Every read derives the status ``offline`` for a
 record whose last heartbeat is older than ``heartbeat_timeout``, and a record
 whose last heartbeat is older than ``stale_timeout`` no longer exists (Redis:
-the key's expiry; memory: it is dropped when next looked at).
+the key's expiry, and readers that skip such records where the daemon's plain
+``SET`` removed the expiry; memory: it is dropped when next looked at).
 """
 
 from __future__ import annotations
@@ -165,9 +166,9 @@ def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: int
 class OrchestratorRecord:
     """What the registry knows of one orchestrator (the daemon's ``RegistryOrchestratorMetadata``).
 
-    :meth:`FederationRegistry.register` sets :attr:`last_heartbeat` and
-    :attr:`registered_at` from the registry's clock; the values given here are
-    ignored there.
+    :meth:`FederationRegistry.register` sets :attr:`last_heartbeat` from the
+    registry's clock and keeps :attr:`registered_at` from the first
+    registration (see there); the values given here are ignored there.
     """
 
     id: str
@@ -327,11 +328,13 @@ def _iso(value: datetime) -> str:
     )
 
 
-def encode_record(record: OrchestratorRecord) -> str:
+def encode_record(record: OrchestratorRecord, lease_ms: int | None = None) -> str:
     """The JSON text of ``record``: the daemon's camelCase fields, ISO dates.
 
     Optional fields that are ``None`` are left out, as ``JSON.stringify`` does
-    with ``undefined``.
+    with ``undefined``. ``lease_ms``, if given, is written last as
+    ``leaseMs``: the Redis backend's mark of a record under its lease (see
+    :ref:`sharing-redis`).
     """
     out: dict[str, Any] = {}
     for name, key in _FIELDS:
@@ -345,6 +348,8 @@ def encode_record(record: OrchestratorRecord) -> str:
         elif isinstance(value, enum.Enum):
             value = value.value
         out[key] = value
+    if lease_ms is not None:
+        out["leaseMs"] = lease_ms
     return orjson.dumps(out).decode()
 
 
@@ -621,10 +626,14 @@ class FederationRegistry(abc.ABC):
     async def register(self, record: OrchestratorRecord) -> OrchestratorRecord:
         """Register ``record`` (replacing any record with its id) and return it as stored.
 
-        ``last_heartbeat`` and ``registered_at`` are set to :meth:`now`; the
-        record is indexed by its capabilities and region and lives for
-        ``stale_timeout`` unless heartbeats keep it alive. Atomic: a concurrent
-        reader sees the old record or the new one, never a mix.
+        ``last_heartbeat`` is set to :meth:`now`; ``registered_at`` is kept
+        from the record this one replaces (whoever wrote it, as the daemon
+        keeps a given ``registeredAt``), else set to :meth:`now` — so it is
+        the time of the first registration while the record lives, and a
+        registration after the record expired or was deregistered is a new
+        one. The record is indexed by its capabilities and region and lives
+        for ``stale_timeout`` unless heartbeats keep it alive. Atomic: a
+        concurrent reader sees the old record or the new one, never a mix.
         """
 
     @abc.abstractmethod
@@ -821,7 +830,9 @@ class MemoryRegistry(FederationRegistry):
                 self._live(orch_id, now)
             if len(self._records) >= self.max_orchestrators:
                 raise RegistryFull(self.max_orchestrators)
-        stored = attrs.evolve(record, last_heartbeat=now, registered_at=now)
+        previous = self._live(record.id, now)
+        registered_at = now if previous is None else previous.registered_at
+        stored = attrs.evolve(record, last_heartbeat=now, registered_at=registered_at)
         self._records[record.id] = stored
         self._notify()
         logger.debug("registered %r", record.id)

@@ -142,14 +142,15 @@ async def check_register_and_get(open_backend: RegistryFactory) -> None:
 
 
 async def check_register_again_replaces(open_backend: RegistryFactory) -> None:
-    """Registering an id again replaces its record and its index entries."""
+    """Registering an id again replaces its record and its index entries, not ``registered_at``."""
     async with _open(open_backend) as registry:
         await registry.register(_record("orch-a", capabilities=["research"], region="us"))
         first = await registry.get("orch-a")
         assert first is not None
         await trio.sleep(0.01)
         again = await registry.register(_record("orch-a", capabilities=["testing"], region="eu"))
-        assert again.registered_at > first.registered_at
+        assert again.registered_at == first.registered_at
+        assert again.last_heartbeat > first.last_heartbeat
         assert await registry.get("orch-a") == again
         assert await registry.query(OrchestratorQuery(capabilities=["research"])) == []
         assert await registry.query(OrchestratorQuery(region="us")) == []

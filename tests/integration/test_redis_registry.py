@@ -24,7 +24,7 @@ from trio_federation import (
     open_redis_registry,
     open_registry,
 )
-from trio_federation._redis_registry import _redacted
+from trio_federation._redis_registry import _LIB, _ms, _redacted
 from trio_federation.testing import REGISTRY_CHECKS, RegistryFactory
 
 from ..conftest import under_ci
@@ -382,3 +382,24 @@ async def test_a_record_that_expires_during_an_update_is_not_found(
         monkeypatch.setattr(registry, "_cas_script", expire_first)
         with pytest.raises(OrchestratorNotFound):
             await registry.set_status("a", "busy")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1970-01-01T00:00:00.000Z",
+        "2000-02-29T23:59:59.999Z",
+        "2024-03-01T00:00:00.001Z",
+        "2026-11-26T12:00:00.000Z",
+        "2100-12-31T01:02:03.456Z",
+    ],
+)
+async def test_the_scripts_read_iso_dates_as_python_does(redis: RedisServer, text: str) -> None:
+    """The lease a script restores is ``lastHeartbeat + leaseMs``: its date parsing is exact."""
+    async with open_test_registry(redis) as registry:
+        parsed: object = await registry.client.eval(
+            _LIB + "return {tostring(iso_ms(ARGV[1])), tostring(iso_ms('2026-1-1'))}",
+            keys=[],
+            args=[text],
+        )
+    assert parsed == [_ms(datetime.fromisoformat(text)), "nil"]
