@@ -178,7 +178,8 @@ _PRIORITY_BONUS: Final = {"critical": 10.0, "high": 7.0, "medium": 4.0, "low": 0
 class CapabilityScore:
     """The daemon's scorer (``TaskDelegator.scoreOrchestrator``), plus latency and success.
 
-    Highest score first (ties: lower load, then id). The score of a
+    Highest score first (ties: lower load, then in turn, as
+    :class:`LeastLoaded`). The score of a
     candidate for a task, as the TypeScript daemon computes it:
 
     - *capability match*, at most 50: 20 if its capabilities name the task's
@@ -220,9 +221,15 @@ class CapabilityScore:
         success = 5.0 if rate is None else 10.0 * min(max(rate, 0.0), 1.0)
         return match + load_score + availability + priority + latency + success
 
+    def __init__(self) -> None:
+        self._turn = 0
+
     def order(self, task: Task, candidates: Sequence[Candidate]) -> Sequence[Candidate]:
-        """Highest :meth:`score` first; ties by lower load, then id."""
-        return sorted(candidates, key=lambda c: (-self.score(task, c), c.load, c.id))
+        """Highest :meth:`score` first; ties by lower load, then in turn."""
+        start = self._turn % len(candidates)
+        self._turn += 1
+        rotated = [*candidates[start:], *candidates[:start]]
+        return sorted(rotated, key=lambda c: (-self.score(task, c), c.load))
 
 
 def _hash(key: str) -> int:
