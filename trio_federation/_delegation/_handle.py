@@ -205,7 +205,7 @@ class Delegation:
         elif isinstance(answer, TaskFailed):
             stats["failed"] += 1
             last = self._lifecycle.attempts[-1]
-            if last.peer is not None:
+            if last.peer is not None:  # pragma: no branch (an executor's failure)
                 self._node._record_outcome(last.peer, False)
             self._push(answer)
             self._finish()
@@ -255,6 +255,8 @@ class Delegation:
         node._remember_assignee(self.task_id, peer)
         try:
             connection = await node._connection_for(peer)
+            if self._lifecycle.assignee != peer or self._lifecycle.done:
+                return  # lost (or over) while being dialed: it gets nothing
             await connection.send(
                 FederationMessage(
                     type=MessageType.DELEGATION,
