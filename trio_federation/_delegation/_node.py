@@ -809,8 +809,17 @@ class FederationNode:
         Candidates are the other orchestrators this node knows (registry,
         static ``peers=``, connections) that have every required capability,
         are healthy and not draining, minus ``exclude``; ``prefer`` goes
-        first, then the ``strategy`` (default: the node's) orders the rest.
-        See :meth:`delegate` for attempts and deadlines.
+        first, then the ``strategy`` (default: the node's; a name gives one
+        instance per node, kept across calls) orders the rest. See
+        :meth:`delegate` for attempts and deadlines.
+
+        When the executor of an accepted task is lost — its connection ends
+        and does not resume, or the registry declares it dead — or hands the
+        task back (``failed`` with ``"draining"``, or ``"cancelled"`` that
+        this delegation did not ask for), the task is delegated again to the
+        next candidate, as one more attempt, with a
+        :class:`~trio_federation.TaskFailedOver` update. Only the current
+        executor's callbacks count: a lost one that comes back is refused.
 
         Entering returns at once (the first attempt runs in the background).
         Leaving the block before the final outcome — normally, by an
@@ -1138,9 +1147,11 @@ async def open_federation_node(
     every accepted task in its own cancel scope (None: the node executes
     nothing and refuses delegations with ``no_executor``). ``admit(request)``
     may refuse one by returning a reason (None: accept). ``strategy`` orders
-    candidates (``"round-robin"``, ``"least-loaded"`` or a
-    :class:`~trio_federation.Strategy`); ``max_depth`` bounds the hops a task
-    travels; ``backoff`` paces retry rounds. ``timeouts``, ``limits``,
+    candidates: ``"round-robin"`` (the default), ``"least-loaded"``,
+    ``"capability-score"``, ``"random"`` (power of two choices),
+    ``"consistent-hash"``, or any :class:`~trio_federation.Strategy`;
+    ``max_depth`` bounds the hops a task travels; ``backoff`` paces retry
+    rounds. ``timeouts``, ``limits``,
     ``secret`` / ``secrets`` and ``ssl_context`` / ``server_ssl_context``
     configure the connections as for
     :func:`~trio_federation.open_orchestrator_connection` (dialing) and
@@ -1152,13 +1163,17 @@ async def open_federation_node(
     ``cancel_grace`` bounds the wait for an executor's answer to a cancel;
     ``rng`` is the source of the backoff's jitter (for reproducible tests).
 
-    Leaving the block — normally, by an exception or by cancellation —
-    cancels the tasks still running (each reported ``failed`` with error
-    ``"cancelled"``, so its delegator hands it elsewhere), deregisters, and
-    closes every connection gracefully, all shielded and bounded: the tasks'
-    last words within ``cancel_grace``, the connections within
-    ``timeouts.disconnect`` (within ``cancel_grace`` too when the block was
-    left by an exception or a cancellation).
+    Leaving the block *normally* drains (:meth:`FederationNode.drain`): the
+    node is marked ``draining``, takes no new tasks, and waits at most
+    ``drain_grace`` seconds for the running ones; those still running then
+    are cancelled and reported ``failed`` with error ``"draining"``, so their
+    delegators fail them over. Leaving it by an exception or a cancellation
+    cancels the running tasks at once (each reported ``failed`` with error
+    ``"cancelled"``, which their delegators fail over too). Either way it
+    then deregisters and closes every connection gracefully, shielded and
+    bounded: the tasks' last words within ``cancel_grace``, the connections
+    within ``timeouts.disconnect`` (within ``cancel_grace`` too when the
+    block was left by an exception or a cancellation).
 
     Raises:
         OSError: the address could not be bound.
