@@ -82,14 +82,19 @@ class Candidate:
 
 @runtime_checkable
 class Strategy(Protocol):
-    """Orders candidates for a task, best first.
+    """Orders candidates for a task, best first: what ``strategy=`` takes.
 
-    Implement :meth:`order` (synchronous, no I/O: it runs on every attempt
-    round) and pass an instance as ``strategy=`` to
-    :meth:`~trio_federation.FederationNode.delegate` or
-    :func:`~trio_federation.open_federation_node`. The candidates are never
-    empty, already filtered, and sorted by id; return any ordering of them
-    (leaving one out means it is not tried in this round).
+    Implement :attr:`name` and :meth:`order` and pass an instance as
+    ``strategy=`` to :meth:`~trio_federation.FederationNode.delegate`,
+    :meth:`~trio_federation.FederationNode.open_delegation` or
+    :func:`~trio_federation.open_federation_node`. A strategy is sans-IO:
+    :meth:`order` is synchronous, does no I/O and reads no clock (it runs
+    once per round of attempts, in the delegating task); keep any state
+    (a turn, a ring) on the instance, and take randomness as an injected
+    :class:`random.Random`. The candidates it gets are never empty, already
+    filtered (required capabilities, health, draining, ``exclude``), and
+    sorted by id; it returns any ordering of them (leaving one out means it
+    is not tried in this round). ``prefer=`` is applied after it.
     """
 
     @property
