@@ -100,6 +100,7 @@ async def test_affinity_and_capabilities_hold_between_real_nodes() -> None:
                             required_capabilities=["testing"],
                         )
                     assert x.statistics().tasks_completed == 0
+                    assert await a.delegate(task("r-1"), strategy="random") == {"echo": "lint"}
                     assert a.statistics().rejected == 0
                     # Both took some: the score prefers the more reliable, in turn on ties.
                     assert {p.id for p in a.peers() if p.id != "orch-x"} == {"orch-b", "orch-c"}

@@ -69,7 +69,14 @@ from ._state import (
     DelegationAttempt,
     DelegationFailed,
 )
-from ._strategies import STRATEGIES, Candidate, Strategy, choose, make_strategy
+from ._strategies import (
+    STRATEGIES,
+    Candidate,
+    PowerOfTwoChoices,
+    Strategy,
+    choose,
+    make_strategy,
+)
 
 __all__ = [
     "FederationNode",
@@ -305,7 +312,8 @@ class FederationNode:
         self._executor = executor
         self._static_peers = dict(peers)
         self._admit = admit
-        self._strategy = make_strategy(strategy)
+        self._rng = rng or random.Random()
+        self._strategy = self._make_strategy(strategy)
         # Strategies named per call, kept so that their state (a turn, a
         # ring) lasts from one delegation to the next.
         self._named_strategies: dict[str, Strategy] = {}
@@ -322,7 +330,6 @@ class FederationNode:
         self._secret = secret
         self._ssl_context = ssl_context
         self._cancel_grace = cancel_grace
-        self._rng = rng or random.Random()
         self._admission = Admission(
             capabilities,
             max_concurrent_tasks,
@@ -734,8 +741,14 @@ class FederationNode:
         if isinstance(strategy, str) and strategy in STRATEGIES:
             named = self._named_strategies.get(strategy)
             if named is None:
-                named = self._named_strategies[strategy] = make_strategy(strategy)
+                named = self._named_strategies[strategy] = self._make_strategy(strategy)
             return named
+        return self._make_strategy(strategy)
+
+    def _make_strategy(self, strategy: str | Strategy) -> Strategy:
+        """:func:`make_strategy`, with the node's ``rng`` for ``"random"``."""
+        if strategy == PowerOfTwoChoices.name:
+            return PowerOfTwoChoices(self._rng)
         return make_strategy(strategy)
 
     async def _candidates(self, delegation: Delegation) -> list[str]:
@@ -1161,7 +1174,9 @@ async def open_federation_node(
     (by delegator and task id) so that a repeat is not run again, and how
     long a task id this node delegated goes back to the same executor.
     ``cancel_grace`` bounds the wait for an executor's answer to a cancel;
-    ``rng`` is the source of the backoff's jitter (for reproducible tests).
+    ``drain_grace`` bounds the drain when the block is left normally (see
+    below); ``rng`` is the source of the backoff's jitter and of the
+    ``"random"`` strategy's draws (for reproducible tests).
 
     Leaving the block *normally* drains (:meth:`FederationNode.drain`): the
     node is marked ``draining``, takes no new tasks, and waits at most
