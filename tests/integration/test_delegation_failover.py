@@ -115,6 +115,7 @@ async def test_an_executor_the_registry_declares_dead_fails_over_and_cannot_come
     registry = MemoryRegistry(heartbeat_timeout=3, stale_timeout=60)
     received = trio.Event()
     come_back = trio.Event()
+    told: list[object] = []
 
     async def hang_then_answer(conn: OrchestratorConnection) -> None:
         async for message in conn:
@@ -126,6 +127,7 @@ async def test_an_executor_the_registry_declares_dead_fails_over_and_cannot_come
             await come_back.wait()  # frozen: no registry heartbeat, the link still up
             stale = TaskCallback(task_id=request.task.id, status="completed", result="stale")
             await conn.send(envelope(stale, "raw", conn.id))
+            told.append((await conn.receive()).payload)  # the delegator's cancel
 
     async with raw_executor(hang_then_answer) as listener:
         url = f"ws://127.0.0.1:{listener.port}/federation"
@@ -142,8 +144,9 @@ async def test_an_executor_the_registry_declares_dead_fails_over_and_cannot_come
                     updates = [u async for u in delegation]
                 come_back.set()
                 with trio.fail_after(5):
-                    while a.statistics().illegal_callbacks == 0:
+                    while a.statistics().illegal_callbacks == 0 or not told:
                         await trio.sleep(0.01)
+    assert told == [TaskCallback(task_id="t-1", status=CallbackStatus.CANCEL)]
     assert 3 <= waited <= 6  # the heartbeat timeout, then one registry read
     assert isinstance(updates[1], TaskFailedOver)
     assert updates[1].reason == "declared offline by the registry"

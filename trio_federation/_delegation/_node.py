@@ -63,7 +63,7 @@ from ._executor import (
     Replay,
     Running,
 )
-from ._handle import HOPS_KEY, Delegation
+from ._handle import CANCEL_EXTENSION, HOPS_KEY, Delegation
 from ._state import (
     Backoff,
     DelegationAttempt,
@@ -706,7 +706,10 @@ class FederationNode:
         registry's ``heartbeat_timeout``), or it was in the registry and is
         gone while no connection to it is open. A record gone while its
         connection lives is left to the connection: a node that leaves
-        cleanly deregisters first, then delivers its last callbacks.
+        cleanly deregisters first, then delivers its last callbacks. An
+        executor declared offline whose connection still lives is told to
+        cancel the tasks (if it negotiated the cancel extension), so that a
+        stalled but living node does not run on what now runs elsewhere.
         """
         assignees = {d.assignee for d in self._delegations.values()} - {None}
         for peer in sorted(p for p in assignees if p is not None):
@@ -719,7 +722,29 @@ class FederationNode:
                 continue
             logger.info("executor %r lost: %s", peer, reason)
             for delegation in list(self._delegations.values()):
-                delegation._on_lost(peer, reason)
+                if delegation.assignee == peer:
+                    delegation._on_lost(peer, reason)
+                    self._tell_to_cancel(peer, delegation.task_id)
+
+    def _tell_to_cancel(self, peer: str, task_id: str) -> None:
+        """Send ``peer`` a cancel for ``task_id`` in the background, best effort."""
+        connection = self._live_connection(peer)
+        nursery = self._connection_nursery
+        if connection is None or CANCEL_EXTENSION not in connection.extensions or nursery is None:
+            return
+        message = FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=TaskCallback(task_id=task_id, status=CallbackStatus.CANCEL),
+            sender=self.local_id,
+            recipient=connection.id or peer,
+            correlation_id=task_id,
+        )
+
+        async def tell() -> None:
+            with trio.move_on_after(self._cancel_grace):
+                await self._send_to(peer, message)
+
+        nursery.start_soon(tell, name=f"cancel {task_id} on {peer}")
 
     def _record_outcome(self, peer: str, ok: bool) -> None:
         """Note how a task on ``peer`` ended (for :attr:`Candidate.success_rate`)."""
