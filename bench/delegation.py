@@ -12,7 +12,9 @@ see the same machine:
   :func:`~trio_federation.serve_federation` handler that answers each with one
   ``callback``, awaited by the sender: the floor the connection layer sets.
 
-Prints p50 and p95 of each and the ratio of the p50s. ``--count`` round trips
+Prints p50 and p95 of each and the ratio of the p50s, then the balancing
+spread of every strategy and the consistent-hash key movement
+(:mod:`bench.balancing`). ``--count`` round trips
 of each kind (default 2,000), ``--quick`` for a smoke test, ``--json PATH``
 writes the figures. Exit status 0.
 """
@@ -43,6 +45,7 @@ from trio_federation import (
     serve_federation,
 )
 
+from . import balancing
 from ._report import percentile
 
 BLOCK = 100
@@ -138,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = figures["delegation"]["p50"] / figures["bare"]["p50"]
     figures["p50_ratio"] = ratio
     print(f"delegation p50 / bare p50: {ratio:.2f}x")
+    print()
+    figures["balancing"] = balancing.figures()
+    balancing.report(figures["balancing"])
     if options.json:
         options.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -23,7 +23,7 @@ def test_delegation_page_shows_what_its_examples_print(capsys: pytest.CaptureFix
     """Each "Run it with ``python docs/examples/X.py``::" block is X's exact output."""
     page = (ROOT / "docs" / "delegation.rst").read_text()
     shown = re.findall(r"Run it with ``python docs/examples/(\w+\.py)``::\n\n((?:    .*\n)+)", page)
-    assert len(shown) == 2
+    assert len(shown) == 3
     for name, block in shown:
         runpy.run_path(str(ROOT / "docs" / "examples" / name), run_name="__main__")
         expected = [line[4:] for line in block.splitlines()]

@@ -26,7 +26,15 @@ from ._delegation._state import (
     TaskFailedOver,
     TaskProgress,
 )
-from ._delegation._strategies import Candidate, LeastLoaded, RoundRobin, Strategy
+from ._delegation._strategies import (
+    Candidate,
+    CapabilityScore,
+    ConsistentHash,
+    LeastLoaded,
+    PowerOfTwoChoices,
+    RoundRobin,
+    Strategy,
+)
 from ._exceptions import (
     AuthenticationError,
     ConnectionLost,
@@ -102,9 +110,11 @@ __all__ = [
     "CallbackStatus",
     "Candidate",
     "Capability",
+    "CapabilityScore",
     "ConnectionHealth",
     "ConnectionLost",
     "ConnectionStatus",
+    "ConsistentHash",
     "Delegation",
     "DelegationAttempt",
     "DelegationFailed",
@@ -142,6 +152,7 @@ __all__ = [
     "Payload",
     "PeerInfo",
     "PolicyViolation",
+    "PowerOfTwoChoices",
     "QueueFull",
     "ReconnectPolicy",
     "RedisRegistry",

@@ -882,7 +882,7 @@ async def test_a_closed_subscription_and_a_closing_node_refuse_politely() -> Non
             assert await a.broadcast("t") == 1
             await trio.sleep(0.05)  # it arrives for a closed subscription: skipped
         async with raw_client(b) as conn:
-            b._cancel_executions()  # what leaving the block does first: take no new tasks
+            b._closing = True  # what leaving the block does first: take no new tasks
             await conn.send(delegation_to(b))
             assert (await next_payload(conn)).reason == "draining"
         assert b.statistics().tasks_refused == {"draining": 1}

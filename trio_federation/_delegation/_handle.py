@@ -194,13 +194,19 @@ class Delegation:
             self._node._illegal(answer.reason)
         elif isinstance(answer, TaskFailedOver):
             stats["failed_over"] += 1
+            if self._lifecycle.attempts[-1].outcome == "lost":  # a hand-back is no fault
+                self._node._record_outcome(answer.peer, False)
             self._push(answer)
         elif isinstance(answer, TaskCompleted):
             stats["completed"] += 1
+            self._node._record_outcome(answer.peer, True)
             self._push(answer)
             self._finish()
         elif isinstance(answer, TaskFailed):
             stats["failed"] += 1
+            last = self._lifecycle.attempts[-1]
+            if last.peer is not None:  # pragma: no branch (an executor's failure)
+                self._node._record_outcome(last.peer, False)
             self._push(answer)
             self._finish()
         elif isinstance(answer, TaskProgress):
@@ -249,6 +255,8 @@ class Delegation:
         node._remember_assignee(self.task_id, peer)
         try:
             connection = await node._connection_for(peer)
+            if self._lifecycle.assignee != peer or self._lifecycle.done:
+                return  # lost (or over) while being dialed: it gets nothing
             await connection.send(
                 FederationMessage(
                     type=MessageType.DELEGATION,
@@ -265,6 +273,7 @@ class Delegation:
             ):
                 logger.info("could not reach %s for %r: %s", peer, self.task_id, exc)
                 self._lifecycle.unreachable(peer, str(exc) or type(exc).__name__)
+                node._record_outcome(peer, False)
 
     async def _abandon(self, *, timed_out: bool) -> None:
         """The caller left before the end: cancel remotely, wait a bounded grace.

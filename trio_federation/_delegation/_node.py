@@ -43,6 +43,8 @@ from .._registry import (
     MemoryRegistry,
     OrchestratorRecord,
     OrchestratorStatus,
+    Registration,
+    RegistryUnavailable,
     open_registration,
     open_registry,
 )
@@ -61,13 +63,20 @@ from ._executor import (
     Replay,
     Running,
 )
-from ._handle import HOPS_KEY, Delegation
+from ._handle import CANCEL_EXTENSION, HOPS_KEY, Delegation
 from ._state import (
     Backoff,
     DelegationAttempt,
     DelegationFailed,
 )
-from ._strategies import Candidate, Strategy, make_strategy
+from ._strategies import (
+    STRATEGIES,
+    Candidate,
+    PowerOfTwoChoices,
+    Strategy,
+    choose,
+    make_strategy,
+)
 
 __all__ = [
     "FederationNode",
@@ -83,6 +92,12 @@ DEFAULT_MAX_DEPTH: Final = 4
 """Hops a task may travel (A→B is one) before a node refuses to delegate it further."""
 DEFAULT_CANCEL_GRACE: Final = 2.0
 """Seconds a cancelled delegation waits for the executor's last callback."""
+DEFAULT_DRAIN_GRACE: Final = 10.0
+"""Seconds leaving a node's block normally waits for its running tasks (then hands them back)."""
+SUCCESS_SAMPLES: Final = 32
+"""Recent outcomes per peer behind :attr:`Candidate.success_rate`."""
+MAX_TRACKED_PEERS: Final = 4096
+"""Peers whose recent outcomes are kept (beyond it the record starts afresh)."""
 BROADCAST_BUFFER: Final = 256
 """Broadcasts a subscription holds; beyond it new ones are dropped (and counted)."""
 LATENCY_SAMPLES: Final = 1024
@@ -288,6 +303,7 @@ class FederationNode:
         cancel_grace: float,
         dedupe_window: float,
         rng: random.Random | None,
+        drain_grace: float = DEFAULT_DRAIN_GRACE,
     ) -> None:
         self.local_id = local_id
         self.capabilities = capabilities
@@ -296,7 +312,17 @@ class FederationNode:
         self._executor = executor
         self._static_peers = dict(peers)
         self._admit = admit
-        self._strategy = make_strategy(strategy)
+        self._rng = rng or random.Random()
+        self._strategy = self._make_strategy(strategy)
+        # Strategies named per call, kept so that their state (a turn, a
+        # ring) lasts from one delegation to the next.
+        self._named_strategies: dict[str, Strategy] = {}
+        if isinstance(strategy, str):
+            self._named_strategies[strategy] = self._strategy
+        self._drain_grace = drain_grace
+        self._registration: Registration | None = None
+        self._idle = trio.Event()
+        self._outcomes: dict[str, collections.deque[bool]] = {}
         self._backoff = backoff
         self._timeouts = timeouts
         self._limits = limits
@@ -304,7 +330,6 @@ class FederationNode:
         self._secret = secret
         self._ssl_context = ssl_context
         self._cancel_grace = cancel_grace
-        self._rng = rng or random.Random()
         self._admission = Admission(
             capabilities,
             max_concurrent_tasks,
@@ -654,9 +679,13 @@ class FederationNode:
         await self._conclude(origin, task.id, final)
 
     async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
-        del self._executions[(origin, task_id)]
         self._admission.finish(origin, task_id, final, trio.current_time())
-        await self._send_callback(origin, final)
+        try:
+            await self._send_callback(origin, final)
+        finally:
+            del self._executions[(origin, task_id)]
+            if not self._executions:
+                self._idle.set()
 
     # -- delegating -----------------------------------------------------------
 
@@ -666,16 +695,96 @@ class FederationNode:
         except FederationError as exc:
             logger.warning("registry read failed: %s", exc)
             return
+        before = self._records
         self._records = {r.id: r for r in records}
+        self._fail_over_the_dead(before)
+
+    def _fail_over_the_dead(self, before: Mapping[str, OrchestratorRecord]) -> None:
+        """Fail over the tasks of executors the registry now declares dead.
+
+        Dead: its record reports ``offline`` (no heartbeat within the
+        registry's ``heartbeat_timeout``), or it was in the registry and is
+        gone while no connection to it is open. A record gone while its
+        connection lives is left to the connection: a node that leaves
+        cleanly deregisters first, then delivers its last callbacks. An
+        executor declared offline whose connection still lives is told to
+        cancel the tasks (if it negotiated the cancel extension), so that a
+        stalled but living node does not run on what now runs elsewhere.
+        """
+        assignees = {d.assignee for d in self._delegations.values()} - {None}
+        for peer in sorted(p for p in assignees if p is not None):
+            record = self._records.get(peer)
+            if record is not None and record.status is OrchestratorStatus.OFFLINE:
+                reason = "declared offline by the registry"
+            elif record is None and peer in before and self._live_connection(peer) is None:
+                reason = "gone from the registry"
+            else:
+                continue
+            logger.info("executor %r lost: %s", peer, reason)
+            for delegation in list(self._delegations.values()):
+                if delegation.assignee == peer:
+                    delegation._on_lost(peer, reason)
+                    self._tell_to_cancel(peer, delegation.task_id)
+
+    def _tell_to_cancel(self, peer: str, task_id: str) -> None:
+        """Send ``peer`` a cancel for ``task_id`` in the background, best effort."""
+        connection = self._live_connection(peer)
+        nursery = self._connection_nursery
+        if connection is None or CANCEL_EXTENSION not in connection.extensions or nursery is None:
+            return
+        message = FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=TaskCallback(task_id=task_id, status=CallbackStatus.CANCEL),
+            sender=self.local_id,
+            recipient=connection.id or peer,
+            correlation_id=task_id,
+        )
+
+        async def tell() -> None:
+            with trio.move_on_after(self._cancel_grace):
+                await self._send_to(peer, message)
+
+        nursery.start_soon(tell, name=f"cancel {task_id} on {peer}")
+
+    def _record_outcome(self, peer: str, ok: bool) -> None:
+        """Note how a task on ``peer`` ended (for :attr:`Candidate.success_rate`)."""
+        outcomes = self._outcomes.get(peer)
+        if outcomes is None:
+            if len(self._outcomes) >= MAX_TRACKED_PEERS:
+                self._outcomes.clear()
+            outcomes = self._outcomes[peer] = collections.deque(maxlen=SUCCESS_SAMPLES)
+        outcomes.append(ok)
+
+    def _success_rate(self, peer: str) -> float | None:
+        outcomes = self._outcomes.get(peer)
+        return None if not outcomes else sum(outcomes) / len(outcomes)
+
+    def _strategy_named(self, strategy: str | Strategy | None) -> Strategy:
+        """The node's strategy, or the one named (kept across calls), or the instance."""
+        if strategy is None:
+            return self._strategy
+        if isinstance(strategy, str) and strategy in STRATEGIES:
+            named = self._named_strategies.get(strategy)
+            if named is None:
+                named = self._named_strategies[strategy] = self._make_strategy(strategy)
+            return named
+        return self._make_strategy(strategy)
+
+    def _make_strategy(self, strategy: str | Strategy) -> Strategy:
+        """:func:`make_strategy`, with the node's ``rng`` for ``"random"``."""
+        if strategy == PowerOfTwoChoices.name:
+            return PowerOfTwoChoices(self._rng)
+        return make_strategy(strategy)
 
     async def _candidates(self, delegation: Delegation) -> list[str]:
         """The peers that may take ``delegation``'s task, in the order to try them.
 
         The registry is read afresh for every round: a peer registered a
-        moment ago is a candidate.
+        moment ago is a candidate. Unhealthy, offline and draining peers are
+        left out here; :func:`choose` filters capabilities and ``exclude``
+        and orders the rest.
         """
         await self._refresh_records()
-        required = set(delegation._required)
         candidates: list[Candidate] = []
         ids = set(self._records) | set(self._static_peers) | set(self._connections)
         for peer in sorted(ids):
@@ -700,8 +809,6 @@ class FederationNode:
                 capabilities = tuple(connection.capabilities)
             if connection is not None and not connection.is_healthy():
                 continue
-            if not required <= set(capabilities):
-                continue
             candidates.append(
                 Candidate(
                     id=peer,
@@ -710,16 +817,19 @@ class FederationNode:
                     max_sessions=record.max_sessions if record is not None else 0,
                     in_flight=self._in_flight(peer),
                     latency=None if connection is None else connection.get_status().latency,
+                    tier=record.tier if record is not None else "standard",
+                    success_rate=self._success_rate(peer),
                 )
             )
-        if not candidates:
-            return []
-        ordered = [c.id for c in delegation._strategy.order(delegation._task, candidates)]
-        front = [p for p in delegation._prefer if p in ordered]
-        sticky = self._recent_assignee(delegation.task_id)
-        if sticky in ordered:
-            front.insert(0, sticky)
-        return list(dict.fromkeys([*front, *ordered]))
+        return choose(
+            delegation._task,
+            candidates,
+            delegation._strategy,
+            required=delegation._required,
+            prefer=delegation._prefer,
+            exclude=delegation._exclude,
+            sticky=self._recent_assignee(delegation.task_id),
+        )
 
     @contextlib.asynccontextmanager
     async def open_delegation(
@@ -737,8 +847,17 @@ class FederationNode:
         Candidates are the other orchestrators this node knows (registry,
         static ``peers=``, connections) that have every required capability,
         are healthy and not draining, minus ``exclude``; ``prefer`` goes
-        first, then the ``strategy`` (default: the node's) orders the rest.
-        See :meth:`delegate` for attempts and deadlines.
+        first, then the ``strategy`` (default: the node's; a name gives one
+        instance per node, kept across calls) orders the rest. See
+        :meth:`delegate` for attempts and deadlines.
+
+        When the executor of an accepted task is lost — its connection ends
+        and does not resume, or the registry declares it dead — or hands the
+        task back (``failed`` with ``"draining"``, or ``"cancelled"`` that
+        this delegation did not ask for), the task is delegated again to the
+        next candidate, as one more attempt, with a
+        :class:`~trio_federation.TaskFailedOver` update. Only the current
+        executor's callbacks count: a lost one that comes back is refused.
 
         Entering returns at once (the first attempt runs in the background).
         Leaving the block before the final outcome — normally, by an
@@ -773,7 +892,7 @@ class FederationNode:
             self,
             task,
             required=tuple(str(c) for c in required_capabilities),
-            strategy=self._strategy if strategy is None else make_strategy(strategy),
+            strategy=self._strategy_named(strategy),
             prefer=tuple(prefer),
             exclude=frozenset(exclude),
             max_attempts=max_attempts,
@@ -920,12 +1039,57 @@ class FederationNode:
             await self._refresh_records()
             await trio.sleep(self.registry.watch_interval)
 
-    def _cancel_executions(self) -> None:
-        """Cancel the running tasks (each reports ``cancelled``); take no new ones."""
-        self._closing = True
+    def _cancel_executions(self, reason: str) -> None:
+        """Cancel the running tasks; each reports ``failed`` with error ``reason``."""
         for execution in list(self._executions.values()):
-            execution.reason = "cancelled"
+            execution.reason = reason
             execution.scope.cancel()
+
+    async def _wait_idle(self) -> None:
+        while self._executions:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called: the node takes no new tasks."""
+        return self._admission.draining
+
+    async def drain(self) -> None:
+        """Stop taking tasks, hand on the rest, and wait for the running ones.
+
+        The node marks itself ``draining`` in the registry (delegators stop
+        choosing it), refuses new delegations with ``draining`` (a repeat of
+        a task it runs or ran is still answered, as ever), and waits until
+        its running tasks have ended and their outcomes are sent. It goes on
+        delegating, and stays registered and connected, until its block ends.
+        Calling it again waits again.
+
+        Bound the wait with the caller's scope: when the scope ends it
+        (``with trio.move_on_after(30): await node.drain()``), the tasks still
+        running are cancelled and reported ``failed`` with error
+        ``"draining"`` — a hand-back, so their delegators fail them over —
+        and the call waits for those reports, shielded, at most
+        ``cancel_grace`` seconds, before ``trio.Cancelled`` propagates.
+
+        A registry that cannot be reached is logged: the node still refuses
+        new work, and delegators skip it on the refusals.
+        """
+        self._admission.draining = True
+        try:
+            await trio.lowlevel.checkpoint()
+            if self._registration is not None:
+                try:
+                    await self._registration.drain()
+                except RegistryUnavailable as exc:
+                    logger.warning("could not mark %r draining: %s", self.local_id, exc)
+            logger.info("%r draining: %d task(s) running", self.local_id, len(self._executions))
+            await self._wait_idle()
+        except trio.Cancelled:
+            self._cancel_executions("draining")
+            with trio.CancelScope(shield=True), trio.move_on_after(self._cancel_grace):
+                await self._wait_idle()
+            raise
 
     async def _disconnect_all(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -969,7 +1133,7 @@ class FederationNode:
             max_sessions=self._admission.max_concurrent,
             endpoint=self._endpoint,
         )
-        await stack.enter_async_context(
+        self._registration = await stack.enter_async_context(
             open_registration(self.registry, record, sessions=lambda: self._admission.running)
         )
 
@@ -1000,6 +1164,7 @@ async def open_federation_node(
     cancel_grace: float = DEFAULT_CANCEL_GRACE,
     dedupe_window: float = DEFAULT_DEDUPE_WINDOW,
     rng: random.Random | None = None,
+    drain_grace: float = DEFAULT_DRAIN_GRACE,
 ) -> AsyncIterator[FederationNode]:
     """Run one orchestrator of the federation: listen, register, delegate, execute.
 
@@ -1020,9 +1185,11 @@ async def open_federation_node(
     every accepted task in its own cancel scope (None: the node executes
     nothing and refuses delegations with ``no_executor``). ``admit(request)``
     may refuse one by returning a reason (None: accept). ``strategy`` orders
-    candidates (``"round-robin"``, ``"least-loaded"`` or a
-    :class:`~trio_federation.Strategy`); ``max_depth`` bounds the hops a task
-    travels; ``backoff`` paces retry rounds. ``timeouts``, ``limits``,
+    candidates: ``"round-robin"`` (the default), ``"least-loaded"``,
+    ``"capability-score"``, ``"random"`` (power of two choices),
+    ``"consistent-hash"``, or any :class:`~trio_federation.Strategy`;
+    ``max_depth`` bounds the hops a task travels; ``backoff`` paces retry
+    rounds. ``timeouts``, ``limits``,
     ``secret`` / ``secrets`` and ``ssl_context`` / ``server_ssl_context``
     configure the connections as for
     :func:`~trio_federation.open_orchestrator_connection` (dialing) and
@@ -1032,15 +1199,21 @@ async def open_federation_node(
     (by delegator and task id) so that a repeat is not run again, and how
     long a task id this node delegated goes back to the same executor.
     ``cancel_grace`` bounds the wait for an executor's answer to a cancel;
-    ``rng`` is the source of the backoff's jitter (for reproducible tests).
+    ``drain_grace`` bounds the drain when the block is left normally (see
+    below); ``rng`` is the source of the backoff's jitter and of the
+    ``"random"`` strategy's draws (for reproducible tests).
 
-    Leaving the block — normally, by an exception or by cancellation —
-    cancels the tasks still running (each reported ``failed`` with error
-    ``"cancelled"``, so its delegator hands it elsewhere), deregisters, and
-    closes every connection gracefully, all shielded and bounded: the tasks'
-    last words within ``cancel_grace``, the connections within
-    ``timeouts.disconnect`` (within ``cancel_grace`` too when the block was
-    left by an exception or a cancellation).
+    Leaving the block *normally* drains (:meth:`FederationNode.drain`): the
+    node is marked ``draining``, takes no new tasks, and waits at most
+    ``drain_grace`` seconds for the running ones; those still running then
+    are cancelled and reported ``failed`` with error ``"draining"``, so their
+    delegators fail them over. Leaving it by an exception or a cancellation
+    cancels the running tasks at once (each reported ``failed`` with error
+    ``"cancelled"``, which their delegators fail over too). Either way it
+    then deregisters and closes every connection gracefully, shielded and
+    bounded: the tasks' last words within ``cancel_grace``, the connections
+    within ``timeouts.disconnect`` (within ``cancel_grace`` too when the
+    block was left by an exception or a cancellation).
 
     Raises:
         OSError: the address could not be bound.
@@ -1053,6 +1226,8 @@ async def open_federation_node(
         raise ValueError(f"max_depth must be a positive int, got {max_depth!r}")
     if not cancel_grace > 0:
         raise ValueError(f"cancel_grace must be positive, got {cancel_grace!r}")
+    if not drain_grace >= 0:
+        raise ValueError(f"drain_grace must not be negative, got {drain_grace!r}")
     try:
         async with contextlib.AsyncExitStack() as stack:
             if registry is None or (
@@ -1082,6 +1257,7 @@ async def open_federation_node(
                 cancel_grace=cancel_grace,
                 dedupe_window=dedupe_window,
                 rng=rng,
+                drain_grace=drain_grace,
             )
             async with trio.open_nursery() as connections:
                 node._connection_nursery = connections
@@ -1103,10 +1279,20 @@ async def open_federation_node(
                             node._task_nursery = tasks
                             try:
                                 yield node
-                            finally:
-                                # The tasks still running are cancelled and report
-                                # "cancelled"; the nursery waits for them.
-                                node._cancel_executions()
+                            except BaseException:
+                                # Cancelled or failed: the tasks still running are
+                                # cancelled at once and report "cancelled"; the
+                                # nursery waits for them.
+                                node._closing = True
+                                node._cancel_executions("cancelled")
+                                raise
+                            else:
+                                # Left normally: drain, within drain_grace; what
+                                # still runs then is handed back ("draining").
+                                with trio.move_on_after(node._drain_grace):
+                                    await node.drain()
+                                node._closing = True
+                                node._cancel_executions("draining")
                     clean = True
                 finally:
                     # Close every connection gracefully (what is queued is
