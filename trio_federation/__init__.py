@@ -3,7 +3,14 @@
 Every public name is re-exported here; the modules behind them are private.
 """
 
-from ._codec import MAX_FRAME_SIZE, decode_message, encode_message, make_converter
+from ._codec import (
+    MAX_FRAME_SIZE,
+    decode_frame,
+    decode_message,
+    encode_coordinator_frame,
+    encode_message,
+    make_converter,
+)
 from ._connection import OrchestratorConnection
 from ._delegation._executor import RefusalReason
 from ._delegation._handle import Delegation
@@ -47,8 +54,12 @@ from ._messages import (
     Capability,
     ConnectionHealth,
     ConnectionStatus,
+    CoordinatorFrame,
+    CoordinatorFrameType,
     DelegationRequest,
     DelegationResponse,
+    DelegationResult,
+    FederationBroadcast,
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
@@ -105,14 +116,18 @@ __all__ = [
     "ConnectionHealth",
     "ConnectionLost",
     "ConnectionStatus",
+    "CoordinatorFrame",
+    "CoordinatorFrameType",
     "Delegation",
     "DelegationAttempt",
     "DelegationFailed",
     "DelegationRequest",
     "DelegationResponse",
+    "DelegationResult",
     "DelegationStatus",
     "DelegationUpdate",
     "EventStream",
+    "FederationBroadcast",
     "FederationError",
     "FederationListener",
     "FederationMessage",
@@ -171,7 +186,9 @@ __all__ = [
     "Timeouts",
     "UnsentMessages",
     "__version__",
+    "decode_frame",
     "decode_message",
+    "encode_coordinator_frame",
     "encode_message",
     "make_converter",
     "open_federation_node",
