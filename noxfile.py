@@ -49,9 +49,16 @@ def tests(session: nox.Session) -> None:
         if os.environ.get("CI"):
             session.error("npm is required for the interop tests under CI")
         session.warn("npm not found: the JavaScript interop tests will be skipped")
-    elif not (INTEROP / "node_modules" / "ws").exists():
+    else:
         with session.chdir(INTEROP):
-            session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+            # Every package the interop peers require (package.json), and the
+            # TypeScript daemon's federation code (fetch-daemon.mjs: npm pack
+            # of the pinned version, only dist/federation and dist/utils).
+            if not all(
+                (INTEROP / "node_modules" / name).exists() for name in ("ws", "eventemitter3")
+            ):
+                session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
+            session.run("node", "fetch-daemon.mjs", external=True)
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")
