@@ -418,20 +418,25 @@ class OrchestratorConnection:
         return self._wall(self._state.last_liveness)
 
     @property
-    def message_queue(self) -> tuple[FederationMessage | CoordinatorFrame, ...]:
-        """Snapshot of the messages accepted but not yet written, oldest first."""
-        return tuple(message for message, _ in self._queue.snapshot())
+    def message_queue(self) -> tuple[FederationMessage, ...]:
+        """Snapshot of the messages accepted but not yet written, oldest first.
+
+        Coordinator frames queued with :meth:`send` are not listed (they
+        are not messages).
+        """
+        return tuple(m for m, _ in self._queue.snapshot() if isinstance(m, FederationMessage))
 
     @property
-    def unacknowledged(self) -> tuple[FederationMessage | CoordinatorFrame, ...]:
+    def unacknowledged(self) -> tuple[FederationMessage, ...]:
         """Snapshot of the messages written but not yet acknowledged by the peer.
 
         Empty unless a resumable session is in use: these are the messages that
-        would be sent again after a reconnect.
+        would be sent again after a reconnect (coordinator frames not listed).
         """
         if self._send_window is None:
             return ()
-        return tuple(message for message, _ in self._send_window.items())
+        items = self._send_window.items()
+        return tuple(m for m, _ in items if isinstance(m, FederationMessage))
 
     @property
     def extensions(self) -> frozenset[str]:
