@@ -495,7 +495,7 @@ class OrchestratorConnection:
         remote's), or the daemon's :class:`~trio_federation.OrchestratorCapabilities`,
         checked as the daemon coordinator checks it against the remote's
         capabilities (``maxSessions`` is not known here and not checked; see
-        :ref:`capability-mapping`).
+        :ref:`the capability mapping <capability-mapping>`).
 
         Raises:
             TypeError: ``required`` is a single string.
