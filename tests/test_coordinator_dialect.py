@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+import attrs
 import orjson
 import pytest
 import trio
@@ -141,6 +142,18 @@ def test_the_envelope_is_decoded_as_before() -> None:
         ('{"type":"status_update","payload":{"load":1}}', "'payload.status'"),
         ('{"type":"federation:broadcast","broadcast":{"sourceId":"a"}}', "messageType"),
         ('{"type":"context:response","context":[]}', "'context'"),
+        ('{"type":"delegation:result","requestId":5,"result":{}}', "requestId must be a string"),
+        ('{"type":"delegation:result","requestId":"t","result":[]}', "'result' must be an object"),
+        (
+            '{"type":"delegation:result","requestId":"t","result":{"success":true,"timestamp":1}}',
+            "'result.timestamp'",
+        ),
+        ('{"type":"federation:broadcast","broadcast":"x"}', "'broadcast' must be an object"),
+        (
+            '{"type":"federation:broadcast","broadcast":'
+            '{"sourceId":"a","messageType":"custom","priority":"urgent"}}',
+            "invalid 'federation:broadcast' frame",
+        ),
     ],
 )
 def test_malformed_coordinator_frames_say_what_is_wrong(frame: str, expected: str) -> None:
@@ -151,6 +164,9 @@ def test_malformed_coordinator_frames_say_what_is_wrong(frame: str, expected: st
 def test_a_frame_missing_what_its_type_needs_cannot_be_built() -> None:
     with pytest.raises(ValueError, match="requires request"):
         CoordinatorFrame(type=CoordinatorFrameType.DELEGATION_REQUEST)
+    unencodable = CoordinatorFrame(type="status_update", status="connected", data={"x": object()})
+    with pytest.raises(TypeError, match="cannot encode a 'status_update' frame"):
+        encode_coordinator_frame(unencodable)
 
 
 def test_the_object_form_is_checked_as_the_daemon_coordinator_does() -> None:
@@ -160,6 +176,9 @@ def test_the_object_form_is_checked_as_the_daemon_coordinator_does() -> None:
     assert unmet_requirement(advertised, ["research"]) == "missing capabilities: research"
     form = OrchestratorCapabilities
     assert unmet_requirement(advertised, form(supported_task_types=("code", "general"))) is None
+    assert "unsupported task type 'poetry'" in str(
+        unmet_requirement(advertised, form(supported_task_types=("poetry",)))
+    )
     assert "needs capability 'research'" in str(
         unmet_requirement(advertised, form(supported_task_types=("research",)))
     )
@@ -373,3 +392,36 @@ async def test_a_node_serves_the_coordinator_dialect() -> None:
             stats = node.statistics()
             assert dict(stats.tasks_refused) == {"overloaded": 1, "capability_mismatch": 1}
             assert (stats.tasks_completed, stats.tasks_failed) == (2, 1)
+
+
+async def test_a_node_without_executor_and_a_failing_context_hook() -> None:
+    def broken() -> SharedContext:
+        raise RuntimeError("no context today")
+
+    with trio.fail_after(5):
+        async with open_federation_node(local_id="py-node", registry=MemoryRegistry()) as node:
+            node.shared_context = broken
+            from trio_websocket import open_websocket_url
+
+            async with open_websocket_url(f"{node.endpoint}?id=ts-coord") as ws:
+                # Frames the coordinator itself would read: ignored by a node.
+                await ws.send_message('{"type":"status_update","payload":{"status":"connected"}}')
+                bare = attrs.evolve(REQUEST, required_capabilities=None)
+                request = CoordinatorFrame(type="delegation:request", request=bare)
+                await ws.send_message(encode_coordinator_frame(request))
+                await ws.send_message('{"type":"context:request"}')
+                seen: list[CoordinatorFrame] = []
+                while len([f for f in seen if f.type != "heartbeat"]) < 3:
+                    frame = decode_frame(await ws.get_message())
+                    assert isinstance(frame, CoordinatorFrame)
+                    seen.append(frame)
+            kinds = [f.type.value for f in seen]
+            assert kinds.count("heartbeat") == 1 and kinds.count("status_update") == 1
+            (result,) = [f.result for f in seen if f.type == "delegation:result"]
+            assert result is not None and not result.success
+            assert (result.reason, result.metadata) == (
+                "capability_mismatch",
+                {"refusal": "no_executor"},
+            )
+            (context,) = [f.context for f in seen if f.type == "context:response"]
+            assert context == SharedContext()
