@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 import orjson
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trio_federation import (
     BroadcastPayload,
@@ -44,7 +47,9 @@ from trio_federation._capabilities import unmet_requirement
 from trio_federation._delegation._coordinator import daemon_reason
 from trio_federation.testing import open_websocket_pair
 
+from . import strategies
 from .conftest import delegation, progress
+from .strategies import FUZZ_SCALE
 
 WHEN = datetime(2026, 11, 26, 12, 0, 0, 12000, tzinfo=UTC)
 TASK = Task(id="t-1", description="do it", type="code", created_at=WHEN, updated_at=WHEN)
@@ -425,3 +430,36 @@ async def test_a_node_without_executor_and_a_failing_context_hook() -> None:
             )
             (context,) = [f.context for f in seen if f.type == "context:response"]
             assert context == SharedContext()
+
+
+# -- decode_frame is decode_message for everything but the coordinator's types ----------
+
+
+@given(strategies.messages())
+@settings(max_examples=100 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
+def test_decode_frame_decodes_every_envelope_as_decode_message(message: FederationMessage) -> None:
+    frame = encode_message(message)
+    assert repr(decode_frame(frame)) == repr(decode_message(frame))
+
+
+@given(st.text() | strategies.json_values.map(lambda v: orjson.dumps(v).decode()))
+@settings(max_examples=200 * FUZZ_SCALE)
+def test_decode_frame_refuses_garbage_as_decode_message(frame: str) -> None:
+    def outcome(decode: Any) -> tuple[str, str]:
+        try:
+            return ("decoded", repr(decode(frame)))
+        except MalformedMessage as exc:
+            return ("error", str(exc))
+
+    kind = frame_type(frame)
+    if isinstance(kind, str) and kind in {t.value for t in CoordinatorFrameType}:
+        return  # the coordinator's (and only such frames) differ: tested above
+    assert outcome(decode_frame) == outcome(decode_message)
+
+
+def frame_type(frame: str) -> object:
+    try:
+        parsed = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed.get("type") if isinstance(parsed, dict) else None
