@@ -18,7 +18,7 @@ ROOT = Path(__file__).parent
 INTEROP = ROOT / "tests" / "interop"
 COVERAGE_FLOOR = "95"
 NODE_DEPENDENCIES = ("ws", "redis", "eventemitter3")
-"""What ``tests/interop/package-lock.json`` pins: the peer's and the daemon registry's."""
+"""What ``tests/interop/package-lock.json`` pins: our peer's, and what the daemon's classes need."""
 
 
 def requirement_in_test_extra(name: str) -> str:
@@ -42,18 +42,19 @@ def report_redis(session: nox.Session) -> None:
         session.warn(f"{said} (the Redis tests will be skipped)")
 
 
-def fetch_daemon_registry(session: nox.Session) -> None:
-    """The daemon's registry.js, pinned: npm pack, integrity check, extract (no-op if there)."""
-    said = session.run(
-        "python", "-m", "tests.integration._daemon", silent=True, success_codes=[0, 1]
-    )
-    said = str(said).strip()
-    if not said.startswith("could not"):
-        session.log(said)
-    elif os.environ.get("CI"):
-        session.error(f"the daemon's registry is required under CI: {said}")
-    else:
-        session.warn(f"{said} (the tests beside the daemon's registry will be skipped)")
+def fetch_daemon(session: nox.Session) -> None:
+    """The TypeScript daemon's federation code, pinned (tests/interop/fetch-daemon.mjs).
+
+    ``npm pack`` of the version tests/interop/package.json pins, its integrity
+    checked, only ``dist/federation`` and ``dist/utils`` kept; a no-op once there.
+    """
+    with session.chdir(INTEROP):
+        try:
+            session.run("node", "fetch-daemon.mjs", external=True)
+        except nox.command.CommandFailed:
+            if os.environ.get("CI"):
+                session.error("the daemon's federation code is required under CI")
+            session.warn("could not fetch the daemon: the tests beside it will be skipped")
 
 
 @nox.session
@@ -69,7 +70,7 @@ def tests(session: nox.Session) -> None:
         if not all((INTEROP / "node_modules" / name).exists() for name in NODE_DEPENDENCIES):
             with session.chdir(INTEROP):
                 session.run("npm", "ci", "--no-audit", "--no-fund", external=True)
-        fetch_daemon_registry(session)
+        fetch_daemon(session)
     session.run("coverage", "erase")
     session.run("coverage", "run", "-m", "pytest", *session.posargs)
     session.run("coverage", "report", f"--fail-under={COVERAGE_FLOOR}")

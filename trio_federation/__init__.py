@@ -3,7 +3,14 @@
 Every public name is re-exported here; the modules behind them are private.
 """
 
-from ._codec import MAX_FRAME_SIZE, decode_message, encode_message, make_converter
+from ._codec import (
+    MAX_FRAME_SIZE,
+    decode_frame,
+    decode_message,
+    encode_coordinator_frame,
+    encode_message,
+    make_converter,
+)
 from ._connection import OrchestratorConnection
 from ._delegation._executor import RefusalReason
 from ._delegation._handle import Delegation
@@ -55,8 +62,12 @@ from ._messages import (
     Capability,
     ConnectionHealth,
     ConnectionStatus,
+    CoordinatorFrame,
+    CoordinatorFrameType,
     DelegationRequest,
     DelegationResponse,
+    DelegationResult,
+    FederationBroadcast,
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
@@ -115,14 +126,18 @@ __all__ = [
     "ConnectionLost",
     "ConnectionStatus",
     "ConsistentHash",
+    "CoordinatorFrame",
+    "CoordinatorFrameType",
     "Delegation",
     "DelegationAttempt",
     "DelegationFailed",
     "DelegationRequest",
     "DelegationResponse",
+    "DelegationResult",
     "DelegationStatus",
     "DelegationUpdate",
     "EventStream",
+    "FederationBroadcast",
     "FederationError",
     "FederationListener",
     "FederationMessage",
@@ -182,7 +197,9 @@ __all__ = [
     "Timeouts",
     "UnsentMessages",
     "__version__",
+    "decode_frame",
     "decode_message",
+    "encode_coordinator_frame",
     "encode_message",
     "make_converter",
     "open_federation_node",

@@ -34,8 +34,12 @@ from ._messages import (
     Capability,
     ConnectionHealth,
     ConnectionStatus,
+    CoordinatorFrame,
+    CoordinatorFrameType,
     DelegationRequest,
     DelegationResponse,
+    DelegationResult,
+    FederationBroadcast,
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
@@ -51,7 +55,14 @@ from ._messages import (
     TaskType,
 )
 
-__all__ = ["MAX_FRAME_SIZE", "decode_message", "encode_message", "make_converter"]
+__all__ = [
+    "MAX_FRAME_SIZE",
+    "decode_frame",
+    "decode_message",
+    "encode_coordinator_frame",
+    "encode_message",
+    "make_converter",
+]
 
 MAX_FRAME_SIZE: Final = 1024 * 1024
 """Largest frame, in characters, that is decoded (larger ones are refused first)."""
@@ -483,6 +494,16 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
             mistyped fields, bad timestamps — naming what was wrong. No other
             exception escapes.
     """
+    envelope = _load(data, max_size)
+    if type(envelope) is dict:
+        message = _decode_fast(envelope)
+        if message is not None:
+            return message
+    return _decode_envelope(envelope)
+
+
+def _load(data: str | bytes, max_size: int) -> Any:
+    """Parse a text frame's JSON (after the checks that need no parsing)."""
     if not isinstance(data, str):
         raise MalformedMessage(
             f"binary frame ({len(data)} bytes) where a text frame was expected"
@@ -492,14 +513,9 @@ def decode_message(data: str | bytes, *, max_size: int = MAX_FRAME_SIZE) -> Fede
     if len(data) > max_size:
         raise MalformedMessage(f"frame of {len(data)} characters exceeds the limit of {max_size}")
     try:
-        envelope = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise MalformedMessage(f"invalid JSON: {exc}") from None
-    if type(envelope) is dict:
-        message = _decode_fast(envelope)
-        if message is not None:
-            return message
-    return _decode_envelope(envelope)
 
 
 def _decode_envelope(envelope: object) -> FederationMessage:
@@ -927,3 +943,207 @@ _FAST_UNSTRUCTURE: Final[dict[type[Any], Callable[[Any], dict[str, Any]]]] = {
     HeartbeatPayload: _unstructure_heartbeat,
     ConnectionHealth: _unstructure_health,
 }
+
+
+# -- The daemon coordinator's dialect ------------------------------------------------------
+#
+# Single-encoded frames (the object itself, not a JSON string inside an
+# envelope), told apart from the envelope by their ``type``. "heartbeat" is in
+# both: the coordinator's is a bare {"type": "heartbeat"}, so a frame with
+# that type is the coordinator's only when it has neither "from" nor
+# "payload" (an envelope always has both). decode_message() never returns
+# these: the envelope path, its fast path and their differential tests are
+# untouched; decode_frame() dispatches before them.
+
+_COORDINATOR_TYPES: Final = {member.value: member for member in CoordinatorFrameType}
+
+
+def decode_frame(
+    data: str | bytes, *, max_size: int = MAX_FRAME_SIZE
+) -> FederationMessage | CoordinatorFrame:
+    """Decode one text frame of either dialect.
+
+    A frame whose ``type`` is one of the daemon coordinator's
+    (:class:`~trio_federation.CoordinatorFrameType`) becomes a
+    :class:`~trio_federation.CoordinatorFrame` (its ``sender`` is left empty:
+    the connection knows the peer); anything else is decoded exactly as
+    :func:`decode_message` does.
+
+    Raises:
+        MalformedMessage: as :func:`decode_message`, or a coordinator frame
+            without the keys its type requires, naming what was wrong.
+    """
+    envelope = _load(data, max_size)
+    if type(envelope) is dict:
+        kind = envelope.get("type")
+        if (
+            type(kind) is str
+            and kind in _COORDINATOR_TYPES
+            and (kind != "heartbeat" or ("from" not in envelope and "payload" not in envelope))
+        ):
+            return _decode_coordinator(_COORDINATOR_TYPES[kind], envelope)
+        message = _decode_fast(envelope)
+        if message is not None:
+            return message
+    return _decode_envelope(envelope)
+
+
+def _part(frame: dict[str, Any], key: str, cls: type[Any], kind: str) -> Any:
+    """Structure the object under ``key`` as ``cls``; MalformedMessage when it is not one."""
+    if key not in frame or frame[key] is None:
+        raise MalformedMessage(f"{kind!r} frame: missing required key {key!r}")
+    try:
+        return _structure_payload(dict(_json_object(frame[key], None)), cls)
+    except TypeError as exc:
+        raise MalformedMessage(f"{kind!r} frame: {key!r} {exc}") from None
+    except cattrs.BaseValidationError as exc:
+        raise MalformedMessage(f"invalid {kind!r} frame: " + _describe(exc, key)) from None
+
+
+def _optional_str(raw: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and type(value) is not str:
+        raise MalformedMessage(f"{where}.{key} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _decode_coordinator(kind: CoordinatorFrameType, frame: dict[str, Any]) -> CoordinatorFrame:
+    name = kind.value
+    if kind is CoordinatorFrameType.DELEGATION_REQUEST:
+        request = _part(frame, "request", DelegationRequest, name)
+        return CoordinatorFrame(type=kind, request=request)
+    if kind is CoordinatorFrameType.CONTEXT_RESPONSE:
+        return CoordinatorFrame(type=kind, context=_part(frame, "context", SharedContext, name))
+    if kind in (CoordinatorFrameType.CONTEXT_REQUEST, CoordinatorFrameType.HEARTBEAT):
+        return CoordinatorFrame(type=kind)
+    if kind is CoordinatorFrameType.DELEGATION_RESULT:
+        request_id = _optional_str(frame, "requestId", name)
+        if request_id is None:
+            raise MalformedMessage(f"{name!r} frame: missing required key 'requestId'")
+        raw = frame.get("result")
+        if type(raw) is not dict:
+            raise MalformedMessage(f"{name!r} frame: 'result' must be an object")
+        success = raw.get("success")
+        if type(success) is not bool:
+            raise MalformedMessage(f"{name!r} frame: 'result.success' must be a boolean")
+        metadata = raw.get("metadata")
+        try:
+            timestamp = parse_timestamp(raw["timestamp"]) if "timestamp" in raw else None
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessage(f"{name!r} frame: 'result.timestamp': {exc}") from None
+        result = DelegationResult(
+            success=success,
+            session_id=_optional_str(raw, "sessionId", "result"),
+            error=_optional_str(raw, "error", "result"),
+            reason=_optional_str(raw, "reason", "result"),
+            metadata=metadata if type(metadata) is dict else None,
+            **({} if timestamp is None else {"timestamp": timestamp}),
+        )
+        return CoordinatorFrame(type=kind, request_id=request_id, result=result)
+    if kind is CoordinatorFrameType.BROADCAST:
+        raw = frame.get("broadcast")
+        if type(raw) is not dict:
+            raise MalformedMessage(f"{name!r} frame: 'broadcast' must be an object")
+        source = _optional_str(raw, "sourceId", "broadcast")
+        message_type = _optional_str(raw, "messageType", "broadcast")
+        if source is None or message_type is None:
+            raise MalformedMessage(f"{name!r} frame: 'broadcast' needs sourceId and messageType")
+        payload = raw.get("payload")
+        try:
+            broadcast = FederationBroadcast(
+                source_id=source,
+                message_type=message_type,
+                payload=payload if type(payload) is dict else {},
+                priority=raw.get("priority") or TaskPriority.MEDIUM,
+                **(
+                    {"timestamp": parse_timestamp(raw["timestamp"])}
+                    if raw.get("timestamp") is not None
+                    else {}
+                ),
+            )
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessage(f"invalid {name!r} frame: {exc}") from None
+        return CoordinatorFrame(type=kind, broadcast=broadcast)
+    # task:completed, task:failed, status_update: a "payload" object.
+    raw = frame.get("payload")
+    if type(raw) is not dict:
+        raise MalformedMessage(f"{name!r} frame: 'payload' must be an object")
+    data = {k: v for k, v in raw.items() if k not in ("sessionId", "error", "status")}
+    if kind is CoordinatorFrameType.STATUS_UPDATE:
+        status = _optional_str(raw, "status", "payload")
+        if status is None:
+            raise MalformedMessage(f"{name!r} frame: missing required key 'payload.status'")
+        return CoordinatorFrame(type=kind, status=status, data=data or None)
+    session_id = _optional_str(raw, "sessionId", "payload")
+    if session_id is None:
+        raise MalformedMessage(f"{name!r} frame: missing required key 'payload.sessionId'")
+    return CoordinatorFrame(
+        type=kind,
+        session_id=session_id,
+        error=_optional_str(raw, "error", "payload"),
+        data=data or None,
+    )
+
+
+def encode_coordinator_frame(frame: CoordinatorFrame) -> str:
+    """Encode a frame of the daemon coordinator's dialect, single-encoded.
+
+    Keys in the order the daemon writes them; optional ones left out when
+    ``None``, as ``JSON.stringify`` leaves out ``undefined``.
+
+    Raises:
+        TypeError: a free-form field holds a value JSON cannot represent.
+    """
+    kind = frame.type
+    out: dict[str, Any] = {"type": kind}
+    if kind is CoordinatorFrameType.DELEGATION_REQUEST:
+        assert frame.request is not None
+        out["request"] = _unstructure_delegation(frame.request)
+    elif kind is CoordinatorFrameType.DELEGATION_RESULT:
+        result = frame.result
+        assert result is not None
+        raw: dict[str, Any] = {"success": result.success}
+        for key, value in (
+            ("sessionId", result.session_id),
+            ("error", result.error),
+            ("reason", result.reason),
+        ):
+            if value is not None:
+                raw[key] = value
+        raw["timestamp"] = format_timestamp(result.timestamp)
+        if result.metadata is not None:
+            raw["metadata"] = _js_values(dict(result.metadata))
+        out["requestId"] = frame.request_id
+        out["result"] = raw
+    elif kind is CoordinatorFrameType.BROADCAST:
+        broadcast = frame.broadcast
+        assert broadcast is not None
+        out["broadcast"] = {
+            "sourceId": broadcast.source_id,
+            "messageType": broadcast.message_type,
+            "payload": _js_values(dict(broadcast.payload)),
+            "priority": broadcast.priority,
+            "timestamp": format_timestamp(broadcast.timestamp),
+        }
+    elif kind is CoordinatorFrameType.CONTEXT_RESPONSE:
+        assert frame.context is not None
+        out["context"] = _UNSTRUCTURE_CONTEXT(frame.context)
+    elif kind in (
+        CoordinatorFrameType.TASK_COMPLETED,
+        CoordinatorFrameType.TASK_FAILED,
+        CoordinatorFrameType.STATUS_UPDATE,
+    ):
+        payload: dict[str, Any] = {}
+        if kind is CoordinatorFrameType.STATUS_UPDATE:
+            payload["status"] = frame.status
+        else:
+            payload["sessionId"] = frame.session_id
+            if frame.error is not None:
+                payload["error"] = frame.error
+        if frame.data is not None:
+            payload.update((k, _js_values(v)) for k, v in frame.data.items() if k not in payload)
+        out["payload"] = payload
+    try:
+        return _dumps(out).decode()
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"cannot encode a {kind.value!r} frame: {exc}") from None

@@ -31,13 +31,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ._codec import MAX_FRAME_SIZE, decode_message, encode_message
+from ._capabilities import unmet_requirement
+from ._codec import MAX_FRAME_SIZE, decode_frame, encode_coordinator_frame, encode_message
 from ._compat import release_stream
 from ._exceptions import (
     ConnectionLost,
@@ -54,12 +55,14 @@ from ._messages import (
     Capability,
     ConnectionHealth,
     ConnectionStatus,
+    CoordinatorFrame,
     DelegationRequest,
     DelegationResponse,
     FederationMessage,
     HeartbeatPayload,
     HeartbeatStatus,
     MessageType,
+    OrchestratorCapabilities,
 )
 from ._protocol import ConnectionState, TokenBucket
 from ._session import (
@@ -123,8 +126,11 @@ RESUMABLE_CODES: Final = frozenset({1006, CLOSE_RESTARTING})
 DATA_TYPES: Final = frozenset({MessageType.DELEGATION, MessageType.CALLBACK, MessageType.BROADCAST})
 NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 
-_QueueItem = tuple[FederationMessage, str]
+_QueueItem = tuple[FederationMessage | CoordinatorFrame, str]
 _Delivery = tuple[int, int, FederationMessage]  # (session epoch, sequence number or 0, message)
+_FrameDelivery = tuple[int, int, CoordinatorFrame]
+
+_T = TypeVar("_T")
 
 _Socket = WebSocketConnection | WireConnection
 """A trio-websocket connection (wrapped by the user) or our own (dialed or accepted)."""
@@ -374,6 +380,10 @@ class OrchestratorConnection:
         # At most a window's worth: each is a message the peer had in flight.
         self._refusals: list[tuple[int, str]] = []
         self._extensions: frozenset[str] = frozenset()  # negotiated at the upgrade
+        # The daemon coordinator's dialect: subscribers, and what nobody took.
+        self._frame_subscriptions: list[trio.MemorySendChannel[_FrameDelivery]] = []
+        self._frames_dropped = 0
+        self._self_addressed = 0  # frames whose 'from' was our own id (the daemon's way)
 
     # -- identity and state ---------------------------------------------------
 
@@ -409,19 +419,24 @@ class OrchestratorConnection:
 
     @property
     def message_queue(self) -> tuple[FederationMessage, ...]:
-        """Snapshot of the messages accepted but not yet written, oldest first."""
-        return tuple(message for message, _ in self._queue.snapshot())
+        """Snapshot of the messages accepted but not yet written, oldest first.
+
+        Coordinator frames queued with :meth:`send` are not listed (they
+        are not messages).
+        """
+        return tuple(m for m, _ in self._queue.snapshot() if isinstance(m, FederationMessage))
 
     @property
     def unacknowledged(self) -> tuple[FederationMessage, ...]:
         """Snapshot of the messages written but not yet acknowledged by the peer.
 
         Empty unless a resumable session is in use: these are the messages that
-        would be sent again after a reconnect.
+        would be sent again after a reconnect (coordinator frames not listed).
         """
         if self._send_window is None:
             return ()
-        return tuple(message for message, _ in self._send_window.items())
+        items = self._send_window.items()
+        return tuple(m for m, _ in items if isinstance(m, FederationMessage))
 
     @property
     def extensions(self) -> frozenset[str]:
@@ -432,6 +447,27 @@ class OrchestratorConnection:
         and for a connection wrapped around a socket opened elsewhere.
         """
         return self._extensions
+
+    @property
+    def self_addressed(self) -> int:
+        """How many messages from this peer had our own id in ``from``.
+
+        The TypeScript daemon's ``OrchestratorConnection`` writes the id of
+        the orchestrator *at the other end* in ``from`` (its ``acceptDelegation``
+        does), so its messages to us carry our own id there. Such a message is
+        the peer's: it is delivered with ``sender`` set to the peer's id
+        (:attr:`id`) and counted here; the first one is logged at debug level.
+        A ``from`` naming any third orchestrator is refused (identity binding).
+        """
+        return self._self_addressed
+
+    @property
+    def coordinator_frames_dropped(self) -> int:
+        """Frames of the daemon coordinator's dialect that no subscription took.
+
+        See :meth:`subscribe_coordinator`.
+        """
+        return self._frames_dropped
 
     @property
     def resumable(self) -> bool:
@@ -452,11 +488,19 @@ class OrchestratorConnection:
             return self._wall_origin
         return self._wall_origin + timedelta(seconds=clock_time - self._clock_origin)
 
-    def check_capability(self, required: Iterable[str]) -> bool:
-        """True if the remote has every capability in ``required`` (True for none)."""
-        if isinstance(required, str):
-            raise TypeError(f"required must be a list of names, not the string {required!r}")
-        return all(cap in self._capabilities for cap in required)
+    def check_capability(self, required: Iterable[str] | OrchestratorCapabilities) -> bool:
+        """True if the remote meets ``required`` (True for none).
+
+        ``required`` is a list of capability names (each must be the
+        remote's), or the daemon's :class:`~trio_federation.OrchestratorCapabilities`,
+        checked as the daemon coordinator checks it against the remote's
+        capabilities (``maxSessions`` is not known here and not checked; see
+        :ref:`the capability mapping <capability-mapping>`).
+
+        Raises:
+            TypeError: ``required`` is a single string.
+        """
+        return unmet_requirement(self._capabilities, required) is None
 
     def get_status(self) -> ConnectionHealth:
         """A snapshot of the connection's health figures."""
@@ -496,24 +540,31 @@ class OrchestratorConnection:
         if self._closed_locally or self._queue.closed:
             raise trio.ClosedResourceError(f"the connection to {self._id!r} was closed locally")
 
-    def _encode(self, message: FederationMessage) -> _QueueItem:
-        if not isinstance(message, FederationMessage):
-            raise TypeError(f"expected a FederationMessage, got {type(message).__name__}")
-        return (message, encode_message(message))
+    def _encode(self, message: FederationMessage | CoordinatorFrame) -> _QueueItem:
+        if isinstance(message, FederationMessage):
+            return (message, encode_message(message))
+        if isinstance(message, CoordinatorFrame):
+            return (message, encode_coordinator_frame(message))
+        raise TypeError(
+            f"expected a FederationMessage or a CoordinatorFrame, got {type(message).__name__}"
+        )
 
-    async def send_message(self, message: FederationMessage) -> None:
+    async def send_message(self, message: FederationMessage | CoordinatorFrame) -> None:
         """Queue ``message`` to be written, in FIFO order.
 
         While the connection is not open yet, the message waits in the queue and
-        is written when it opens.
+        is written when it opens. A :class:`~trio_federation.CoordinatorFrame`
+        is written in the daemon coordinator's dialect (see
+        :ref:`coordinator-dialect`), a :class:`~trio_federation.FederationMessage`
+        as a v1 envelope.
 
         Raises:
             QueueFull: ``max_queue_size`` messages are already waiting; nothing
                 was queued (use :meth:`send` to wait for room instead).
             ConnectionLost: the peer closed the connection (or it died).
             trio.ClosedResourceError: you closed it (:meth:`disconnect`).
-            TypeError: ``message`` is not a FederationMessage or holds a value
-                JSON cannot represent.
+            TypeError: ``message`` is neither a FederationMessage nor a
+                CoordinatorFrame, or holds a value JSON cannot represent.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_sendable()
@@ -525,7 +576,7 @@ class OrchestratorConnection:
         # Queued, so not cancellable any more; yielding now lets the writer run.
         await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def send(self, message: FederationMessage) -> None:
+    async def send(self, message: FederationMessage | CoordinatorFrame) -> None:
         """Like :meth:`send_message`, but wait for room when the queue is full.
 
         This is the back-pressure path: a sender that outruns the peer is slowed
@@ -581,7 +632,7 @@ class OrchestratorConnection:
         if self._lost is not None:
             raise ConnectionLost(self._lost.code, self._lost.reason) from self._lost.__cause__
 
-    def _consumed(self, delivery: _Delivery) -> FederationMessage:
+    def _consumed(self, delivery: tuple[int, int, _T]) -> _T:
         """A delivery left our buffers: acknowledge it (sessions) and unwrap it."""
         epoch, seq, message = delivery
         window = self._recv_window
@@ -687,7 +738,7 @@ class OrchestratorConnection:
             self._discard_unread(receive_channel)
             receive_channel.close()
 
-    def _discard_unread(self, channel: trio.MemoryReceiveChannel[_Delivery]) -> None:
+    def _discard_unread(self, channel: trio.MemoryReceiveChannel[Any]) -> None:
         """Count (and acknowledge) what a closing stream leaves unread."""
         unread = 0
         while True:
@@ -702,6 +753,78 @@ class OrchestratorConnection:
                 self._id,
                 unread,
             )
+
+    @contextlib.contextmanager
+    def subscribe_coordinator(
+        self, max_buffer: int = DEFAULT_RECEIVE_BUFFER
+    ) -> Iterator[MessageStream[CoordinatorFrame]]:
+        """Receive the frames of the daemon coordinator's dialect.
+
+        The TypeScript daemon's ``OrchestratorFederation`` speaks a second
+        dialect of single-encoded frames with no ``from`` or ``to`` (see
+        :ref:`coordinator-dialect`); the connection decodes them into
+        :class:`~trio_federation.CoordinatorFrame` objects whose ``sender`` is
+        this peer's id. They never reach ``async for msg in conn`` or
+        :meth:`subscribe`: each goes to the first open coordinator
+        subscription, or, when there is none, is dropped (counted in
+        :attr:`coordinator_frames_dropped`, the first logged). A full buffer
+        makes the reader wait, as for :meth:`subscribe`. Leaving the block
+        unsubscribes; frames still buffered are discarded (their number is
+        logged). Subscribe before the first checkpoint after getting the
+        connection to miss none. Answer with :meth:`send` of a
+        :class:`~trio_federation.CoordinatorFrame`.
+
+        Yields:
+            A :class:`~trio_federation.MessageStream` of
+            :class:`~trio_federation.CoordinatorFrame`; it ends as the
+            connection's streams do.
+        """
+        capacity = _check_size("max_buffer", max_buffer)
+        send_channel, receive_channel = trio.open_memory_channel[_FrameDelivery](capacity)
+        if self._finished.is_set():
+            send_channel.close()
+        else:
+            self._frame_subscriptions.append(send_channel)
+        try:
+            yield MessageStream(
+                receive_channel, self._raise_if_lost, self._consumed, self._discard_unread
+            )
+        finally:
+            with contextlib.suppress(ValueError):
+                self._frame_subscriptions.remove(send_channel)
+            send_channel.close()
+            self._discard_unread(receive_channel)
+            receive_channel.close()
+
+    async def _route_frame(self, delivery: _FrameDelivery) -> None:
+        for channel in tuple(self._frame_subscriptions):
+            try:
+                await self._deliver(channel, delivery)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue  # unsubscribed meanwhile: offer it to the next one
+            return
+        self._drop(delivery[1])
+        self._frames_dropped += 1
+        if self._frames_dropped == 1:
+            logger.info(
+                "connection to %r: a %r frame of the coordinator dialect was dropped "
+                "(no coordinator subscription)",
+                self._id,
+                delivery[2].type.value,
+            )
+
+    def _from_self(self, message: FederationMessage) -> FederationMessage:
+        """A message from the peer with our id in ``from`` (the daemon's way): it is the peer's."""
+        self._self_addressed += 1
+        if self._self_addressed == 1:
+            logger.debug(
+                "connection to %r: its messages name us (%r) in 'from', as the TypeScript "
+                "daemon does; taken as %r's",
+                self._id,
+                self._local_id,
+                self._id,
+            )
+        return attrs.evolve(message, sender=self._id)
 
     @contextlib.contextmanager
     def watch_status(self) -> Iterator[EventStream[ConnectionStatus]]:
@@ -1108,6 +1231,8 @@ class OrchestratorConnection:
         self._inbound_send.close()
         for subscription in self._subscriptions:
             subscription.send_channel.close()
+        for frames in self._frame_subscriptions:
+            frames.close()
         if self._lost is not None and self._lost.code not in NORMAL_CLOSE_CODES:
             self._report(self._lost)
         if unacknowledged and self._lost is not None:
@@ -1188,12 +1313,23 @@ class OrchestratorConnection:
             if ack_only:
                 continue  # an acknowledgement alone, already applied
             try:
-                message = decode_message(data, max_size=self._max_message_size)
+                message = decode_frame(data, max_size=self._max_message_size)
             except MalformedMessage as exc:
                 self._refuse(seq, str(exc))
                 self._report(exc)
                 continue
-            if not self._id:
+            if isinstance(message, CoordinatorFrame):
+                # No envelope, so nothing to bind: it is the peer's by the link.
+                state.received(now, data=False)
+                state.liveness(now)
+                self._publish_status()
+                frame = attrs.evolve(message, sender=self._id)
+                await self._route_frame((self._epoch, seq, frame))
+                continue
+            local = self._local_id
+            if message.sender == local and local is not None and self._id and self._id != local:
+                message = self._from_self(message)
+            elif not self._id and message.sender != local:
                 self._id = message.sender
             broken = self._check_binding(message)
             if broken is not None:
@@ -1294,9 +1430,7 @@ class OrchestratorConnection:
         else:
             self._drop(delivery[1])  # a control message nobody asked for
 
-    async def _deliver(
-        self, channel: trio.MemorySendChannel[_Delivery], delivery: _Delivery
-    ) -> None:
+    async def _deliver(self, channel: trio.MemorySendChannel[_T], delivery: _T) -> None:
         try:
             channel.send_nowait(delivery)
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._messages import FederationMessage
+    from ._messages import CoordinatorFrame, FederationMessage
 
 __all__ = [
     "AuthenticationError",
@@ -155,11 +155,14 @@ class MessageRefused(FederationError):
 
     Attributes:
         peer: the remote orchestrator's id (the one that refused).
-        message: the refused message, or None if it is no longer known.
+        message: the refused message (or coordinator frame), or None if it
+            is no longer known.
         reason: the peer's reason.
     """
 
-    def __init__(self, peer: str, message: FederationMessage | None, reason: str) -> None:
+    def __init__(
+        self, peer: str, message: FederationMessage | CoordinatorFrame | None, reason: str
+    ) -> None:
         super().__init__(peer, message, reason)
         self.peer = peer
         self.message = message

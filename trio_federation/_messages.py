@@ -22,8 +22,12 @@ __all__ = [
     "Capability",
     "ConnectionHealth",
     "ConnectionStatus",
+    "CoordinatorFrame",
+    "CoordinatorFrameType",
     "DelegationRequest",
     "DelegationResponse",
+    "DelegationResult",
+    "FederationBroadcast",
     "FederationMessage",
     "HeartbeatPayload",
     "HeartbeatStatus",
@@ -497,4 +501,143 @@ PAYLOAD_PARTS: tuple[type[Any], ...] = (
 """Every attrs class that travels inside a payload (the codec's list)."""
 
 for _cls in (*PAYLOAD_PARTS, FederationMessage):
+    attrs.resolve_types(_cls)
+
+
+# -- the daemon coordinator's dialect -----------------------------------------------------
+
+
+class CoordinatorFrameType(enum.StrEnum):
+    """The ``type`` of a :class:`CoordinatorFrame`: the daemon coordinator's dialect.
+
+    The TypeScript daemon's ``OrchestratorFederation`` sends single-encoded
+    JSON frames with these types instead of the v1 envelope (see
+    :ref:`coordinator-dialect`).
+    """
+
+    DELEGATION_REQUEST = "delegation:request"
+    """The coordinator asks us to run a task (:attr:`CoordinatorFrame.request`)."""
+    DELEGATION_RESULT = "delegation:result"
+    """The answer: accepted or refused (:attr:`CoordinatorFrame.result`)."""
+    TASK_COMPLETED = "task:completed"
+    """A delegated task completed (:attr:`CoordinatorFrame.session_id`)."""
+    TASK_FAILED = "task:failed"
+    """A delegated task failed (``session_id`` and ``error``)."""
+    BROADCAST = "federation:broadcast"
+    """A federation-wide broadcast (:attr:`CoordinatorFrame.broadcast`)."""
+    CONTEXT_REQUEST = "context:request"
+    """The coordinator asks for our shared context."""
+    CONTEXT_RESPONSE = "context:response"
+    """The shared context (:attr:`CoordinatorFrame.context`)."""
+    HEARTBEAT = "heartbeat"
+    """Liveness toward the coordinator (``{"type": "heartbeat"}``, nothing else)."""
+    STATUS_UPDATE = "status_update"
+    """Status toward the coordinator (:attr:`CoordinatorFrame.status`)."""
+
+
+def _frame_type(value: CoordinatorFrameType | str) -> CoordinatorFrameType:
+    return value if type(value) is CoordinatorFrameType else CoordinatorFrameType(value)
+
+
+@attrs.frozen(kw_only=True)
+class DelegationResult:
+    """The daemon coordinator's answer to a delegation (``delegation:result``)."""
+
+    success: bool
+    """Whether the task was accepted."""
+    session_id: str | None = None
+    """The session running it, if accepted (a trio-federation node: the task id)."""
+    error: str | None = None
+    """Why not, in words, if refused."""
+    reason: str | None = None
+    """Why not, in the daemon's vocabulary: ``capability_mismatch``, ``overloaded``,
+    ``unreachable``, ``rejected`` or ``timeout``."""
+    timestamp: datetime = attrs.field(factory=_now, converter=_utc)
+    """When it was decided (UTC)."""
+    metadata: Mapping[str, Any] | None = None
+    """Free-form."""
+
+
+@attrs.frozen(kw_only=True)
+class FederationBroadcast:
+    """A broadcast of the daemon coordinator (``federation:broadcast``)."""
+
+    source_id: str
+    """The orchestrator it is from."""
+    message_type: str
+    """``status_update``, ``capability_change``, ``load_alert``, ``shutdown_notice``
+    or ``custom`` (a node delivers it as a broadcast on this topic)."""
+    payload: Mapping[str, Any] = attrs.field(factory=dict)
+    """Free-form."""
+    priority: TaskPriority = attrs.field(default=TaskPriority.MEDIUM, converter=_task_priority)
+    """Its priority."""
+    timestamp: datetime = attrs.field(factory=_now, converter=_utc)
+    """When it was sent (UTC)."""
+
+
+_FRAME_FIELDS: dict[CoordinatorFrameType, tuple[str, ...]] = {
+    CoordinatorFrameType.DELEGATION_REQUEST: ("request",),
+    CoordinatorFrameType.DELEGATION_RESULT: ("request_id", "result"),
+    CoordinatorFrameType.TASK_COMPLETED: ("session_id",),
+    CoordinatorFrameType.TASK_FAILED: ("session_id",),
+    CoordinatorFrameType.BROADCAST: ("broadcast",),
+    CoordinatorFrameType.CONTEXT_REQUEST: (),
+    CoordinatorFrameType.CONTEXT_RESPONSE: ("context",),
+    CoordinatorFrameType.HEARTBEAT: (),
+    CoordinatorFrameType.STATUS_UPDATE: ("status",),
+}
+
+
+@attrs.frozen(kw_only=True)
+class CoordinatorFrame:
+    """One frame of the daemon coordinator's dialect (see :ref:`coordinator-dialect`).
+
+    Unlike a :class:`FederationMessage` it has no envelope: no ``from``, no
+    ``to``, no timestamp. A connection delivers the frames it receives through
+    :meth:`~trio_federation.OrchestratorConnection.subscribe_coordinator`, with
+    :attr:`sender` set to the peer's id, and sends one given to
+    :meth:`~trio_federation.OrchestratorConnection.send`.
+
+    Which fields a type uses (those named are required; a missing one raises
+    :exc:`ValueError`): ``delegation:request`` :attr:`request`;
+    ``delegation:result`` :attr:`request_id` and :attr:`result`;
+    ``task:completed`` :attr:`session_id`; ``task:failed`` :attr:`session_id`
+    (and :attr:`error`); ``federation:broadcast`` :attr:`broadcast`;
+    ``context:response`` :attr:`context`; ``status_update`` :attr:`status`;
+    ``context:request`` and ``heartbeat`` none. :attr:`data` adds keys to the
+    ``payload`` object of ``task:*`` and ``status_update`` frames.
+    """
+
+    type: CoordinatorFrameType = attrs.field(converter=_frame_type)
+    """What kind of frame it is."""
+    request: DelegationRequest | None = None
+    """The delegation asked for (``delegation:request``)."""
+    request_id: str | None = None
+    """The task id the result answers (``requestId``, ``delegation:result``)."""
+    result: DelegationResult | None = None
+    """The answer (``delegation:result``)."""
+    session_id: str | None = None
+    """The session that ended (``payload.sessionId`` of ``task:*``)."""
+    error: str | None = None
+    """Why it failed (``payload.error`` of ``task:failed``)."""
+    broadcast: FederationBroadcast | None = None
+    """The broadcast (``federation:broadcast``)."""
+    context: SharedContext | None = None
+    """The shared context (``context:response``)."""
+    status: str | None = None
+    """The orchestrator's status (``payload.status`` of ``status_update``): the
+    coordinator's ``connected``, ``disconnected``, ``degraded``, ``overloaded``
+    or ``maintenance``."""
+    data: Mapping[str, Any] | None = None
+    """The other keys of the ``payload`` object (``task:*``, ``status_update``)."""
+    sender: str = ""
+    """Not on the wire: the id of the peer it came from, set on receipt."""
+
+    def __attrs_post_init__(self) -> None:
+        for name in _FRAME_FIELDS[self.type]:
+            if getattr(self, name) is None:
+                raise ValueError(f"a {self.type.value!r} frame requires {name}")
+
+
+for _cls in (DelegationResult, FederationBroadcast, CoordinatorFrame):
     attrs.resolve_types(_cls)

@@ -1,128 +1,115 @@
-"""The TypeScript daemon's real ``FederationRegistry``, driven from trio tests.
+"""The TypeScript daemon's real federation classes, driven from trio tests.
 
 The npm package ``@wundr.io/orchestrator-daemon`` cannot be installed as a
 whole (1.0.39 depends on ``@wundr.io/ai-integration@^1.0.39``, which the npm
-registry does not have), and its registry needs only ``redis`` and
-``eventemitter3``. So ``python -m tests.integration._daemon`` fetches the
-pinned tarball with ``npm pack``, checks it against the pinned integrity and
-extracts ``dist/federation/registry.js`` (and ``package.json``) under
-``tests/interop/daemon/{version}/``; ``tests/interop/package.json`` pins the
-two dependencies at the versions the daemon's ranges resolve to (``npm ci``).
-``nox -s tests`` runs both steps.
+registry does not have), and the classes under test need little:
+``OrchestratorConnection`` and ``OrchestratorFederation`` need ``ws`` and
+``eventemitter3``, ``FederationRegistry`` needs ``redis`` and
+``eventemitter3``. So ``tests/interop/fetch-daemon.mjs`` fetches the version
+pinned in ``tests/interop/package.json`` with ``npm pack``, checks its
+integrity and extracts only ``package.json``, ``dist/federation`` and
+``dist/utils`` into ``tests/interop/daemon/``, beside the packages ``npm ci``
+installs there. ``nox -s tests`` runs both steps.
 
-:func:`open_daemon_registry` starts ``tests/interop/daemon_registry.mjs``
-(which constructs that registry against a Redis URL and key prefix) and sends
-it one command at a time.
+* :func:`open_daemon_peer` starts ``tests/interop/daemon-peer.cjs`` (the
+  daemon's connection or coordinator), read like the JavaScript peer
+  (:class:`~tests.integration._jspeer.JSPeer`).
+* :func:`open_daemon_registry` starts ``tests/interop/daemon_registry.mjs``
+  (which constructs the daemon's registry against a Redis URL and key prefix)
+  and sends it one command at a time.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import shutil
 import subprocess
-import sys
-import tarfile
 import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Final
 
+import pytest
 import trio
 
-from ._jspeer import INTEROP_DIR
+from ..conftest import under_ci
+from ._jspeer import INTEROP_DIR, JSPeer
 
 __all__ = [
-    "DAEMON_INTEGRITY",
-    "DAEMON_PACKAGE",
-    "DAEMON_VERSION",
+    "DAEMON_SCRIPT",
     "DaemonRegistry",
+    "daemon_node",
     "daemon_problems",
-    "fetch_daemon",
+    "open_daemon_peer",
     "open_daemon_registry",
 ]
 
-DAEMON_PACKAGE: Final = "@wundr.io/orchestrator-daemon"
-DAEMON_VERSION: Final = "1.0.39"
-DAEMON_INTEGRITY: Final = (
-    "sha512-gdT3v6MHHQC6uZ27ZoluIx2QnKcechem4OklNHVCc"
-    "sw3ETtIn/YfNJEUsImiaO/ZLSiUnB1Ypa6WxlbnxBNNMQ=="
-)
-"""The npm registry's ``dist.integrity`` of the pinned tarball."""
-DAEMON_DIR: Final = INTEROP_DIR / "daemon" / DAEMON_VERSION
+DAEMON_SCRIPT: Final = INTEROP_DIR / "daemon-peer.cjs"
+DAEMON_DIR: Final = INTEROP_DIR / "daemon"
 REGISTRY_JS: Final = DAEMON_DIR / "dist" / "federation" / "registry.js"
 DRIVER: Final = INTEROP_DIR / "daemon_registry.mjs"
-MEMBERS: Final = ("package/package.json", "package/dist/federation/registry.js")
-"""What we extract: registry.js requires only ``redis`` and ``eventemitter3``."""
-DEPENDENCIES: Final = ("redis", "eventemitter3")
+PEER_DEPENDENCIES: Final = ("ws", "eventemitter3")
+"""What the daemon's connection and coordinator require."""
+REGISTRY_DEPENDENCIES: Final = ("redis", "eventemitter3")
+"""What the daemon's registry requires."""
 REPLY_TIMEOUT: Final = 20.0
 
 
-def _integrity(path: Path) -> str:
-    digest = hashlib.sha512(path.read_bytes()).digest()
-    return "sha512-" + base64.b64encode(digest).decode()
-
-
-def fetch_daemon() -> Path:
-    """Fetch and extract the pinned daemon's registry, unless already there: its registry.js.
-
-    Raises:
-        RuntimeError: npm failed or the tarball is not the pinned one.
-    """
-    if REGISTRY_JS.is_file():
-        return REGISTRY_JS
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("`npm` is not on PATH")
-    with tempfile.TemporaryDirectory(prefix="daemon-pack-") as scratch:
-        packed = subprocess.run(
-            [npm, "pack", "--json", "--pack-destination", scratch,
-             f"{DAEMON_PACKAGE}@{DAEMON_VERSION}"],
-            capture_output=True, text=True, check=False, cwd=scratch, timeout=300,
-        )  # fmt: skip
-        if packed.returncode != 0:
-            raise RuntimeError(f"npm pack failed: {packed.stderr.strip()[-2000:]}")
-        tarball = Path(scratch) / json.loads(packed.stdout)[0]["filename"]
-        found = _integrity(tarball)
-        if found != DAEMON_INTEGRITY:
-            raise RuntimeError(f"{tarball.name} is {found}, not the pinned {DAEMON_INTEGRITY}")
-        staging = Path(scratch) / "extracted"
-        with tarfile.open(tarball) as archive:
-            for name in MEMBERS:
-                source = archive.extractfile(name)
-                assert source is not None, name
-                target = staging / name.removeprefix("package/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(source.read())
-        DAEMON_DIR.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(DAEMON_DIR, ignore_errors=True)
-        staging.rename(DAEMON_DIR)
-    return REGISTRY_JS
-
-
-def daemon_problems() -> tuple[str | None, list[str]]:
-    """Find node and check the daemon's registry and its dependencies: ``(node, problems)``."""
+def daemon_problems(
+    dependencies: tuple[str, ...] = PEER_DEPENDENCIES,
+) -> tuple[str | None, list[str]]:
+    """Find node and check the fetched daemon and ``dependencies``: ``(node, problems)``."""
     problems: list[str] = []
     node = shutil.which("node")
     if node is None:
         problems.append("`node` is not on PATH")
-    if not REGISTRY_JS.is_file():
-        problems.append(f"{REGISTRY_JS} is missing: run `python -m tests.integration._daemon`")
-    else:
-        version = json.loads((DAEMON_DIR / "package.json").read_text())["version"]
-        if version != DAEMON_VERSION:
-            problems.append(f"{DAEMON_DIR} holds {version}, not {DAEMON_VERSION}")
-    lock = json.loads((INTEROP_DIR / "package-lock.json").read_text())["packages"]
-    for name in DEPENDENCIES:
+    manifest = json.loads((INTEROP_DIR / "package.json").read_text())
+    lock = json.loads((INTEROP_DIR / "package-lock.json").read_text())
+    for name in dependencies:
         installed = INTEROP_DIR / "node_modules" / name / "package.json"
-        pinned = lock[f"node_modules/{name}"]["version"]
+        pinned = lock["packages"][f"node_modules/{name}"]["version"]
         if not installed.is_file():
             problems.append(f"`{name}` is not installed: run `npm ci` in {INTEROP_DIR}")
-        elif (version := json.loads(installed.read_text())["version"]) != pinned:
-            problems.append(f"installed {name} {version} is not the pinned {pinned}: `npm ci`")
+        elif json.loads(installed.read_text())["version"] != pinned:
+            problems.append(f"`{name}` is not the pinned {pinned}: run `npm ci` in {INTEROP_DIR}")
+    version = manifest["daemon"]["version"]
+    fetched = DAEMON_DIR / "package.json"
+    if not fetched.is_file() or json.loads(fetched.read_text())["version"] != version:
+        problems.append(
+            f"the daemon {version} is not fetched: run `node fetch-daemon.mjs` in {INTEROP_DIR}"
+        )
     return node, problems
+
+
+@pytest.fixture
+def daemon_node() -> str:
+    """Path of ``node`` when the daemon's classes can run; else skip (or fail under CI)."""
+    node, problems = daemon_problems()
+    if problems or node is None:
+        reason = "the TypeScript daemon is unavailable: " + "; ".join(problems)
+        if under_ci():
+            pytest.fail(f"{reason} (required: the CI environment variable is set)", pytrace=False)
+        pytest.skip(reason)
+    return node
+
+
+@contextlib.asynccontextmanager
+async def open_daemon_peer(node: str, *args: str) -> AsyncIterator[JSPeer]:
+    """Start ``node daemon-peer.cjs *args``; always end it on exit (as ``open_js_peer``)."""
+    with tempfile.TemporaryFile() as stderr:
+        process = await trio.lowlevel.open_process(
+            [node, str(DAEMON_SCRIPT), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=INTEROP_DIR,
+        )
+        peer = JSPeer(process, stderr, args)
+        try:
+            yield peer
+        finally:
+            with trio.CancelScope(shield=True):
+                await peer._stop()
 
 
 class DaemonRegistry:
@@ -212,18 +199,3 @@ async def open_daemon_registry(
                     process.kill()
                 await process.wait()
                 await daemon._stdout.aclose()
-
-
-def main() -> int:
-    """Fetch the pinned daemon's registry (if missing) and say where it is."""
-    try:
-        path = fetch_daemon()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        print(f"could not fetch {DAEMON_PACKAGE}@{DAEMON_VERSION}: {exc}")
-        return 1
-    print(f"{DAEMON_PACKAGE}@{DAEMON_VERSION} registry: {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

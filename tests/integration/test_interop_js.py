@@ -277,6 +277,8 @@ async def test_dialer_delegates_to_js_server_with_remote_id(js_node: str) -> Non
                 accepted = await conn.receive()
                 completed = await conn.receive()
                 assert conn.id == "js-peer"
+                # The peer accepts as the daemon does: 'from' is our own id.
+                assert conn.self_addressed == 1
             connection = await peer.expect("connection")
             delegated = await peer.received("delegation")
             closed = await peer.expect("closed")

@@ -26,7 +26,12 @@ from trio_federation import (
 )
 
 from ..conftest import under_ci
-from ._daemon import DaemonRegistry, daemon_problems, open_daemon_registry
+from ._daemon import (
+    REGISTRY_DEPENDENCIES,
+    DaemonRegistry,
+    daemon_problems,
+    open_daemon_registry,
+)
 from ._redis_server import RedisServer
 from .conftest import open_test_registry, unique_prefix
 
@@ -34,7 +39,7 @@ from .conftest import open_test_registry, unique_prefix
 @pytest.fixture
 def node() -> str:
     """Node, with the daemon's registry and its dependencies in place."""
-    found, problems = daemon_problems()
+    found, problems = daemon_problems(REGISTRY_DEPENDENCIES)
     if problems or found is None:
         message = "the daemon's registry cannot run: " + "; ".join(problems)
         if under_ci():

@@ -78,16 +78,19 @@ function delegation(from, to, taskId) {
 }
 
 // Accept a delegation the way OrchestratorConnection.acceptDelegation does, then
-// report the task completed with a TaskCallback.
-function answerDelegation(ws, selfId, request) {
+// report the task completed with a TaskCallback. The daemon constructs its
+// OrchestratorConnection with id = the *remote* orchestrator's id and sends
+// the acceptance `from: this.id`: so its `from` is the delegator's own id
+// (remoteId here), and `to` the delegator's (fromOrchestratorId).
+function answerDelegation(ws, selfId, remoteId, request) {
   const taskId = request.task.id;
-  ws.send(serialize('callback', { taskId, accepted: true }, selfId, request.fromOrchestratorId, taskId));
+  ws.send(serialize('callback', { taskId, accepted: true }, remoteId, request.fromOrchestratorId, taskId));
   ws.send(serialize('callback', { taskId, status: 'completed', result: { by: selfId } },
     selfId, request.fromOrchestratorId, taskId));
 }
 
 // Print every message; answer delegations. Returns the decoded message or null.
-function onMessage(ws, selfId, data) {
+function onMessage(ws, selfId, remoteId, data) {
   let msg;
   try { msg = deserialize(data); } catch (err) {
     out({ event: 'malformed', error: err.message, data: data.toString() });
@@ -95,7 +98,7 @@ function onMessage(ws, selfId, data) {
   }
   out({ event: 'received', message: msg });
   if (msg.type === 'delegation') {
-    try { answerDelegation(ws, selfId, msg.payload); } catch (err) {
+    try { answerDelegation(ws, selfId, remoteId, msg.payload); } catch (err) {
       out({ event: 'malformed', error: `cannot answer delegation: ${err.message}` });
     }
   }
@@ -135,7 +138,7 @@ function runServer(args) {
     const clientId = req.headers['x-federation-id'] ?? query.get('id') ?? 'unknown';
     out({ event: 'connection', id: clientId, url: req.url, headers: req.headers });
     if (args.echo) ws.on('message', data => echo(ws, data));
-    else ws.on('message', data => onMessage(ws, selfId, data));
+    else ws.on('message', data => onMessage(ws, selfId, clientId, data));
     ws.on('error', err => out({ event: 'error', error: err.message }));
     ws.on('close', (code, reason) => out({ event: 'closed', code, reason: reason.toString() }));
     startPinging(ws, Number(args['ping-interval'] ?? 0));
@@ -179,7 +182,7 @@ function runClient(args) {
     ws.send(delegation(selfId, args.to ?? 'py-listener', 'js-task-1'));
   });
   ws.on('message', data => {
-    const msg = onMessage(ws, selfId, data);
+    const msg = onMessage(ws, selfId, args.to ?? 'py-listener', data);
     const p = msg?.payload;
     if (msg?.type === 'callback' && p?.taskId === 'js-task-1' && p.accepted !== undefined) accepted = true;
     if (msg?.type === 'callback' && p?.taskId === 'js-task-1' &&

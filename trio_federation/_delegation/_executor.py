@@ -13,6 +13,7 @@ from typing import Final
 
 import attrs
 
+from .._capabilities import unmet_requirement
 from .._messages import DelegationRequest, OrchestratorCapabilities, TaskCallback
 
 __all__ = [
@@ -151,7 +152,9 @@ class Admission:
             return Replay(entry.final)
         if request.timeout is not None and request.timeout <= 0:
             return self.refuse(RefusalReason.DEADLINE_EXCEEDED)
-        if not set(required_capabilities(request)) <= self.capabilities:
+        if unmet_requirement(
+            self.capabilities, request.required_capabilities, max_sessions=self.max_concurrent
+        ):
             return self.refuse(RefusalReason.CAPABILITY_MISMATCH)
         if self.draining:
             return self.refuse(RefusalReason.DRAINING)

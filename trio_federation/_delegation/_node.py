@@ -35,6 +35,7 @@ from .._messages import (
     DelegationResponse,
     FederationMessage,
     MessageType,
+    SharedContext,
     Task,
     TaskCallback,
 )
@@ -55,6 +56,7 @@ from .._transport import (
     open_orchestrator_connection,
     serve_federation,
 )
+from ._coordinator import CoordinatorDialect
 from ._executor import (
     DEFAULT_DEDUPE_SIZE,
     DEFAULT_DEDUPE_WINDOW,
@@ -280,6 +282,10 @@ class FederationNode:
         capabilities: what it executes.
         registry: the registry it registers in and discovers peers through.
         max_depth: hops a task may travel before this node refuses to pass it on.
+        shared_context: called (no arguments) for the context a daemon
+            coordinator asks for with ``context:request``; returns a
+            :class:`~trio_federation.SharedContext`, or None for an empty one
+            (the default when unset). Settable.
     """
 
     def __init__(
@@ -357,6 +363,8 @@ class FederationNode:
         self._connection_nursery: trio.Nursery | None = None
         self._task_nursery: trio.Nursery | None = None
         self._closing = False
+        self._dialect = CoordinatorDialect(self)
+        self.shared_context: Callable[[], SharedContext | None] | None = None
 
     # -- identity -------------------------------------------------------------
 
@@ -538,12 +546,19 @@ class FederationNode:
                 delegation._on_lost(peer, "connection lost")
 
     async def _pump(self, connection: OrchestratorConnection) -> None:
-        """The one reader of a connection: route every message, until it ends."""
-        try:
-            async for message in connection:
-                await self._route(connection, message)
-        except ConnectionLost as exc:
-            logger.info("connection to %r lost: %s", connection.id, exc)
+        """The one reader of a connection: route every message, until it ends.
+
+        The daemon coordinator's frames are served beside it (``_coordinator``).
+        """
+        with connection.subscribe_coordinator() as frames:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._dialect.pump, connection, frames)
+                try:
+                    async for message in connection:
+                        await self._route(connection, message)
+                except ConnectionLost as exc:
+                    logger.info("connection to %r lost: %s", connection.id, exc)
+                nursery.cancel_scope.cancel()
 
     async def _route(self, connection: OrchestratorConnection, message: FederationMessage) -> None:
         peer = connection.id or message.sender
@@ -583,6 +598,8 @@ class FederationNode:
         return True
 
     async def _send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        if self._dialect.owns(peer, payload.task_id):
+            return await self._dialect.send_callback(peer, payload)
         return await self._send_to(
             peer,
             FederationMessage(
