@@ -25,6 +25,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._auth import SecretLookup
 from .._connection import OrchestratorConnection
 from .._exceptions import ConnectionLost, FederationError
 from .._messages import (
@@ -940,7 +941,7 @@ class FederationNode:
         port: int,
         endpoint: str | None,
         *,
-        secrets: Mapping[str, bytes | str] | None,
+        secrets: Mapping[str, bytes | str] | SecretLookup | None,
         server_ssl_context: ssl.SSLContext | None,
     ) -> None:
         """Start the listener in the connection nursery and register with its endpoint."""
@@ -994,7 +995,7 @@ async def open_federation_node(
     limits: Limits | None = None,
     reconnect: ReconnectPolicy | None = None,
     secret: bytes | str | None = None,
-    secrets: Mapping[str, bytes | str] | None = None,
+    secrets: Mapping[str, bytes | str] | SecretLookup | None = None,
     ssl_context: ssl.SSLContext | None = None,
     server_ssl_context: ssl.SSLContext | None = None,
     cancel_grace: float = DEFAULT_CANCEL_GRACE,
