@@ -554,7 +554,9 @@ class FederationNode:
         try:
             await connection.send(message)
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            logger.warning("could not send to %r: %s", peer, exc)
+            # A closing node's last words may find the connection gone: expected.
+            log = logger.info if self._closing else logger.warning
+            log("could not send to %r: %s", peer, exc)
             return False
         return True
 
