@@ -31,7 +31,7 @@ from rich.table import Table
 from ._delegation._strategies import STRATEGIES
 from ._demo import DEFAULT_NODES, DEFAULT_TASKS, DemoReport, run_demo
 from ._exceptions import FederationError
-from ._messages import Task
+from ._messages import Capability, Task
 from ._registry import OrchestratorRecord, open_registry
 from ._version import __version__
 
@@ -130,10 +130,18 @@ def _executor(text: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
-def _capabilities(values: list[list[str]] | None) -> tuple[str, ...]:
+def _capability_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if name not in Capability._value2member_map_:
+            allowed = ", ".join(c.value for c in Capability)
+            raise argparse.ArgumentTypeError(f"unknown capability {name!r} (one of: {allowed})")
+    return names
+
+
+def _capabilities(values: list[list[tuple[str, ...]]] | None) -> tuple[str, ...]:
     """``--capability a b --capability c`` and ``--capability a,b`` alike."""
-    names = [name.strip() for group in values or [] for item in group for name in item.split(",")]
-    return tuple(dict.fromkeys(name for name in names if name))
+    return tuple(dict.fromkeys(name for group in values or [] for item in group for name in item))
 
 
 # -- the parser ------------------------------------------------------------------------
@@ -161,6 +169,7 @@ def _add_capabilities(parser: argparse.ArgumentParser, help: str) -> None:
         "--capability",
         action="append",
         nargs="+",
+        type=_capability_names,
         default=None,
         metavar="CAP",
         help=help + " (repeat it, or separate names by commas)",

@@ -47,3 +47,13 @@ async def broken(ctx: TaskContext) -> None:
 
 NOT_CALLABLE = 42
 """For the test of ``--executor`` naming something that is not a function."""
+
+
+def by_description(ctx: TaskContext) -> Any:
+    """By the task's description: ``fail`` raises, ``plain`` returns a string at once,
+    anything else returns the awaitable of :func:`short` (the node awaits it)."""
+    if ctx.task.description == "fail":
+        raise RuntimeError("this task always fails")
+    if ctx.task.description == "plain":
+        return plain(ctx)
+    return short(ctx)
