@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from trio_federation import _cli, _demo
+from trio_federation import Task, _cli, _demo
 from trio_federation._cli import main
 from trio_federation._demo import COORDINATOR_ID, DemoReport, run_demo
 
@@ -74,7 +74,7 @@ async def test_demo_live_view_draws_with_rich() -> None:
 
 
 def test_a_lost_or_repeated_progress_report_would_be_seen() -> None:
-    row = _demo.TaskRecord(_demo.Task(id="t", description="d"), state="completed", finals=1)
+    row = _demo.TaskRecord(Task(id="t", description="d"), state="completed", finals=1)
     row.reports = [20.0, 40.0, 60.0, 80.0]
     report = DemoReport(tasks=(row,), nodes=(), victim=None, elapsed=0.0)
     assert report.lossless and report.exactly_once
