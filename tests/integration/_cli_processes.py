@@ -59,13 +59,17 @@ class NodeProcess:
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
 
-    async def interrupt(self, signum: int = signal.SIGINT) -> int:
-        """Send ``signum``, read the rest of stdout, and return the exit status."""
-        self.process.send_signal(signum)
+    async def finish(self) -> int:
+        """Read the rest of stdout, wait for the exit, and return the exit status."""
         with contextlib.suppress(EOFError):
             while True:
                 await self.read_line()
         return await self.process.wait()
+
+    async def interrupt(self, signum: int = signal.SIGINT) -> int:
+        """Send ``signum``, read the rest of stdout, and return the exit status."""
+        self.process.send_signal(signum)
+        return await self.finish()
 
 
 @contextlib.asynccontextmanager
