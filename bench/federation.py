@@ -44,6 +44,7 @@ import functools
 import json
 import logging
 import math
+import os
 import socket
 import sys
 import time
@@ -229,6 +230,15 @@ async def run_node(options: argparse.Namespace) -> None:
 # -- the parent ---------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_ports(count: int) -> list[int]:
     """Ports free on 127.0.0.1 now (bound, read, released: the children bind them next)."""
     sockets = [socket.socket() for _ in range(count)]
@@ -269,12 +279,14 @@ class Child:
 async def measure(options: argparse.Namespace) -> dict[str, Any]:
     ids = [f"n{i}" for i in range(1, NODES + 1)]
     *ports, echo_port = free_ports(NODES + 1)
-    urls = {node_id: f"ws://{HOST}:{port}/federation" for node_id, port in zip(ids, ports)}
+    urls = {
+        node_id: f"ws://{HOST}:{port}/federation" for node_id, port in zip(ids, ports, strict=True)
+    }
     children: list[Child] = []
     figures: dict[str, Any] = {"mode": options.mode, "nodes": NODES}
     with trio.fail_after(options.seconds + options.count / 100 + 60):
         try:
-            for node_id, port in zip(ids, ports):
+            for node_id, port in zip(ids, ports, strict=True):
                 peers = ",".join(f"{p}={u}" for p, u in urls.items() if p != node_id)
                 argv = [sys.executable, "-m", "bench.federation", "node", "--id", node_id,
                         "--port", str(port), "--peers", peers, "--seconds", str(options.seconds),
@@ -283,9 +295,7 @@ async def measure(options: argparse.Namespace) -> dict[str, Any]:
                     argv += ["--echo-port", str(echo_port)]
                 if options.profile:
                     argv += ["--profile", str(options.profile)]
-                process = await trio.lowlevel.open_process(
-                    argv, stdin=-1, stdout=-1, cwd=ROOT
-                )
+                process = await trio.lowlevel.open_process(argv, stdin=-1, stdout=-1, cwd=ROOT)
                 children.append(Child(node_id, process))
             for child in children:
                 await child.expect("ready")
@@ -296,15 +306,23 @@ async def measure(options: argparse.Namespace) -> dict[str, Any]:
 
             # Throughput: all delegating nodes start together.
             delegators = children if options.mode == "mesh" else children[:1]
+            cpu_before = [cpu_seconds(child.process.pid) for child in children]
             for child in delegators:
                 await child.send("throughput")
             results = [await child.expect("result") for child in delegators]
+            cpu_after = [cpu_seconds(child.process.pid) for child in children]
             done = sum(r["done"] for r in results)
             window = max(r["end"] for r in results) - min(r["start"] for r in results)
             figures["delegations"] = done
             figures["window"] = window
             figures["per_second"] = done / window
             figures["retries"] = sum(r["retries"] for r in results)
+            if None not in cpu_before and None not in cpu_after:
+                cpu = sum(
+                    (a or 0.0) - (b or 0.0) for a, b in zip(cpu_after, cpu_before, strict=True)
+                )
+                figures["cpu_seconds"] = cpu
+                figures["per_cpu_second"] = done / cpu
 
             # Latency, n1 -> n2, against the bare round trip to n2's echo listener.
             await children[0].send(f"latency ws://{HOST}:{echo_port}/federation {options.count}")
@@ -346,6 +364,12 @@ def report(figures: dict[str, Any], options: argparse.Namespace) -> None:
         f"{rate:,.0f}/s ({verdict} the {THROUGHPUT_TARGET:,}/s target; "
         f"retries {figures['retries']})"
     )
+    if "per_cpu_second" in figures:
+        print(
+            f"  CPU: the 4 processes used {figures['cpu_seconds']:.2f} CPU-s in the window "
+            f"(machine: {os.cpu_count()} CPUs, shared): {figures['per_cpu_second']:,.0f} "
+            f"delegations per CPU-second, {1e6 / figures['per_cpu_second']:.0f} µs of CPU each"
+        )
     print(f"  latency n1 -> n2, {options.count} of each, sequential:")
     print(f"    {'':<26}{'p50 µs':>10}{'p99 µs':>10}")
     for kind, label in (("delegation", "delegate → completed"), ("bare", "bare request/reply")):
