@@ -32,7 +32,6 @@ async def test_demo_balances_kills_one_node_and_fails_its_tasks_over() -> None:
     by_node = {node.id: node for node in report.nodes}
     assert set(by_node) == {"orch-1", "orch-2", "orch-3", "orch-4"}
     assert by_node["orch-4"].killed and by_node["orch-4"].failed_over >= 1
-    assert by_node["orch-4"].completed == 0 or by_node["orch-4"].failed_over >= 1
     survivors = [by_node[n] for n in ("orch-1", "orch-2", "orch-3")]
     assert all(node.completed >= 4 for node in survivors), report.nodes
     assert sum(node.completed for node in report.nodes) == 24
@@ -48,7 +47,7 @@ async def test_demo_balances_kills_one_node_and_fails_its_tasks_over() -> None:
     for row in moved:
         assert re.search(rf"{row.task.id}  FAILED OVER from orch-4", text)
     assert "What each node did" in text
-    assert re.search(r"orch-4 .* killed .* 0 .* \d+ ", text)
+    assert re.search(r"orch-4 .* killed .* \d+ .* [1-9]\d* ", text)
     assert "24 of 24 task(s) completed" in text
     assert f"{len(moved)} task(s) failed over from orch-4, {len(moved)} of them" in text
     assert "every task had exactly one final outcome" in text

@@ -81,7 +81,7 @@ TASK_SECONDS: Final = (0.5, 0.7, 0.6, 0.8)
 """Simulated work per task at speed 1, in turn."""
 DELEGATION_INTERVAL: Final = 0.04
 """Seconds between two delegations at speed 1."""
-KILL_AFTER: Final = 0.5
+KILL_AFTER: Final = 0.75
 """The victim is killed once this fraction of the tasks has been delegated..."""
 KILL_WHEN_RUNNING: Final = 3
 """... and it runs this many tasks (or after a bounded wait)."""
