@@ -19,7 +19,7 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -390,30 +390,50 @@ async def _run_node(args: argparse.Namespace) -> int:
         return result
 
     host, port = args.listen
+    leave = trio.Event()
+    force = trio.CancelScope()
+
+    def say(text: str) -> None:
+        out.print(text)
+        sys.stdout.flush()
+
+    async def watch_signals(signals: AsyncIterator[int]) -> None:
+        # The first signal leaves the node's block normally (an orderly exit:
+        # the node drains); a second one while it leaves cancels it at once.
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not leave.is_set():
+                say(f"node {args.id}: {name}, leaving (again to stop at once)")
+                leave.set()
+            else:
+                say(f"node {args.id}: {name} again, stopping at once")
+                force.cancel()
+                return
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with (
-            open_registry(args.registry, **_registry_options(args)) as registry,
-            open_federation_node(
-                local_id=args.id,
-                capabilities=_capabilities(args.capability),
-                executor=execute,
-                registry=registry,
-                host=host,
-                port=port,
-                max_concurrent_tasks=args.max_concurrent,
-                secret=secret,
-                secrets=None if secret is None else (lambda _peer: secret),
-            ) as node,
-        ):
-            out.print(f"node {node.local_id} listening on {node.endpoint}")
-            sys.stdout.flush()
-            async for signum in signals:
-                out.print(f"node {node.local_id}: {signal.Signals(signum).name}, leaving")
-                sys.stdout.flush()
-                break
-            # Leaving the block normally: the node drains and deregisters.
-    out.print(f"node {args.id} stopped: {completed} task(s) completed, {failed} failed")
-    return 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_signals, signals)
+            with force:
+                async with (
+                    open_registry(args.registry, **_registry_options(args)) as registry,
+                    open_federation_node(
+                        local_id=args.id,
+                        capabilities=_capabilities(args.capability),
+                        executor=execute,
+                        registry=registry,
+                        host=host,
+                        port=port,
+                        max_concurrent_tasks=args.max_concurrent,
+                        secret=secret,
+                        secrets=None if secret is None else (lambda _peer: secret),
+                    ) as node,
+                ):
+                    say(f"node {node.local_id} listening on {node.endpoint}")
+                    await leave.wait()
+                    # Leaving the block normally: the node drains and deregisters.
+            nursery.cancel_scope.cancel()
+    say(f"node {args.id} stopped: {completed} task(s) completed, {failed} failed")
+    return EXIT_INTERRUPTED if force.cancelled_caught else 0
 
 
 async def _run_delegate(args: argparse.Namespace) -> int:

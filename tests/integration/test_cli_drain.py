@@ -60,3 +60,29 @@ async def test_an_interrupted_node_drains_its_running_task_then_exits_0(
             assert await nodes["slow"].finish() == 0
             assert nodes["slow"].lines[-1] == "node slow stopped: 1 task(s) completed, 0 failed"
             assert [r.id for r in await registry.list_all()] == []  # deregistered
+
+
+async def test_a_second_interrupt_stops_a_draining_node_at_once(redis: RedisServer) -> None:
+    prefix = unique_prefix()
+    with trio.fail_after(10):
+        async with (
+            open_nodes([("slow", ["testing"])], registry=redis.url, key_prefix=prefix) as nodes,
+            open_test_registry(redis, prefix=prefix) as registry,
+            open_federation_node(local_id="delegator", port=None, registry=registry) as delegator,
+        ):
+            task = Task(id="t-long", description="long", metadata={"seconds": 30})
+            async with delegator.open_delegation(task, max_attempts=1) as delegation:
+                async for update in delegation:
+                    if isinstance(update, TaskAccepted):
+                        break
+                slow = nodes["slow"]
+                slow.process.send_signal(signal.SIGINT)
+                assert (await slow.read_line()).startswith("node slow: SIGINT, leaving")
+                await trio.sleep(0.3)  # draining: the 30 s task goes on
+                assert slow.process.returncode is None
+                slow.process.send_signal(signal.SIGINT)
+                assert await slow.finish() == 130
+                assert "node slow: SIGINT again, stopping at once" in slow.lines
+                # Cancelled, it handed the task back: with no one else, it fails.
+                with pytest.raises(DelegationFailed, match="handed_back"):
+                    await delegation.result()
