@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from rich.console import Console
 
+from trio_federation import _cli
 from trio_federation._cli import main
 
 from ._cli_processes import ROOT, open_nodes
@@ -104,3 +111,54 @@ async def test_delegate_and_peers_against_a_node_process(
     assert (status, out) == (1, "")
     assert "delegating t-stranger failed after 1 attempt(s):" in err
     assert "  1. alpha: unreachable" in err
+
+
+async def test_node_and_delegate_commands_in_process(
+    redis: RedisServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commands' coroutines in this trio run: the live view, and Ctrl-C on the node."""
+    prefix = unique_prefix()
+    common = ["--registry", redis.url, "--key-prefix", prefix]
+    parser = _cli.build_parser()
+    node_args = parser.parse_args(
+        ["node", "--id", "inproc", "--capability", "testing", *common,
+         "--executor", f"{EXECUTORS}:by_description"]
+    )  # fmt: skip
+    terminal = io.StringIO()
+
+    def fake_console(*, stderr: bool = False, plain: bool = False) -> Console:
+        if stderr and not plain:  # the delegate's progress, as on a terminal
+            return Console(file=terminal, force_terminal=True, width=80, highlight=False)
+        return Console(file=sys.stdout, force_terminal=False, no_color=True, width=200)
+
+    monkeypatch.setattr(_cli, "_console", fake_console)
+    statuses: dict[str, int] = {}
+
+    async def run(name: str, command: Any, args: argparse.Namespace) -> None:
+        statuses[name] = await command(args)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "node", _cli._run_node, node_args)
+            printed = ""
+            while "listening on" not in printed:
+                await trio.sleep(0.01)
+                printed += capsys.readouterr().out
+            assert printed.startswith("node inproc listening on ws://127.0.0.1:")
+
+            for name, description in (("ok", "lint"), ("failed", "fail")):
+                args = parser.parse_args(
+                    ["delegate", *common, "--capability", "testing", "--description", description,
+                     "--task-id", f"t-{name}", "--max-attempts", "1",
+                     "--metadata", '{"seconds": 0.01}']
+                )  # fmt: skip
+                await run(name, _cli._run_delegate, args)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the node leaves its block
+    out = capsys.readouterr().out
+    assert statuses == {"ok": 0, "failed": 1, "node": 0}
+    assert json.loads(out.splitlines()[0]) == {"node": "inproc", "task": "t-ok"}
+    assert "node inproc: SIGINT, leaving (again to stop at once)" in out
+    assert out.splitlines()[-1] == "node inproc stopped: 1 task(s) completed, 1 failed"
+    drawn = terminal.getvalue()
+    assert "\x1b[" in drawn and "accepted by inproc" in drawn and "completed by inproc" in drawn
+    assert "delegating t-failed failed after 1 attempt(s):" in drawn
