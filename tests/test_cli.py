@@ -74,6 +74,14 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
             "expected a JSON object",
         ),
         (["delegate", "--registry", "memory://"], "the following arguments are required"),
+        (
+            ["delegate", "--registry", "memory://", "--description", "d", "--metadata", "{x"],
+            "not JSON: ",
+        ),
+        (
+            ["delegate", "--registry", "memory://", "--description", "d", "--timeout", "soon"],
+            "expected a number, got 'soon'",
+        ),
     ],
 )
 def test_argument_errors_exit_2_naming_only_the_users_words(

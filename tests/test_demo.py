@@ -10,7 +10,7 @@ import sys
 import pytest
 import trio
 
-from trio_federation import Task, _cli, _demo
+from trio_federation import Task, TaskContext, _cli, _demo
 from trio_federation._cli import main
 from trio_federation._demo import COORDINATOR_ID, DemoReport, run_demo
 
@@ -70,6 +70,27 @@ async def test_demo_live_view_draws_with_rich() -> None:
     assert "\x1b[?25l" in text and "\x1b[?25h" in text  # cursor hidden, then restored
     assert "completed" in text and "orch-4" in text and "killed" in text
     assert "What each node did" in text
+
+
+async def test_demo_reports_a_task_that_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    work = _demo._work
+
+    async def fails_once(node_id: str, speed: float, ctx: TaskContext) -> dict[str, str]:
+        if ctx.task.id == "task-02":
+            raise RuntimeError("disk full")
+        return await work(node_id, speed, ctx)
+
+    monkeypatch.setattr(_demo, "_work", fails_once)
+    out = io.StringIO()
+    with trio.fail_after(20):
+        report = await run_demo(tasks=3, nodes=2, kill=False, speed=8, out=out)
+    assert [(row.task.id, row.state) for row in report.failed] == [("task-02", "failed")]
+    assert report.exactly_once
+    text = out.getvalue()
+    assert re.search(r"task-02  FAILED: delegating 'task-02' failed after 1 attempt\(s\)", text)
+    assert "RuntimeError: disk full" in text
+    assert "2 of 3 task(s) completed" in text
+    assert "FAILED task-02: " in text
 
 
 def test_a_lost_or_repeated_progress_report_would_be_seen() -> None:
