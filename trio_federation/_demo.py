@@ -38,6 +38,7 @@ import trio
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from . import (
@@ -257,7 +258,7 @@ class _View:
         )
         overall.add_task("tasks", total=max(1, len(self.rows)), completed=done)
         nodes = Table(title=None, box=None, pad_edge=False)
-        for column in ("node", "state", "running", "", "completed", "failed over"):
+        for column in ("node", "state", "running", "", "completed", "", "failed over"):
             nodes.add_column(column)
         for node_id in self.node_ids:
             running = [r for r in self.rows if r.executor == node_id and r.state == "running"]
@@ -266,13 +267,11 @@ class _View:
             )
             away = sum(r.failed_over_from.count(node_id) for r in self.rows)
             state = "[red]killed" if node_id == self.killed else "[green]up"
-            bar = "".join(
-                "█" if r.percent >= 80 else "▆" if r.percent >= 40 else "▃" for r in running
-            )
-            nodes.add_row(
-                node_id, state, str(len(running)), bar.ljust(MAX_CONCURRENT), str(completed),
-                str(away),
-            )  # fmt: skip
+            # The node's load: its running tasks over its slots; the share of
+            # the work it completed so far.
+            load = ProgressBar(total=MAX_CONCURRENT, completed=len(running), width=16)
+            share = ProgressBar(total=max(1, len(self.rows)), completed=completed, width=16)
+            nodes.add_row(node_id, state, str(len(running)), load, str(completed), share, str(away))
         return Group(overall, nodes, *self.events)
 
     def refresh(self) -> None:
