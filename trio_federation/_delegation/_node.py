@@ -25,6 +25,7 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._auth import SecretLookup
 from .._connection import OrchestratorConnection
 from .._exceptions import ConnectionLost, FederationError
 from .._messages import (
@@ -593,7 +594,9 @@ class FederationNode:
         try:
             await connection.send(message)
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
-            logger.warning("could not send to %r: %s", peer, exc)
+            # A closing node's last words may find the connection gone: expected.
+            log = logger.info if self._closing else logger.warning
+            log("could not send to %r: %s", peer, exc)
             return False
         return True
 
@@ -1121,7 +1124,7 @@ class FederationNode:
         port: int,
         endpoint: str | None,
         *,
-        secrets: Mapping[str, bytes | str] | None,
+        secrets: Mapping[str, bytes | str] | SecretLookup | None,
         server_ssl_context: ssl.SSLContext | None,
     ) -> None:
         """Start the listener in the connection nursery and register with its endpoint."""
@@ -1175,7 +1178,7 @@ async def open_federation_node(
     limits: Limits | None = None,
     reconnect: ReconnectPolicy | None = None,
     secret: bytes | str | None = None,
-    secrets: Mapping[str, bytes | str] | None = None,
+    secrets: Mapping[str, bytes | str] | SecretLookup | None = None,
     ssl_context: ssl.SSLContext | None = None,
     server_ssl_context: ssl.SSLContext | None = None,
     cancel_grace: float = DEFAULT_CANCEL_GRACE,
