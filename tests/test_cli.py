@@ -63,7 +63,7 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["peers", "--registry", "127.0.0.1:6379"], "expected a URL starting with"),
         (
             ["delegate", "--registry", "memory://", "--description", "d", "--strategy", "best"],
-            "unknown strategy 'best' (one of: least-loaded, round-robin",
+            "unknown strategy 'best' (one of: capability-score, consistent-hash, least-loaded,",
         ),
         (
             ["delegate", "--registry", "memory://", "--description", "d", "--timeout", "0"],
