@@ -30,7 +30,7 @@ from trio_federation import (
     encode_message,
     make_converter,
 )
-from trio_federation._codec import _decode_envelope, _encode
+from trio_federation._wire._codec import _decode_envelope, _encode
 
 from ._workload import DIALER_ID, LISTENER_ID, make_delegation
 

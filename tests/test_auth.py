@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trio_federation._auth import (
+from trio_federation._wire._auth import (
     AuthRefusal,
     ReplayCache,
     TokenVerifier,

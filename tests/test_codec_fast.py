@@ -39,7 +39,7 @@ from trio_federation import (
     encode_message,
     make_converter,
 )
-from trio_federation._codec import _camel, _decode_envelope, _decode_fast, _encode
+from trio_federation._wire._codec import _camel, _decode_envelope, _decode_fast, _encode
 
 from . import strategies
 from .strategies import FUZZ_SCALE

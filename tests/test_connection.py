@@ -694,7 +694,7 @@ async def test_a_closed_subscription_is_skipped() -> None:
 
 
 async def test_raise_single_keeps_real_groups() -> None:
-    from trio_federation._connection import raise_single
+    from trio_federation._connection._connection import raise_single
 
     group = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
     with pytest.raises(ExceptionGroup) as info:
@@ -820,7 +820,7 @@ async def test_a_connection_without_a_socket_cannot_be_entered() -> None:
 async def test_queued_messages_go_out_in_one_write(resumable: bool) -> None:
     # Our own transport: the writer coalesces what waits into one write (one
     # system call, one scheduler pass), in order, each counted as sent.
-    from trio_federation._wire import open_client, read_request
+    from trio_federation._wire._frames import open_client, read_request
 
     client_stream, server_stream = trio.testing.memory_stream_pair()
     writes = 0

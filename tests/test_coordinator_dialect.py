@@ -43,8 +43,8 @@ from trio_federation import (
     encode_message,
     open_federation_node,
 )
-from trio_federation._capabilities import unmet_requirement
 from trio_federation._delegation._coordinator import daemon_reason
+from trio_federation._wire._capabilities import unmet_requirement
 from trio_federation.testing import open_websocket_pair
 
 from . import strategies

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trio_federation import ConnectionStatus, HeartbeatStatus
-from trio_federation._protocol import ConnectionState, TimerActions
+from trio_federation._connection._protocol import ConnectionState, TimerActions
 
 
 def opened(now: float = 100.0, *, timeout: float = 10.0, idle: float = 30.0) -> ConnectionState:

@@ -31,7 +31,7 @@ from trio_federation import (
     open_registry,
     serve_federation,
 )
-from trio_federation._registry import _diff, decode_record, encode_record
+from trio_federation._registry._registry import _diff, decode_record, encode_record
 from trio_federation.testing import REGISTRY_CHECKS, RegistryFactory, check_registry_backend
 
 
@@ -395,7 +395,7 @@ async def test_a_watch_closed_while_waiting_ends(autojump_clock: trio.testing.Mo
 
 
 def test_raise_single_keeps_a_real_group() -> None:
-    from trio_federation._registry import _raise_single
+    from trio_federation._registry._registry import _raise_single
 
     group = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
     with pytest.raises(ExceptionGroup) as caught:

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_federation import ReconnectPolicy
-from trio_federation._session import (
+from trio_federation._connection._session import (
     ReceiveWindow,
     ResumeOffer,
     SendWindow,

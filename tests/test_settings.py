@@ -16,7 +16,7 @@ from trio_federation import (
     open_orchestrator_connection,
     serve_federation,
 )
-from trio_federation._settings import resolve_settings
+from trio_federation._connection._settings import resolve_settings
 
 
 @pytest.mark.parametrize("entry", ["open_orchestrator_connection", "serve_federation"])
@@ -26,7 +26,7 @@ def test_keyword_defaults_are_the_settings_defaults(entry: str) -> None:
     import inspect
 
     import trio_federation
-    from trio_federation._settings import _KEYWORDS
+    from trio_federation._connection._settings import _KEYWORDS
 
     parameters = inspect.signature(getattr(trio_federation, entry)).parameters
     defaults = {Timeouts: Timeouts(), Limits: Limits()}

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from trio_federation._sockio import DirectSocketStream, direct
+from trio_federation._wire._sockio import DirectSocketStream, direct
 
 
 async def _pair() -> tuple[DirectSocketStream, trio.SocketStream]:

@@ -21,7 +21,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_federation._wire import (
+from trio_federation._wire._frames import (
     UpgradeFailed,
     WireConnection,
     open_client,

@@ -29,7 +29,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
-from trio_federation._wire import WireConnection, _mask
+from trio_federation._wire._frames import WireConnection, _mask
 
 from .strategies import FUZZ_SCALE
 

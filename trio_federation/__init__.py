@@ -3,15 +3,16 @@
 Every public name is re-exported here; the modules behind them are private.
 """
 
-from ._codec import (
-    MAX_FRAME_SIZE,
-    decode_frame,
-    decode_message,
-    encode_coordinator_frame,
-    encode_message,
-    make_converter,
+from ._connection._connection import OrchestratorConnection
+from ._connection._settings import Limits, Timeouts
+from ._connection._streams import EventStream, MessageStream
+from ._connection._transport import (
+    FederationListener,
+    ListenerStatistics,
+    ReconnectPolicy,
+    open_orchestrator_connection,
+    serve_federation,
 )
-from ._connection import OrchestratorConnection
 from ._delegation._executor import RefusalReason
 from ._delegation._handle import Delegation
 from ._delegation._node import (
@@ -55,7 +56,34 @@ from ._exceptions import (
     SessionLost,
     UnsentMessages,
 )
-from ._messages import (
+from ._registry._redis_registry import RedisRegistry, open_redis_registry
+from ._registry._registry import (
+    FederationRegistry,
+    MemoryRegistry,
+    OrchestratorMetrics,
+    OrchestratorNotFound,
+    OrchestratorQuery,
+    OrchestratorRecord,
+    OrchestratorStatus,
+    Registration,
+    RegistryEvent,
+    RegistryEventType,
+    RegistryFull,
+    RegistryUnavailable,
+    RegistryWatch,
+    open_registration,
+    open_registry,
+)
+from ._version import __version__
+from ._wire._codec import (
+    MAX_FRAME_SIZE,
+    decode_frame,
+    decode_message,
+    encode_coordinator_frame,
+    encode_message,
+    make_converter,
+)
+from ._wire._messages import (
     AssignedResources,
     BroadcastPayload,
     CallbackStatus,
@@ -83,34 +111,6 @@ from ._messages import (
     TaskStatus,
     TaskType,
 )
-from ._redis_registry import RedisRegistry, open_redis_registry
-from ._registry import (
-    FederationRegistry,
-    MemoryRegistry,
-    OrchestratorMetrics,
-    OrchestratorNotFound,
-    OrchestratorQuery,
-    OrchestratorRecord,
-    OrchestratorStatus,
-    Registration,
-    RegistryEvent,
-    RegistryEventType,
-    RegistryFull,
-    RegistryUnavailable,
-    RegistryWatch,
-    open_registration,
-    open_registry,
-)
-from ._settings import Limits, Timeouts
-from ._streams import EventStream, MessageStream
-from ._transport import (
-    FederationListener,
-    ListenerStatistics,
-    ReconnectPolicy,
-    open_orchestrator_connection,
-    serve_federation,
-)
-from ._version import __version__
 
 __all__ = [
     "MAX_FRAME_SIZE",

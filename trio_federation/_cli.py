@@ -31,9 +31,9 @@ from rich.table import Table
 from ._delegation._strategies import STRATEGIES
 from ._demo import DEFAULT_NODES, DEFAULT_TASKS, DemoReport, run_demo
 from ._exceptions import FederationError
-from ._messages import Capability, Task
-from ._registry import OrchestratorRecord, open_registry
+from ._registry._registry import OrchestratorRecord, open_registry
 from ._version import __version__
+from ._wire._messages import Capability, Task
 
 __all__ = ["build_parser", "main"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._messages import CoordinatorFrame, FederationMessage
+    from ._wire._messages import CoordinatorFrame, FederationMessage
 
 __all__ = [
     "AuthenticationError",

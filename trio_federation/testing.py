@@ -32,16 +32,16 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
 
-from ._compat import SocketHost
-from ._connection import OrchestratorConnection, raise_single
-from ._faults import CHUNK_SIZE, STALL_BUFFER, FaultyProxy, ProxyLink, ProxyStatistics
-from ._registry_contract import (
+from ._connection._connection import OrchestratorConnection, raise_single
+from ._connection._faults import CHUNK_SIZE, STALL_BUFFER, FaultyProxy, ProxyLink, ProxyStatistics
+from ._registry._registry_contract import (
     CONTRACT_HEARTBEAT_TIMEOUT,
     CONTRACT_STALE_TIMEOUT,
     REGISTRY_CHECKS,
     RegistryFactory,
     check_registry_backend,
 )
+from ._wire._compat import SocketHost
 
 __all__ = [
     "CHUNK_SIZE",

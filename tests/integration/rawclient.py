@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import trio
 import trio_websocket
 
-from trio_federation._connection import raise_single
+from trio_federation._connection._connection import raise_single
 
 
 @contextlib.asynccontextmanager

@@ -714,7 +714,7 @@ async def test_an_executor_whose_connection_ends_is_lost_and_the_task_fails_over
 async def test_against_a_v1_peer_nothing_is_sent_and_late_callbacks_are_dropped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from trio_federation import _transport
+    from trio_federation._connection import _transport
 
     monkeypatch.setattr(_transport, "EXTENSIONS", frozenset())  # a peer without extensions
     received: list[Any] = []

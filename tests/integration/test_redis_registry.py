@@ -24,7 +24,7 @@ from trio_federation import (
     open_redis_registry,
     open_registry,
 )
-from trio_federation._redis_registry import _LIB, _ms, _redacted
+from trio_federation._registry._redis_registry import _LIB, _ms, _redacted
 from trio_federation.testing import REGISTRY_CHECKS, RegistryFactory
 
 from ..conftest import under_ci
@@ -352,7 +352,7 @@ async def test_connection_failures_inside_groups_are_translated(redis: RedisServ
 async def test_an_update_gives_up_under_endless_contention(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trio_federation._redis_registry as backend
+    import trio_federation._registry._redis_registry as backend
 
     async with open_test_registry(redis) as registry:
         await registry.register(OrchestratorRecord(id="a"))

@@ -26,7 +26,7 @@ from trio_federation import (
     open_orchestrator_connection,
     serve_federation,
 )
-from trio_federation._auth import AUTH_HEADER, make_proof
+from trio_federation._wire._auth import AUTH_HEADER, make_proof
 
 from ..conftest import delegation, wait_for
 from .rawclient import open_raw_client

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from .._connection._streams import MessageStream
 from .._exceptions import ConnectionLost, FederationError
-from .._messages import (
+from .._wire._messages import (
     BroadcastPayload,
     CallbackStatus,
     CoordinatorFrame,
@@ -31,10 +32,9 @@ from .._messages import (
     SharedContext,
     TaskCallback,
 )
-from .._streams import MessageStream
 
 if TYPE_CHECKING:
-    from .._connection import OrchestratorConnection
+    from .._connection._connection import OrchestratorConnection
     from ._node import FederationNode
 
 __all__ = ["DAEMON_REASONS", "CoordinatorDialect", "daemon_reason"]

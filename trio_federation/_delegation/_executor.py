@@ -13,8 +13,8 @@ from typing import Final
 
 import attrs
 
-from .._capabilities import unmet_requirement
-from .._messages import DelegationRequest, OrchestratorCapabilities, TaskCallback
+from .._wire._capabilities import unmet_requirement
+from .._wire._messages import DelegationRequest, OrchestratorCapabilities, TaskCallback
 
 __all__ = [
     "DEFAULT_DEDUPE_SIZE",

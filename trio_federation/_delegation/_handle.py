@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from .._exceptions import FederationError
-from .._messages import (
+from .._wire._messages import (
     CallbackStatus,
     DelegationRequest,
     DelegationResponse,

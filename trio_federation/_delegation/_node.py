@@ -25,10 +25,27 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._auth import SecretLookup
-from .._connection import OrchestratorConnection
+from .._connection._connection import OrchestratorConnection
+from .._connection._settings import Limits, Timeouts
+from .._connection._transport import (
+    FederationListener,
+    ReconnectPolicy,
+    open_orchestrator_connection,
+    serve_federation,
+)
 from .._exceptions import ConnectionLost, FederationError
-from .._messages import (
+from .._registry._registry import (
+    FederationRegistry,
+    MemoryRegistry,
+    OrchestratorRecord,
+    OrchestratorStatus,
+    Registration,
+    RegistryUnavailable,
+    open_registration,
+    open_registry,
+)
+from .._wire._auth import SecretLookup
+from .._wire._messages import (
     BroadcastPayload,
     CallbackStatus,
     ConnectionStatus,
@@ -39,23 +56,6 @@ from .._messages import (
     SharedContext,
     Task,
     TaskCallback,
-)
-from .._registry import (
-    FederationRegistry,
-    MemoryRegistry,
-    OrchestratorRecord,
-    OrchestratorStatus,
-    Registration,
-    RegistryUnavailable,
-    open_registration,
-    open_registry,
-)
-from .._settings import Limits, Timeouts
-from .._transport import (
-    FederationListener,
-    ReconnectPolicy,
-    open_orchestrator_connection,
-    serve_federation,
 )
 from ._coordinator import CoordinatorDialect
 from ._executor import (

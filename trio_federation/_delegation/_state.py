@@ -20,7 +20,7 @@ from typing import Any, Final
 import attrs
 
 from .._exceptions import FederationError
-from .._messages import CallbackStatus, DelegationResponse, TaskCallback
+from .._wire._messages import CallbackStatus, DelegationResponse, TaskCallback
 
 __all__ = [
     "HAND_BACK_ERRORS",

@@ -17,7 +17,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import attrs
 
-from .._messages import Task
+from .._wire._messages import Task
 
 __all__ = [
     "AFFINITY_KEY",

@@ -31,12 +31,12 @@ import attrs
 import orjson
 import trio
 
-from ._exceptions import FederationError
+from .._exceptions import FederationError
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from ._transport import FederationListener
+    from .._connection._transport import FederationListener
 
 __all__ = [
     "DEFAULT_HEARTBEAT_TIMEOUT",

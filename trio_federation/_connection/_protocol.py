@@ -26,7 +26,7 @@ from typing import Final
 
 import attrs
 
-from ._messages import ConnectionStatus, HeartbeatStatus
+from .._wire._messages import ConnectionStatus, HeartbeatStatus
 
 __all__ = ["PROTOCOL_ERROR_CODES", "ConnectionState", "TimerActions", "TokenBucket"]
 

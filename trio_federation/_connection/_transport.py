@@ -18,7 +18,8 @@ import attrs
 import trio
 import trio_websocket
 
-from ._auth import (
+from .._exceptions import AuthenticationError, ConnectionLost, HandshakeError
+from .._wire._auth import (
     AUTH_HEADER,
     DEFAULT_PROOF_LIFETIME,
     AuthRefusal,
@@ -31,8 +32,21 @@ from ._auth import (
     normalize_secret,
     secret_lookup,
 )
-from ._codec import MAX_FRAME_SIZE
-from ._compat import flush_tls_alert, release_stream
+from .._wire._codec import MAX_FRAME_SIZE
+from .._wire._compat import flush_tls_alert, release_stream
+from .._wire._frames import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
+from .._wire._handshake import (
+    EXTENSIONS,
+    PeerIdentity,
+    extensions_header,
+    header_value,
+    identity_headers,
+    parse_request_identity,
+    parse_response_identity,
+    query_value,
+)
+from .._wire._messages import HeartbeatStatus
+from .._wire._sockio import direct
 from ._connection import (
     CANCEL_CLOSE_GRACE,
     CLOSE_RESTARTING,
@@ -50,18 +64,6 @@ from ._connection import (
     normalize_capabilities,
     raise_single,
 )
-from ._exceptions import AuthenticationError, ConnectionLost, HandshakeError
-from ._handshake import (
-    EXTENSIONS,
-    PeerIdentity,
-    extensions_header,
-    header_value,
-    identity_headers,
-    parse_request_identity,
-    parse_response_identity,
-    query_value,
-)
-from ._messages import HeartbeatStatus
 from ._session import RESUME_HEADER, ResumeOffer, parse_resume
 from ._settings import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -72,8 +74,6 @@ from ._settings import (
     Timeouts,
     resolve_settings,
 )
-from ._sockio import direct
-from ._wire import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
 
 __all__ = [
     "CLOSE_REPLACED",

@@ -25,7 +25,7 @@ import orjson
 from cattrs.errors import AttributeValidationNote, ClassValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from ._exceptions import MalformedMessage
+from .._exceptions import MalformedMessage
 from ._messages import (
     PAYLOAD_PARTS,
     AssignedResources,

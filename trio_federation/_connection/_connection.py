@@ -37,10 +37,7 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ._capabilities import unmet_requirement
-from ._codec import MAX_FRAME_SIZE, decode_frame, encode_coordinator_frame, encode_message
-from ._compat import release_stream
-from ._exceptions import (
+from .._exceptions import (
     ConnectionLost,
     FederationError,
     HeartbeatTimeout,
@@ -51,7 +48,11 @@ from ._exceptions import (
     SessionLost,
     UnsentMessages,
 )
-from ._messages import (
+from .._wire._capabilities import unmet_requirement
+from .._wire._codec import MAX_FRAME_SIZE, decode_frame, encode_coordinator_frame, encode_message
+from .._wire._compat import release_stream
+from .._wire._frames import WireConnection
+from .._wire._messages import (
     Capability,
     ConnectionHealth,
     ConnectionStatus,
@@ -77,7 +78,6 @@ from ._session import (
     split_frame,
 )
 from ._streams import EventStream, MessageStream, OutboundQueue
-from ._wire import WireConnection
 
 __all__ = ["OrchestratorConnection"]
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import attrs
 
-from ._codec import MAX_FRAME_SIZE
+from .._wire._codec import MAX_FRAME_SIZE
 from ._connection import (
     DEFAULT_DISCONNECT_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
