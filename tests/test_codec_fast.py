@@ -44,7 +44,9 @@ from trio_federation._codec import (
     _decode_envelope,
     _decode_fast,
     _encode,
+    _fast_ms,
     _format_time,
+    _to_ms,
     format_timestamp,
 )
 
@@ -240,6 +242,16 @@ def test_cached_time_formatting_is_format_timestamp(value: datetime) -> None:
     # Twice: the second call may be answered from the cache.
     assert _format_time(value) == format_timestamp(value)
     assert _format_time(value) == format_timestamp(value)
+
+
+@given(
+    st.floats(allow_nan=False)
+    | st.integers(min_value=0, max_value=10**12).map(lambda ms: ms / 1000)
+    | st.integers(min_value=0, max_value=2**60)
+)
+def test_fast_milliseconds_are_the_reference_milliseconds(seconds: float) -> None:
+    fast, reference = _fast_ms(seconds), _to_ms(seconds)
+    assert (fast, type(fast), repr(fast)) == (reference, type(reference), repr(reference))
 
 
 def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
