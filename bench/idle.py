@@ -25,6 +25,7 @@ import argparse
 import functools
 import gc
 import json
+import logging
 import os
 import resource
 import statistics
@@ -209,6 +210,8 @@ def _peer(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    # The development-mode warning, and one "never sent" per connection at the end.
+    logging.getLogger("trio_federation").setLevel(logging.ERROR)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.connections)), hard))
     try:
