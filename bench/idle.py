@@ -49,8 +49,10 @@ SETTLE: Final = 1.0
 """Seconds between the last connection and the memory reading."""
 MEMORY_TARGET: Final = 1.5
 CPU_TARGET: Final = 1.2
-DIAL_CONCURRENCY: Final = 50
+DIAL_CONCURRENCY: Final = 20
 """Connections being opened at once by the dialer."""
+HANDSHAKE_TIMEOUT: Final = 60.0
+"""Generous: on a busy machine, a listener beating 1,000 connections answers late."""
 PEER: Final = PeerCommand(argv=(sys.executable, "-m", "bench.idle"))
 
 
@@ -111,6 +113,7 @@ async def _serve(impl: str, connections: int, seconds: float) -> None:
                     heartbeat_timeout=2 * BEAT,
                     rate_limit=None,
                     max_connections=connections + 16,
+                    handshake_timeout=HANDSHAKE_TIMEOUT,
                 )
             )
         else:
@@ -145,32 +148,38 @@ async def _dial(impl: str, port: int, connections: int) -> None:
 
     async def one(index: int) -> None:
         nonlocal opened
-        async with limiter:
-            if impl == "lib":
-                context: Any = open_orchestrator_connection(
-                    f"ws://{HOST}:{port}{FEDERATION_PATH}",
-                    local_id=f"idle-{index:05d}",
-                    capabilities=CAPABILITIES,
-                    heartbeat_timeout=2 * BEAT,
-                    rate_limit=None,
-                )
-            else:
-                context = trio_websocket.open_websocket_url(f"ws://{HOST}:{port}/raw")
-            stack = await context.__aenter__()
-        opened += 1
-        if opened == connections:
-            all_open.set()
+        if impl == "lib":
+            context: Any = open_orchestrator_connection(
+                f"ws://{HOST}:{port}{FEDERATION_PATH}",
+                local_id=f"idle-{index:05d}",
+                capabilities=CAPABILITIES,
+                heartbeat_timeout=2 * BEAT,
+                rate_limit=None,
+                connect_timeout=HANDSHAKE_TIMEOUT,
+            )
+        else:
+            context = trio_websocket.open_websocket_url(
+                f"ws://{HOST}:{port}/raw", connect_timeout=HANDSHAKE_TIMEOUT
+            )
+        await limiter.acquire()  # released once open: only the handshakes are limited
+        opening = True
         try:
-            if impl == "lib":
-                async for _message in stack:
-                    pass
-            else:
-                while True:
-                    await trio.sleep(BEAT)
-                    await stack.ping()
+            async with context as conn:
+                limiter.release()
+                opening = False
+                opened += 1
+                if opened == connections:
+                    all_open.set()
+                if impl == "lib":
+                    async for _message in conn:
+                        pass
+                else:
+                    while True:
+                        await trio.sleep(BEAT)
+                        await conn.ping()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await context.__aexit__(None, None, None)
+            if opening:
+                limiter.release()
 
     async with trio.open_nursery() as nursery:
         for index in range(connections):
@@ -217,7 +226,7 @@ def _peer(argv: Sequence[str]) -> int:
     try:
         trio.run(_peer_main, args)
     except BaseException as exc:
-        _emit("error", error=f"{args.role} failed: {exc!r}")
+        _emit("error", error=f"{args.role} failed: {exc!r}"[:2000])
         return 1
     return 0
 
