@@ -590,16 +590,25 @@ def _decode_envelope(envelope: object) -> FederationMessage:
 #   converter builds (same keys, same order, same omissions, the same value
 #   hooks: format_timestamp, _to_ms, _js_number, _js_values) and hands it to the
 #   same _dumps. Enumeration members go to orjson as they are, as cattrs passes
-#   them; orjson writes a StrEnum as its string.
+#   them; orjson writes a StrEnum as its string. Two shortcuts: equal UTC times
+#   share one formatted text (_format_time: a delegation's createdAt, updatedAt
+#   and envelope timestamp are usually one time), and whole milliseconds skip
+#   _to_ms's round() (_fast_ms).
 # * Decoding accepts only what is unambiguously valid: exact JSON types, UTC
 #   timestamps, known enumeration values. Anything else — including inputs the
 #   reference accepts after a conversion (an integral float for an int, a
 #   non-UTC offset) — makes _decode_fast return None, and the frame is decoded
 #   by _decode_envelope, which also builds every error message. So a refused
-#   frame gets exactly the reference's MalformedMessage.
+#   frame gets exactly the reference's MalformedMessage. Having checked every
+#   value itself, it fills the instances' slots without running the attrs
+#   __init__ (_builder), and equal timestamp strings share one parsed datetime.
 #
 # tests/test_codec_fast.py pins both directions to the reference with
-# Hypothesis: identical bytes out, equal messages in, identical errors.
+# Hypothesis: identical bytes out, equal messages in, identical errors; every
+# fast-decoded instance is one its own __init__ leaves unchanged, and the
+# cached formatter and _fast_ms give what format_timestamp and _to_ms give.
+# Each shortcut was kept only where bench.codec measured a gain (see the
+# Performance section of docs/design.rst).
 
 
 class _NotFast(Exception):
