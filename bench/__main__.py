@@ -3,9 +3,13 @@
 Runs (a) one-way throughput and (b) round trips with the two peers in two child
 processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate;
 the library runs once with resumable sessions, its default, and once without,
-the two swapping places from one repeat to the next), (c) the codec cost in
-this process, and (d) the recovery time after ``--cuts`` link cuts through a
-``FaultyProxy``, in this process, for each sending side (:mod:`bench.recovery`).
+the two swapping places from one repeat to the next; with ``node`` and ``npm``
+present, the TypeScript daemon's own ``OrchestratorConnection`` runs too, on
+both sides, first or last in each repeat: see :mod:`bench._daemon`), (c) the
+codec cost in this process against plain orjson writing and reading the same
+frame (see :func:`_codec`), and (d) the recovery time after ``--cuts`` link
+cuts through a ``FaultyProxy``, in this process, for each sending side
+(:mod:`bench.recovery`).
 (a) and (b) are repeated ``--repeat`` times: throughput is the median of the repeats; latency
 percentiles pool the samples of every repeat. ``--quick`` runs a small version
 for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
