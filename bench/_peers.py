@@ -7,13 +7,12 @@ Every wait is bounded: a run that does not finish within its timeout raises
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -94,7 +93,7 @@ class PeerCommand:
     """How to start a peer: the command before its arguments, and its environment.
 
     A command other than :data:`WORKER` takes no ``--cpu``: it is pinned from
-    here, between fork and exec.
+    here, as soon as it is started (before it reports ready).
     """
 
     argv: tuple[str, ...] = WORKER
@@ -114,9 +113,6 @@ async def spawn_peer(
     itself when it closes, should this process die without killing it.
     """
     command = command or PeerCommand()
-    pin: Callable[[], None] | None = None
-    if cpu is not None:
-        pin = functools.partial(os.sched_setaffinity, 0, {cpu})
     with tempfile.TemporaryFile() as stderr:
         process = await trio.lowlevel.open_process(
             [*command.argv, *arguments],
@@ -125,8 +121,9 @@ async def spawn_peer(
             stderr=stderr,
             cwd=ROOT,
             env=command.env,
-            preexec_fn=pin,
         )
+        if cpu is not None:  # from here: no preexec_fn in a process that has threads
+            os.sched_setaffinity(process.pid, {cpu})
         peer = Peer(name, process, stderr)
         try:
             yield peer
