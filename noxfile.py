@@ -140,7 +140,9 @@ def bench(session: nox.Session) -> None:
     as in the tests), ``nox -s bench -- delegation [ARGS]`` only the
     delegation round trip against a bare request/reply, ``nox -s bench --
     federation [ARGS]`` only the delegations per second across 4 node
-    processes (and their p50/p99 against a bare round trip).
+    processes (and their p50/p99 against a bare round trip), ``-- idle [ARGS]``
+    only the 1,000 idle connections' memory and heartbeat CPU. With node and
+    npm present, the TypeScript daemon's own connection runs beside ours.
     """
     session.install("-e", ".[redis]")
     if shutil.which("redis-server") is None:
@@ -154,7 +156,12 @@ def bench(session: nox.Session) -> None:
     if session.posargs[:1] == ["federation"]:
         session.run("python", "-m", "bench.federation", *session.posargs[1:])
         return
+    if session.posargs[:1] == ["idle"]:
+        session.run("python", "-m", "bench.idle", *session.posargs[1:])
+        return
     session.run("python", "-m", "bench", *session.posargs)
+    session.run("python", "-m", "bench.codec")
+    session.run("python", "-m", "bench.idle")
     session.run("python", "-m", "bench.delegation")
     session.run("python", "-m", "bench.federation")
     session.run("python", "-m", "bench.registry")

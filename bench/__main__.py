@@ -3,9 +3,13 @@
 Runs (a) one-way throughput and (b) round trips with the two peers in two child
 processes on 127.0.0.1 (a fresh pair per run; library and raw runs alternate;
 the library runs once with resumable sessions, its default, and once without,
-the two swapping places from one repeat to the next), (c) the codec cost in
-this process, and (d) the recovery time after ``--cuts`` link cuts through a
-``FaultyProxy``, in this process, for each sending side (:mod:`bench.recovery`).
+the two swapping places from one repeat to the next; with ``node`` and ``npm``
+present, the TypeScript daemon's own ``OrchestratorConnection`` runs too, on
+both sides, first or last in each repeat: see :mod:`bench._daemon`), (c) the
+codec cost in this process against plain orjson writing and reading the same
+frame (see :func:`_codec`), and (d) the recovery time after ``--cuts`` link
+cuts through a ``FaultyProxy``, in this process, for each sending side
+(:mod:`bench.recovery`).
 (a) and (b) are repeated ``--repeat`` times: throughput is the median of the repeats; latency
 percentiles pool the samples of every repeat. ``--quick`` runs a small version
 for smoke tests; ``--json PATH`` also writes every figure to ``PATH``. Exit
@@ -33,19 +37,29 @@ import trio
 
 from trio_federation import FederationMessage, decode_message, encode_message
 
-from ._peers import PeerError, pick_cpus, run_pair
+from ._daemon import PACKAGE, VERSION, Daemon, find_daemon
+from ._peers import PeerCommand, PeerError, pick_cpus, run_pair
 from ._report import (
+    DAEMON_TARGET,
     P50_TARGET,
     THROUGHPUT_TARGET,
     Comparison,
     Row,
     format_comparisons,
+    format_daemon,
     format_table,
     format_verdicts,
     median,
     percentile,
 )
-from ._workload import HEARTBEAT_TIMEOUT, HOST, equivalent_dict, frame_size, make_delegations
+from ._workload import (
+    HEARTBEAT_TIMEOUT,
+    HOST,
+    equivalent_dict,
+    frame_size,
+    make_delegation,
+    make_delegations,
+)
 from .recovery import (
     PACE,
     SETTLE,
@@ -59,7 +73,9 @@ from .recovery import (
 from .recovery import POLICY as RECOVERY_POLICY
 
 IMPLS: Final = ("raw", "codec", "lib", "lib-v1")
-"""What runs (a) and (b): see :data:`bench.worker.Impl`."""
+"""What runs (a) and (b): see :data:`bench.worker.Impl`; and ``daemon`` when Node
+is present: the TypeScript daemon's own ``OrchestratorConnection`` on both
+sides (``bench/js/daemon_peer.mjs``)."""
 SUFFIX: Final = {"lib": "", "lib-v1": "_v1", "codec": "_floor", "raw": "_raw"}
 """The JSON key suffix of a row whose subject is that implementation."""
 OVERHEADS: Final = {
@@ -82,6 +98,8 @@ FULL = {
 }
 QUICK = {"messages": 2_000, "round_trips": 300, "repeat": 1, "codec_messages": 1_000, "cuts": 10}
 CODEC_REPEAT = 5
+CODEC_TARGET: Final = 2.0
+"""Codec encode + decode must take at most this multiple of plain orjson's (issue #16)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=180.0, help="seconds one run may take (default 180)"
     )
+    parser.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="leave out the TypeScript daemon's rows (default: run them when node is present)",
+    )
     return parser
 
 
@@ -121,19 +144,38 @@ async def _networked(
     repeat: int,
     time_limit: float,
     cpus: tuple[int, int] | None,
-) -> tuple[list[Row], dict[str, Any]]:
+    daemon: Daemon | None,
+) -> tuple[list[Row], dict[str, Any], dict[str, dict[str, list[float]]]]:
+    impls = (*IMPLS, "daemon") if daemon is not None else IMPLS
+    commands: dict[str, PeerCommand] = {}
+    if daemon is not None:
+        template = orjson.dumps(equivalent_dict(make_delegation(0))).decode()
+        options = ("--connection", str(daemon.connection), "--template", template)
+        commands["daemon"] = PeerCommand(
+            argv=(*daemon.command(), *options),
+            env=daemon.env(),
+        )
+    expected_frame = encode_message(make_delegation(0))
     # figure name -> impl -> one value per repeat
     runs: dict[str, dict[str, list[float]]] = {}
-    latencies: dict[str, list[float]] = {impl: [] for impl in IMPLS}
+    latencies: dict[str, list[float]] = {impl: [] for impl in impls}
 
     def record(name: str, impl: str, value: float) -> None:
-        runs.setdefault(name, {impl: [] for impl in IMPLS})[impl].append(value)
+        runs.setdefault(name, {impl: [] for impl in impls})[impl].append(value)
+
+    def check_frame(impl: str, dialed: dict[str, Any]) -> None:
+        if impl == "daemon" and dialed.get("frame") != expected_frame:
+            raise PeerError(f"the daemon's delegation frame differs: {dialed.get('frame')!r}")
 
     tp_warmup = max(1, min(1000, messages // 10))
     rt_warmup = max(1, min(200, round_trips // 10))
     for run in range(1, repeat + 1):
         # The two library modes swap places from one repeat to the next.
-        order = ("raw", "codec", "lib", "lib-v1") if run % 2 else ("raw", "codec", "lib-v1", "lib")
+        order: tuple[str, ...] = (
+            ("raw", "codec", "lib", "lib-v1") if run % 2 else ("raw", "codec", "lib-v1", "lib")
+        )
+        if daemon is not None:  # first or last, so that it sits beside raw every other repeat
+            order = (*order, "daemon") if run % 2 else ("daemon", *order)
         for impl in order:
             served, dialed = await run_pair(
                 impl,
@@ -142,7 +184,9 @@ async def _networked(
                 warmup=tp_warmup,
                 time_limit=time_limit,
                 cpus=cpus,
+                command=commands.get(impl),
             )
+            check_frame(impl, dialed)
             rate = messages / served["elapsed"]
             record("throughput", impl, rate)
             record("throughput_listener_cpu", impl, served["cpu"] / messages * 1e6)
@@ -157,7 +201,9 @@ async def _networked(
                 warmup=rt_warmup,
                 time_limit=time_limit,
                 cpus=cpus,
+                command=commands.get(impl),
             )
+            check_frame(impl, dialed)
             samples = [ns / 1000 for ns in dialed["latencies_ns"]]
             latencies[impl].extend(samples)
             record("round_trip_p50", impl, percentile(samples, 0.5))
@@ -271,7 +317,13 @@ async def _networked(
         "throughput_warmup": tp_warmup,
         "round_trip_warmup": rt_warmup,
     }
-    return rows, extra
+    pooled = {
+        f"round_trip_{name}": {
+            impl: [percentile(samples, fraction)] for impl, samples in latencies.items()
+        }
+        for name, fraction in (("p50_pooled", 0.5), ("p99_pooled", 0.99))
+    }
+    return rows, extra, {**runs, **pooled}
 
 
 def _overheads(rows: Sequence[Row]) -> list[Comparison]:
@@ -308,48 +360,65 @@ def _recovery(cuts: int) -> list[RecoveryResult]:
 # -- (c): the codec, in process -----------------------------------------------------------
 
 
-def _per_message_us(loop: Callable[[], object], count: int) -> float:
-    """Median over CODEC_REPEAT timings of ``loop``, in microseconds per message."""
-    timings = []
+def _interleaved_us(
+    first: Callable[[], object], second: Callable[[], object], count: int
+) -> tuple[float, float]:
+    """Medians over CODEC_REPEAT timings of each, timed in alternation (µs per message)."""
+    timings: tuple[list[float], list[float]] = ([], [])
     for _ in range(CODEC_REPEAT):
-        started = time.perf_counter()
-        loop()
-        timings.append((time.perf_counter() - started) / count * 1e6)
-    return median(timings)
+        for loop, into in ((first, timings[0]), (second, timings[1])):
+            started = time.perf_counter()
+            loop()
+            into.append((time.perf_counter() - started) / count * 1e6)
+    return median(timings[0]), median(timings[1])
 
 
 def _codec(count: int) -> tuple[Row, Row, Row]:
+    """(c): our codec against plain orjson doing the same wire work.
+
+    The baseline (see also ``python -m bench.codec``): encoding is
+    ``orjson.dumps`` of the payload dict, decoded to ``str`` and set as the
+    envelope dict's ``payload``, then ``orjson.dumps`` of the envelope decoded to
+    ``str`` (a text frame); decoding is ``orjson.loads`` of the frame, then of
+    its ``payload`` string. Same bytes both ways, no typed objects.
+    """
     messages: list[FederationMessage] = make_delegations(count)
     frames = [encode_message(message) for message in messages]
     dicts = [equivalent_dict(message) for message in messages]
-    blobs = [orjson.dumps(value) for value in dicts]
+
+    def json_frame(wire: dict[str, Any]) -> str:
+        envelope = dict(wire)  # the keys in the wire's order
+        envelope["payload"] = orjson.dumps(wire["payload"]).decode()
+        return orjson.dumps(envelope).decode()
 
     def lib_round() -> None:
         for message in messages:
             decode_message(encode_message(message))
 
     def json_round() -> None:
-        for value in dicts:
-            orjson.loads(orjson.dumps(value))
+        for wire in dicts:
+            orjson.loads(orjson.loads(json_frame(wire))["payload"])
 
     def lib_encode() -> None:
         for message in messages:
             encode_message(message)
 
     def json_encode() -> None:
-        for value in dicts:
-            orjson.dumps(value)
+        for wire in dicts:
+            json_frame(wire)
 
     def lib_decode() -> None:
         for frame in frames:
             decode_message(frame)
 
     def json_decode() -> None:
-        for blob in blobs:
-            orjson.loads(blob)
+        for frame in frames:
+            orjson.loads(orjson.loads(frame)["payload"])
 
     if decode_message(frames[0]) != messages[0]:
         raise AssertionError("the codec does not round-trip the benchmark message")
+    if json_frame(dicts[0]) != frames[0]:
+        raise AssertionError("the orjson baseline does not write the codec's frame")
     pairs = {
         "codec": (lib_round, json_round, "(c) codec encode+decode"),
         "codec_encode": (lib_encode, json_encode, "    encode only"),
@@ -357,14 +426,16 @@ def _codec(count: int) -> tuple[Row, Row, Row]:
     }
     rows = []
     for key, (library, plain, label) in pairs.items():
+        library_us, plain_us = _interleaved_us(library, plain, count)
         rows.append(
             Row(
                 key=key,
                 label=label,
                 unit="us/msg",
-                library=_per_message_us(library, count),
-                raw=_per_message_us(plain, count),
+                library=library_us,
+                raw=plain_us,
                 better="lower",
+                target=CODEC_TARGET if key == "codec" else None,
             )
         )
     return rows[0], rows[1], rows[2]
@@ -402,18 +473,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = _environment()
     cpus = None if args.no_pin else pick_cpus()
     size = frame_size()
+    daemon = None if args.no_daemon else find_daemon()
+    if isinstance(daemon, str):
+        _progress(f"the daemon's rows are left out: {daemon}")
+        daemon = None
     _progress(
         f"benchmarking on {HOST}: {config['messages']:,} messages, "
         f"{config['round_trips']:,} round trips, {config['repeat']} repeat(s)"
     )
     try:
-        network_rows, extra = trio.run(
+        network_rows, extra, runs = trio.run(
             _networked,
             config["messages"],
             config["round_trips"],
             config["repeat"],
             args.timeout,
             cpus,
+            daemon,
         )
     except PeerError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
@@ -451,8 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"x {config['repeat']}, pooled; (c) {config['codec_messages']:,} messages x {CODEC_REPEAT}"
     )
     print(
-        "(c) baseline: orjson.dumps + orjson.loads of the same message as one dict "
-        "(payload as an object)"
+        "(c) baseline: plain orjson writing and reading the same frame from dicts: dumps of "
+        "the payload, as the envelope's payload string, dumps of the envelope; loads of the "
+        "frame, loads of its payload string"
     )
     print(
         "library peers: rate_limit=None; 'sessions on' is the default (resumable=True), "
@@ -463,6 +540,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_comparisons(overheads))
     print()
+    if daemon is not None:
+        print(
+            f"against the daemon: {PACKAGE}@{VERSION}'s OrchestratorConnection on both sides "
+            "(Node, ws), each sendMessage awaited; round trip: delegation -> acceptDelegation "
+            "-> 'callback'. Ratios are ours / daemon's, beside ours / raw trio-websocket's."
+        )
+        daemon_rows = format_daemon(runs)
+        print(daemon_rows)
+        print()
     policy = RECOVERY_POLICY
     print(
         f"(d) in this process: listener, FaultyProxy, dialer with ReconnectPolicy("
@@ -492,6 +578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "environment": env,
             "results": {row.key: row.as_json() for row in rows},
+            "daemon": (
+                None
+                if daemon is None
+                else {"package": f"{PACKAGE}@{VERSION}", "target": DAEMON_TARGET, "runs": runs}
+            ),
             "resumption_overhead": {c.key: c.as_json() for c in overheads},
             "recovery": recovery,
             "targets_met": all(row.met for row in rows if row.met is not None),

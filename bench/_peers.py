@@ -12,10 +12,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final
 
+import attrs
 import trio
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -83,21 +84,46 @@ class Peer:
         return report
 
 
+WORKER: Final = (sys.executable, "-m", "bench.worker")
+"""The command of a Python peer, before its arguments."""
+
+
+@attrs.frozen
+class PeerCommand:
+    """How to start a peer: the command before its arguments, and its environment.
+
+    A command other than :data:`WORKER` takes no ``--cpu``: it is pinned from
+    here, as soon as it is started (before it reports ready).
+    """
+
+    argv: tuple[str, ...] = WORKER
+    env: Mapping[str, str] | None = None
+
+
 @contextlib.asynccontextmanager
-async def spawn_peer(name: str, arguments: list[str]) -> AsyncIterator[Peer]:
-    """Run ``python -m bench.worker *arguments``; kill it if it is alive at the end.
+async def spawn_peer(
+    name: str,
+    arguments: list[str],
+    command: PeerCommand | None = None,
+    cpu: int | None = None,
+) -> AsyncIterator[Peer]:
+    """Run ``command`` with ``arguments``; kill it if it is alive at the end.
 
     Its stdin stays open (and empty) while the block runs: the child stops by
     itself when it closes, should this process die without killing it.
     """
+    command = command or PeerCommand()
     with tempfile.TemporaryFile() as stderr:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "bench.worker", *arguments],
+            [*command.argv, *arguments],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             cwd=ROOT,
+            env=command.env,
         )
+        if cpu is not None:  # from here: no preexec_fn in a process that has threads
+            os.sched_setaffinity(process.pid, {cpu})
         peer = Peer(name, process, stderr)
         try:
             yield peer
@@ -132,6 +158,7 @@ async def run_pair(
     warmup: int,
     time_limit: float,
     cpus: tuple[int, int] | None = None,
+    command: PeerCommand | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One measurement: a listener child and a dialer child; their two results.
 
@@ -142,20 +169,30 @@ async def run_pair(
     Raises:
         PeerError: a child failed, or the whole run took longer than ``time_limit`` seconds.
     """
-    common = ["--impl", impl, "--mode", mode, "--count", str(count), "--warmup", str(warmup)]
+    command = command or PeerCommand()
+    common = ["--mode", mode, "--count", str(count), "--warmup", str(warmup)]
     common += ["--timeout", f"{time_limit:g}"]
+    if command.argv == WORKER:
+        common += ["--impl", impl]
     listener_args, dialer_args = ["serve", *common], ["dial", *common]
-    if cpus is not None:
+    listener_cpu = dialer_cpu = None
+    if cpus is not None and command.argv == WORKER:
         listener_args += ["--cpu", str(cpus[0])]
         dialer_args += ["--cpu", str(cpus[1])]
+    elif cpus is not None:
+        listener_cpu, dialer_cpu = cpus
     phase = "starting the listener"
     try:
         with trio.fail_after(time_limit + EXIT_GRACE):
-            async with spawn_peer(f"{impl} {mode} listener", listener_args) as listener:
+            async with spawn_peer(
+                f"{impl} {mode} listener", listener_args, command, listener_cpu
+            ) as listener:
                 ready = await listener.expect("ready")
                 phase = "running the dialer"
                 dialer_args += ["--port", str(ready["port"])]
-                async with spawn_peer(f"{impl} {mode} dialer", dialer_args) as dialer:
+                async with spawn_peer(
+                    f"{impl} {mode} dialer", dialer_args, command, dialer_cpu
+                ) as dialer:
                     dialed = await dialer.expect("result")
                 phase = "waiting for the listener's result"
                 served = await listener.expect("result")

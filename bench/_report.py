@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
 import attrs
@@ -13,6 +13,18 @@ THROUGHPUT_TARGET: Final = 0.6
 """Library throughput must be at least this fraction of raw trio-websocket's."""
 P50_TARGET: Final = 1.3
 """Library p50 round trip must be at most this multiple of raw trio-websocket's."""
+DAEMON_TARGET: Final = 1.5
+"""Library stream (sessions on) must be at least this multiple of the daemon's (issue #16)."""
+DAEMON_FIGURES: Final = (
+    ("throughput", "(a) one-way throughput", "msg/s", "median"),
+    ("throughput_listener_cpu", "    receiver CPU", "us/msg", "median"),
+    ("throughput_dialer_cpu", "    sender CPU", "us/msg", "median"),
+    ("round_trip_p50_pooled", "(b) round trip p50", "us", "pooled"),
+    ("round_trip_p99_pooled", "(b) round trip p99", "us", "pooled"),
+    ("round_trip_dialer_cpu", "    dialer CPU", "us/trip", "median"),
+    ("round_trip_listener_cpu", "    listener CPU", "us/trip", "median"),
+)
+"""The figures compared with the daemon: (key, label, unit, how the repeats combine)."""
 
 
 def percentile(samples: Sequence[float], fraction: float) -> float:
@@ -206,3 +218,48 @@ def format_comparisons(comparisons: Sequence[Comparison]) -> str:
         for c in comparisons
     ]
     return _aligned(headers, lines, 2)
+
+
+def format_daemon(runs: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
+    """Ours against the TypeScript daemon's, beside ours against raw trio-websocket's.
+
+    ``runs`` maps a figure to an implementation to its values (one per repeat;
+    pooled percentiles have a single value).
+    """
+    headers = (
+        "against the daemon",
+        "unit",
+        "daemon",
+        "raw",
+        "lib",
+        "v1",
+        "lib/daemon",
+        "v1/daemon",
+        "lib/raw",
+        "v1/raw",
+    )
+    lines = []
+    for key, label, unit, _how in DAEMON_FIGURES:
+        values = {impl: median(runs[key][impl]) for impl in ("daemon", "raw", "lib", "lib-v1")}
+        daemon, raw = values["daemon"], values["raw"]
+        lines.append(
+            (
+                label,
+                unit,
+                _number(daemon),
+                _number(raw),
+                _number(values["lib"]),
+                _number(values["lib-v1"]),
+                f"{values['lib'] / daemon:.2f}x",
+                f"{values['lib-v1'] / daemon:.2f}x",
+                f"{values['lib'] / raw:.2f}x",
+                f"{values['lib-v1'] / raw:.2f}x",
+            )
+        )
+    throughput = {impl: median(runs["throughput"][impl]) for impl in ("lib", "daemon")}
+    ratio = throughput["lib"] / throughput["daemon"]
+    verdict = "met" if ratio >= DAEMON_TARGET else "MISSED"
+    return (
+        _aligned(headers, lines, 2)
+        + f"\ntarget (a) lib/daemon = {ratio:.2f}x, wanted >= {DAEMON_TARGET:.2f}x: {verdict}"
+    )

@@ -39,7 +39,16 @@ from trio_federation import (
     encode_message,
     make_converter,
 )
-from trio_federation._wire._codec import _camel, _decode_envelope, _decode_fast, _encode
+from trio_federation._wire._codec import (
+    _camel,
+    _decode_envelope,
+    _decode_fast,
+    _encode,
+    _fast_ms,
+    _format_time,
+    _to_ms,
+    format_timestamp,
+)
 
 from . import strategies
 from .strategies import FUZZ_SCALE
@@ -188,6 +197,95 @@ def test_valid_frames_take_the_fast_path_to_the_reference_result(
     reference = reference_decode(frame)
     assert (fast, repr(fast)) == (reference, repr(reference))
     assert repr(decode_message(frame)) == repr(reference)
+
+
+def attrs_instances(value: Any) -> list[Any]:
+    """``value`` and every attrs instance inside it, depth first."""
+    if attrs.has(type(value)):
+        found = [value]
+        for field in attrs.fields(type(value)):
+            found += attrs_instances(getattr(value, field.name))
+        return found
+    if isinstance(value, (tuple, list)):
+        return [inner for item in value for inner in attrs_instances(item)]
+    return []
+
+
+@given(strategies.messages(), st.booleans())
+@settings(max_examples=100 * FUZZ_SCALE, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_decoded_instances_are_what_their_own_init_makes(
+    message: FederationMessage, payload_as_object: bool
+) -> None:
+    # The fast path fills the slots without running __init__: every instance it
+    # builds must be one that __init__ (converters, validators) leaves unchanged.
+    frame = encode_message(message)
+    if payload_as_object:
+        frame = orjson.dumps(wire_dict(message)).decode()
+    fast = _decode_fast(orjson.loads(frame))
+    assert fast is not None
+    for instance in attrs_instances(fast):
+        rebuilt = attrs.evolve(instance)
+        assert (rebuilt, repr(rebuilt)) == (instance, repr(instance))
+        assert [type(getattr(rebuilt, f.name)) for f in attrs.fields(type(instance))] == [
+            type(getattr(instance, f.name)) for f in attrs.fields(type(instance))
+        ]
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.none() | st.just(UTC) | st.timezones(),  # type: ignore[arg-type]
+    )
+)
+def test_cached_time_formatting_is_format_timestamp(value: datetime) -> None:
+    # Twice: the second call may be answered from the cache.
+    assert _format_time(value) == format_timestamp(value)
+    assert _format_time(value) == format_timestamp(value)
+
+
+@given(
+    st.floats(allow_nan=False)
+    | st.integers(min_value=0, max_value=10**12).map(lambda ms: ms / 1000)
+    | st.integers(min_value=0, max_value=2**60)
+)
+def test_fast_milliseconds_are_the_reference_milliseconds(seconds: float) -> None:
+    fast, reference = _fast_ms(seconds), _to_ms(seconds)
+    assert (fast, type(fast), repr(fast)) == (reference, type(reference), repr(reference))
+
+
+def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
+    # The second decoding and the equal times inside one frame come from the
+    # parse cache; equal instants written differently must not share an entry.
+    for stamp in ("2026-11-26T12:00:00.123Z", "2026-11-26T12:00:00.123+00:00"):
+        task = {
+            "id": "t-1",
+            "type": "code",
+            "description": "d",
+            "priority": "high",
+            "status": "pending",
+            "createdAt": stamp,
+            "updatedAt": "2026-11-26T12:00:00.123Z",
+        }
+        payload = {
+            "fromOrchestratorId": "a",
+            "toOrchestratorId": "b",
+            "task": task,
+            "priority": "high",
+        }
+        envelope = {
+            "type": "delegation",
+            "payload": json.dumps(payload),
+            "from": "a",
+            "to": "b",
+            "timestamp": stamp,
+        }
+        frame = json.dumps(envelope)
+        for _ in range(2):
+            fast = _decode_fast(orjson.loads(frame))
+            reference = reference_decode(frame)
+            assert fast is not None
+            assert (fast, repr(fast)) == (reference, repr(reference))
 
 
 # Values that sit on the edges the fast path checks: JSON types the reference

@@ -17,7 +17,7 @@ import enum
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
@@ -63,6 +63,8 @@ __all__ = [
     "encode_message",
     "make_converter",
 ]
+
+_T = TypeVar("_T")
 
 MAX_FRAME_SIZE: Final = 1024 * 1024
 """Largest frame, in characters, that is decoded (larger ones are refused first)."""
@@ -403,12 +405,22 @@ def encode_message(message: FederationMessage) -> str:
         TypeError: a free-form field (``result``, ``data``, ``metadata``...)
             holds a value JSON cannot represent.
     """
-    unstructure = _FAST_UNSTRUCTURE.get(type(message.payload), _UNSTRUCTURE)
-    return _encode(message, unstructure)
+    unstructure = _FAST_UNSTRUCTURE.get(type(message.payload))
+    if unstructure is None:
+        return _encode(message, _UNSTRUCTURE)
+    return _encode(message, unstructure, _format_time)
 
 
-def _encode(message: FederationMessage, unstructure: Callable[[Any], Any]) -> str:
-    """Encode ``message``, turning its payload into a dictionary with ``unstructure``."""
+def _encode(
+    message: FederationMessage,
+    unstructure: Callable[[Any], Any],
+    format_time: Callable[[datetime], str] = format_timestamp,
+) -> str:
+    """Encode ``message``, turning its payload into a dictionary with ``unstructure``.
+
+    ``format_time`` formats the envelope's timestamp: the fast path passes its
+    cached formatter, the reference the plain one.
+    """
     try:
         payload = _dumps(unstructure(message.payload)).decode()
     except orjson.JSONEncodeError as exc:
@@ -419,7 +431,7 @@ def _encode(message: FederationMessage, unstructure: Callable[[Any], Any]) -> st
         "payload": payload,
         "from": message.sender,
         "to": message.recipient,
-        "timestamp": format_timestamp(message.timestamp),
+        "timestamp": format_time(message.timestamp),
     }
     if message.correlation_id is not None:
         envelope["correlationId"] = message.correlation_id
@@ -594,26 +606,85 @@ def _decode_envelope(envelope: object) -> FederationMessage:
 #   converter builds (same keys, same order, same omissions, the same value
 #   hooks: format_timestamp, _to_ms, _js_number, _js_values) and hands it to the
 #   same _dumps. Enumeration members go to orjson as they are, as cattrs passes
-#   them; orjson writes a StrEnum as its string.
+#   them; orjson writes a StrEnum as its string. Two shortcuts: equal UTC times
+#   share one formatted text (_format_time: a delegation's createdAt, updatedAt
+#   and envelope timestamp are usually one time), and whole milliseconds skip
+#   _to_ms's round() (_fast_ms).
 # * Decoding accepts only what is unambiguously valid: exact JSON types, UTC
 #   timestamps, known enumeration values. Anything else — including inputs the
 #   reference accepts after a conversion (an integral float for an int, a
 #   non-UTC offset) — makes _decode_fast return None, and the frame is decoded
 #   by _decode_envelope, which also builds every error message. So a refused
-#   frame gets exactly the reference's MalformedMessage.
+#   frame gets exactly the reference's MalformedMessage. Having checked every
+#   value itself, it fills the instances' slots without running the attrs
+#   __init__ (_builder), and equal timestamp strings share one parsed datetime.
 #
 # tests/test_codec_fast.py pins both directions to the reference with
-# Hypothesis: identical bytes out, equal messages in, identical errors.
+# Hypothesis: identical bytes out, equal messages in, identical errors; every
+# fast-decoded instance is one its own __init__ leaves unchanged, and the
+# cached formatter and _fast_ms give what format_timestamp and _to_ms give.
+# Each shortcut was kept only where bench.codec measured a gain (see the
+# Performance section of docs/design.rst).
 
 
 class _NotFast(Exception):
     """The fast path does not take this input; the reference path decides."""
 
 
+def _builder(cls: type[_T]) -> Callable[..., _T]:
+    """A function making a ``cls`` from all its field values, in field order.
+
+    It fills the slots without running the attrs ``__init__``: no converters, no
+    validators. Only for the fast path, whose values are already exactly what
+    those would produce (tests/test_codec_fast.py rebuilds every fast-decoded
+    instance through ``__init__`` and compares). A new field changes the
+    function's arity, so a call that misses it fails loudly.
+    """
+    fields = attrs.fields(cls)  # type: ignore[arg-type]  # any attrs class
+    if "__slots__" not in cls.__dict__ or hasattr(cls, "__attrs_post_init__"):
+        raise TypeError(f"{cls.__name__} must be a slotted attrs class without post-init")
+    names = [field.name for field in fields]
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    lines = [f"def build_{cls.__name__}({', '.join(names)}):", "    self = new(cls)"]
+    for name in names:
+        namespace[f"set_{name}"] = cls.__dict__[name].__set__  # the slot's own setter
+        lines.append(f"    set_{name}(self, {name})")
+    lines.append("    return self")
+    exec("\n".join(lines), namespace)  # as attrs itself generates __init__
+    build: Callable[..., _T] = namespace[f"build_{cls.__name__}"]
+    return build
+
+
+_new_task: Final = _builder(Task)
+_new_delegation: Final = _builder(DelegationRequest)
+_new_response: Final = _builder(DelegationResponse)
+_new_resources: Final = _builder(AssignedResources)
+_new_callback: Final = _builder(TaskCallback)
+_new_broadcast: Final = _builder(BroadcastPayload)
+_new_heartbeat: Final = _builder(HeartbeatPayload)
+_new_health: Final = _builder(ConnectionHealth)
+_new_message: Final = _builder(FederationMessage)
+
+
+_TIME_CACHE_SIZE: Final = 256
+"""Timestamps kept formatted and parsed (each cache is emptied when full): a
+message's times repeat within it (a fresh task's ``createdAt``, ``updatedAt``
+and the envelope's ``timestamp``) and across the messages of one task."""
+_FORMATTED: Final[dict[datetime, str]] = {}
+_PARSED: Final[dict[str, datetime]] = {}
+
+
 def _fast_time(value: object) -> datetime:
+    """A UTC timestamp, parsed once while it is cached; anything else is not fast."""
     if type(value) is str:
+        parsed = _PARSED.get(value)
+        if parsed is not None:
+            return parsed
         parsed = datetime.fromisoformat(value)
         if parsed.tzinfo is UTC:
+            if len(_PARSED) >= _TIME_CACHE_SIZE:
+                _PARSED.clear()
+            _PARSED[value] = parsed
             return parsed
     raise _NotFast
 
@@ -645,6 +716,21 @@ def _fast_int(value: object) -> int:
     raise _NotFast
 
 
+def _format_time(value: datetime) -> str:
+    """:func:`format_timestamp`, formatting each UTC time once while it is cached.
+
+    The text depends on the instant only, so equal times share it.
+    """
+    text = _FORMATTED.get(value)
+    if text is None:
+        text = format_timestamp(value)
+        if value.tzinfo is UTC:  # naive times depend on the local zone: never cached
+            if len(_FORMATTED) >= _TIME_CACHE_SIZE:
+                _FORMATTED.clear()
+            _FORMATTED[value] = text
+    return text
+
+
 def _members(cls: type[enum.Enum]) -> dict[str, Any]:
     # Indexed with the decoded JSON value: only a string can be found (orjson
     # makes no str subclasses); anything else raises KeyError or TypeError.
@@ -664,25 +750,41 @@ def _structure_task(raw: object) -> Task:
         raise _NotFast
     task_id = raw["id"]
     description = raw["description"]
-    if type(task_id) is not str or type(description) is not str:
+    created = raw["createdAt"]
+    updated = raw["updatedAt"]
+    assigned_to = raw.get("assignedTo")
+    metadata = raw.get("metadata")
+    # The helpers' checks, inline on the hottest path (a call costs as much).
+    if (
+        type(task_id) is not str
+        or type(description) is not str
+        or (assigned_to is not None and type(assigned_to) is not str)
+        or (metadata is not None and type(metadata) is not dict)
+    ):
         raise _NotFast
-    return Task(
+    return _new_task(
         id=task_id,
         type=_TASK_TYPES[raw["type"]],
         description=description,
         priority=_PRIORITIES[raw["priority"]],
         status=_TASK_STATUSES[raw["status"]],
-        created_at=_fast_time(raw["createdAt"]),
-        updated_at=_fast_time(raw["updatedAt"]),
-        assigned_to=_fast_optional_str(raw.get("assignedTo")),
-        metadata=_fast_optional_object(raw.get("metadata")),
+        created_at=_PARSED.get(created) or _fast_time(created),
+        updated_at=_PARSED.get(updated) or _fast_time(updated),
+        assigned_to=assigned_to,
+        metadata=metadata,
     )
 
 
 def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
     sender = raw["fromOrchestratorId"]
     recipient = raw["toOrchestratorId"]
-    if type(sender) is not str or type(recipient) is not str:
+    timeout = raw.get("timeout")
+    callback_id = raw.get("callbackId")
+    if (
+        type(sender) is not str
+        or type(recipient) is not str
+        or (callback_id is not None and type(callback_id) is not str)
+    ):
         raise _NotFast
     capabilities = raw.get("requiredCapabilities")
     if type(capabilities) is list:
@@ -697,15 +799,15 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
     context = raw.get("context")
     if context is not None:  # rare: the generic (non-detailed) hook
         context = _FAST_STRUCTURE(context, SharedContext)
-    return DelegationRequest(
+    return _new_delegation(
         from_orchestrator_id=sender,
         to_orchestrator_id=recipient,
         task=_structure_task(raw["task"]),
         priority=_PRIORITIES[raw["priority"]],
         required_capabilities=capabilities,
         context=context,
-        timeout=_fast_seconds(raw.get("timeout")),
-        callback_id=_fast_optional_str(raw.get("callbackId")),
+        timeout=_fast_seconds(timeout),
+        callback_id=callback_id,
     )
 
 
@@ -719,10 +821,10 @@ def _structure_response(raw: dict[str, Any]) -> DelegationResponse:
     if resources is not None:
         if type(resources) is not dict:
             raise _NotFast
-        resources = AssignedResources(
+        resources = _new_resources(
             sessions=_fast_int(resources["sessions"]), tokens=_fast_int(resources["tokens"])
         )
-    return DelegationResponse(
+    return _new_response(
         task_id=task_id,
         accepted=accepted,
         reason=_fast_optional_str(raw.get("reason")),
@@ -740,7 +842,7 @@ def _structure_callback(raw: dict[str, Any]) -> TaskCallback:
         progress = float(progress)
     elif progress is not None and type(progress) is not float:
         raise _NotFast
-    return TaskCallback(
+    return _new_callback(
         task_id=task_id,
         status=_CALLBACK_STATUSES[raw["status"]],
         result=raw.get("result"),
@@ -754,14 +856,14 @@ def _structure_broadcast(raw: dict[str, Any]) -> BroadcastPayload:
     topic = raw["topic"]
     if type(topic) is not str:
         raise _NotFast
-    return BroadcastPayload(topic=topic, data=raw.get("data"), ttl=_fast_seconds(raw.get("ttl")))
+    return _new_broadcast(topic=topic, data=raw.get("data"), ttl=_fast_seconds(raw.get("ttl")))
 
 
 def _structure_heartbeat(raw: dict[str, Any]) -> HeartbeatPayload:
     orchestrator_id = raw["orchestratorId"]
     if type(orchestrator_id) is not str:
         raise _NotFast
-    return HeartbeatPayload(
+    return _new_heartbeat(
         orchestrator_id=orchestrator_id,
         timestamp=_fast_time(raw["timestamp"]),
         status=_HEARTBEAT_STATUSES[raw["status"]],
@@ -773,7 +875,7 @@ def _structure_health(raw: dict[str, Any]) -> ConnectionHealth:
     uptime = _fast_seconds(raw["uptime"])
     if uptime is None:
         raise _NotFast
-    return ConnectionHealth(
+    return _new_health(
         status=_CONNECTION_STATUSES[raw["status"]],
         uptime=uptime,
         last_heartbeat=_fast_time(raw["lastHeartbeat"]),
@@ -809,7 +911,8 @@ def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
             or (correlation_id is not None and type(correlation_id) is not str)
         ):
             return None
-        timestamp = _fast_time(envelope["timestamp"])
+        timestamp = envelope["timestamp"]
+        timestamp = _PARSED.get(timestamp) or _fast_time(timestamp)
         if type(raw) is str:
             raw = orjson.loads(raw)
         if type(raw) is not dict:
@@ -822,7 +925,7 @@ def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
                 structure = _structure_callback
             else:
                 return None
-        return FederationMessage(
+        return _new_message(
             type=message_type,
             payload=structure(raw),
             sender=sender,
@@ -834,6 +937,18 @@ def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
         return None
 
 
+def _fast_ms(seconds: float) -> float | int:
+    """:func:`_to_ms` without its slow ``round`` when the milliseconds are whole.
+
+    A whole number of milliseconds is what ``round(..., 6)`` leaves unchanged,
+    and what ``_js_number`` writes as an integer; anything else takes ``_to_ms``.
+    """
+    ms = seconds * 1000
+    if type(ms) is float and ms.is_integer() and -(2**53) < ms < 2**53:
+        return int(ms)
+    return _to_ms(seconds)
+
+
 def _unstructure_task(task: Task) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "id": task.id,
@@ -841,8 +956,8 @@ def _unstructure_task(task: Task) -> dict[str, Any]:
         "description": task.description,
         "priority": task.priority,
         "status": task.status,
-        "createdAt": format_timestamp(task.created_at),
-        "updatedAt": format_timestamp(task.updated_at),
+        "createdAt": _format_time(task.created_at),
+        "updatedAt": _format_time(task.updated_at),
     }
     if task.assigned_to is not None:
         raw["assignedTo"] = task.assigned_to
@@ -872,7 +987,7 @@ def _unstructure_delegation(request: DelegationRequest) -> dict[str, Any]:
     if request.context is not None:
         raw["context"] = _UNSTRUCTURE_CONTEXT(request.context)
     if request.timeout is not None:
-        raw["timeout"] = _to_ms(request.timeout)
+        raw["timeout"] = _fast_ms(request.timeout)
     if request.callback_id is not None:
         raw["callbackId"] = request.callback_id
     return raw
@@ -883,7 +998,7 @@ def _unstructure_response(response: DelegationResponse) -> dict[str, Any]:
     if response.reason is not None:
         raw["reason"] = response.reason
     if response.estimated_completion is not None:
-        raw["estimatedCompletion"] = format_timestamp(response.estimated_completion)
+        raw["estimatedCompletion"] = _format_time(response.estimated_completion)
     resources = response.assigned_resources
     if resources is not None:
         raw["assignedResources"] = {"sessions": resources.sessions, "tokens": resources.tokens}
@@ -908,14 +1023,14 @@ def _unstructure_broadcast(broadcast: BroadcastPayload) -> dict[str, Any]:
     if broadcast.data != None:  # noqa: E711
         raw["data"] = _js_values(broadcast.data)
     if broadcast.ttl is not None:
-        raw["ttl"] = _to_ms(broadcast.ttl)
+        raw["ttl"] = _fast_ms(broadcast.ttl)
     return raw
 
 
 def _unstructure_heartbeat(heartbeat: HeartbeatPayload) -> dict[str, Any]:
     return {
         "orchestratorId": heartbeat.orchestrator_id,
-        "timestamp": format_timestamp(heartbeat.timestamp),
+        "timestamp": _format_time(heartbeat.timestamp),
         "status": heartbeat.status,
         "activeConnections": heartbeat.active_connections,
     }
@@ -924,14 +1039,14 @@ def _unstructure_heartbeat(heartbeat: HeartbeatPayload) -> dict[str, Any]:
 def _unstructure_health(health: ConnectionHealth) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "status": health.status,
-        "uptime": _to_ms(health.uptime),
-        "lastHeartbeat": format_timestamp(health.last_heartbeat),
+        "uptime": _fast_ms(health.uptime),
+        "lastHeartbeat": _format_time(health.last_heartbeat),
         "messagesSent": health.messages_sent,
         "messagesReceived": health.messages_received,
         "errors": health.errors,
     }
     if health.latency is not None:
-        raw["latency"] = _to_ms(health.latency)
+        raw["latency"] = _fast_ms(health.latency)
     return raw
 
 
