@@ -186,6 +186,23 @@ async def test_an_executor_exception_is_failed_with_its_message() -> None:
     assert b.statistics().tasks_failed == 1 and a.statistics().failed == 1
 
 
+async def test_a_result_json_cannot_carry_fails_the_task_not_the_node() -> None:
+    async def execute(ctx: TaskContext) -> object:
+        return object() if ctx.task.id == "t-1" else {"fine": True}
+
+    async with node("orch-b", executor=execute) as b:
+        async with node("orch-a") as a:
+            with pytest.raises(DelegationFailed) as info:
+                await a.delegate(task())
+            # The node is still up, and a repeat gets the same (stored) failure.
+            assert await a.delegate(task("t-2")) == {"fine": True}
+            with pytest.raises(DelegationFailed):
+                await a.delegate(task())
+    reason = info.value.attempts[-1].reason or ""
+    assert reason.startswith("TypeError: the result cannot be sent")
+    assert b.statistics().tasks_failed == 1 and b.statistics().tasks_completed == 1
+
+
 async def test_a_task_nobody_can_run_fails_and_runs_nowhere() -> None:
     ran: list[str] = []
 

@@ -45,6 +45,7 @@ from .._registry._registry import (
     open_registry,
 )
 from .._wire._auth import SecretLookup
+from .._wire._codec import encode_message
 from .._wire._messages import (
     BroadcastPayload,
     CallbackStatus,
@@ -684,9 +685,7 @@ class FederationNode:
                     error = f"{type(exc).__name__}: {exc}"
                     final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=error)
                 else:
-                    final = TaskCallback(
-                        task_id=task.id, status=CallbackStatus.COMPLETED, result=result
-                    )
+                    final = self._completed(task.id, origin, result)
             if final is None:  # the scope was cancelled: a cancel, the node, or the deadline
                 reason = self._executions[(origin, task.id)].reason or "deadline exceeded"
                 final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=reason)
@@ -697,6 +696,28 @@ class FederationNode:
                 await self._conclude(origin, task.id, final)
             raise
         await self._conclude(origin, task.id, final)
+
+    def _completed(self, task_id: str, origin: str, result: Any) -> TaskCallback:
+        """The ``completed`` callback for ``result``, or ``failed`` if it cannot travel.
+
+        A result JSON cannot represent (an arbitrary object, say) is the task's
+        failure, reported to its delegator, not a crash of the node.
+        """
+        final = TaskCallback(task_id=task_id, status=CallbackStatus.COMPLETED, result=result)
+        try:
+            encode_message(
+                FederationMessage(
+                    type=MessageType.CALLBACK, payload=final, sender=self.local_id, recipient=origin
+                )
+            )
+        except (TypeError, ValueError) as exc:
+            logger.error("task %r from %r: its result cannot be sent: %s", task_id, origin, exc)
+            return TaskCallback(
+                task_id=task_id,
+                status=CallbackStatus.FAILED,
+                error=f"{type(exc).__name__}: the result cannot be sent: {exc}",
+            )
+        return final
 
     async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
         self._admission.finish(origin, task_id, final, trio.current_time())
