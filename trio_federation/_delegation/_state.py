@@ -50,13 +50,16 @@ class DelegationStatus(enum.StrEnum):
     ACCEPTED = "accepted"
     """The assignee accepted it."""
     REJECTED = "rejected"
-    """The last candidate refused; final once every attempt is spent."""
+    """The last attempt found no executor (a refusal, an unreachable or lost
+    one, or no candidate at all); final once every attempt is spent, when the
+    delegation raises :exc:`~trio_federation.DelegationFailed` (and counts in
+    ``NodeStatistics.failed``)."""
     IN_PROGRESS = "in_progress"
     """The assignee reported progress."""
     COMPLETED = "completed"
     """Final: the assignee returned a result."""
     FAILED = "failed"
-    """Final: the task failed where it ran, or every attempt was spent."""
+    """Final: the task failed where it ran (its executor reported ``failed``)."""
     CANCELLED = "cancelled"
     """Final: the delegator's scope was cancelled."""
     TIMEOUT = "timeout"
