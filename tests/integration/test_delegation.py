@@ -396,6 +396,27 @@ async def test_leaving_open_delegation_cancels_and_the_status_says_so() -> None:
                 await delegation.result()
 
 
+async def test_a_refusal_after_a_cancel_ends_the_wait_at_once() -> None:
+    # The executor refuses (overloaded) a delegation its delegator has
+    # already left: the refusal is its last word, no grace period is waited.
+    started = trio.Event()
+
+    async def execute(ctx: TaskContext) -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    async with node("orch-b", executor=execute, max_concurrent_tasks=1):
+        async with node("orch-a", cancel_grace=5.0) as a, trio.open_nursery() as nursery:
+            nursery.start_soon(a.delegate, task("busy"))
+            await started.wait()
+            began = trio.current_time()
+            async with a.open_delegation(task("t-2"), max_attempts=1) as delegation:
+                while delegation.assignee is None:  # sent: the refusal is a round trip away
+                    await trio.sleep(0)
+            assert trio.current_time() - began < 1.0
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_deadline_travels_and_expires_on_the_executor() -> None:
     seen: list[TaskContext] = []
 

@@ -176,6 +176,8 @@ class Delegation:
         elif answer is not None:
             stats["rejected"] += 1
             logger.info("%s refused %r: %s", peer, self.task_id, response.reason)
+        elif not response.accepted:
+            self._settled.set()  # cancelled meanwhile: a refusal is the executor's last word
         self._wake.set()
 
     def _on_callback(self, peer: str, callback: TaskCallback) -> None:
