@@ -39,8 +39,8 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ([*NODE, "--executor", EXECUTOR, "--listen", "127.0.0.1:70000"], "expected HOST:PORT"),
         ([*NODE, "--executor", "no-colon"], "expected MODULE:FUNCTION"),
         (
-            [*NODE, "--executor", EXECUTOR, "--capability", "testing,docs"],
-            "unknown capability 'docs'",
+            [*NODE, "--executor", EXECUTOR, "--capability", "testing,two words"],
+            "bad capability name 'two words'",
         ),
         ([*NODE, "--executor", "tests:"], "expected MODULE:FUNCTION"),
         ([*NODE, "--executor", "no_such_module_here:run"], "no module named 'no_such_module_here'"),
@@ -160,3 +160,9 @@ def test_delegate_without_any_executor_lists_its_attempts(
     assert captured.out == ""
     assert "delegating t-1 failed after 1 attempt(s):" in captured.err
     assert "  1. (no candidate): no_candidate" in captured.err
+
+
+def test_custom_capabilities_are_accepted_as_the_library_accepts_them() -> None:
+    from trio_federation._cli import _capability_names
+
+    assert _capability_names("testing, my-cap,gpu:a100") == ("testing", "my-cap", "gpu:a100")

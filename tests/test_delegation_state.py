@@ -525,3 +525,12 @@ def test_the_cores_import_no_trio(module: str) -> None:
             imported.add(("." * node.level) + (node.module or ""))
     assert not {"trio", "trio_websocket"} & imported
     assert not any(name.endswith(("_connection", "_transport", "_node")) for name in imported)
+
+
+def test_latency_percentiles_are_nearest_rank() -> None:
+    from trio_federation._delegation._node import _percentile
+
+    assert _percentile([], 0.5) is None
+    assert _percentile([2.0, 1.0], 0.5) == 1.0
+    assert _percentile([1.0, 2.0, 3.0, 4.0], 0.95) == 4.0
+    assert _percentile([float(n) for n in range(1, 101)], 0.5) == 50.0

@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import logging
+import re
 import signal
 import sys
 import uuid
@@ -130,12 +131,20 @@ def _executor(text: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
+_CAPABILITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
 def _capability_names(text: str) -> tuple[str, ...]:
+    # Any name, as the library takes (the standard ones are Capability's):
+    # only what a registry index and a header can hold is refused.
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     for name in names:
-        if name not in Capability._value2member_map_:
-            allowed = ", ".join(c.value for c in Capability)
-            raise argparse.ArgumentTypeError(f"unknown capability {name!r} (one of: {allowed})")
+        if not _CAPABILITY_NAME.fullmatch(name):
+            standard = ", ".join(c.value for c in Capability)
+            raise argparse.ArgumentTypeError(
+                f"bad capability name {name!r}: letters, digits and _ . : - only, "
+                f"at most 64 (the standard ones: {standard})"
+            )
     return names
 
 

@@ -202,10 +202,11 @@ class NodeStatistics:
 
 
 def _percentile(samples: Iterable[float], fraction: float) -> float | None:
+    """The nearest-rank percentile (p50 of two samples is the smaller one)."""
     ordered = sorted(samples)
     if not ordered:
         return None
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 # -- the executing side ---------------------------------------------------------------
@@ -1003,8 +1004,10 @@ class FederationNode:
     async def broadcast(self, topic: str, data: Any = None, ttl: float | None = None) -> int:
         """Send a broadcast to every healthy peer this node knows, once each.
 
-        Peers not connected yet are dialed; one that cannot be reached is
-        skipped (and logged). Returns how many peers it was sent to.
+        Peers not connected yet are dialed; one that cannot be reached, or
+        whose connection is not healthy (no liveness signal within the
+        heartbeat timeout), is skipped (and logged). Returns how many peers it
+        was sent to.
         """
         await self._refresh_records()
         payload = BroadcastPayload(topic=topic, data=data, ttl=ttl)
@@ -1019,6 +1022,9 @@ class FederationNode:
         for peer in sorted(ids):
             try:
                 connection = await self._connection_for(peer)
+                if not connection.is_healthy():
+                    logger.info("broadcast %r not sent to %r: not healthy", topic, peer)
+                    continue
                 await connection.send(
                     FederationMessage(
                         type=MessageType.BROADCAST,
