@@ -38,6 +38,7 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         ([*NODE, "--executor", EXECUTOR, "--listen", "127.0.0.1:http"], "expected HOST:PORT"),
         ([*NODE, "--executor", EXECUTOR, "--listen", "127.0.0.1:70000"], "expected HOST:PORT"),
         ([*NODE, "--executor", "no-colon"], "expected MODULE:FUNCTION"),
+        ([*NODE, "--executor", EXECUTOR, "--endpoint", "http://x:1"], "expected a ws:// or wss://"),
         (
             [*NODE, "--executor", EXECUTOR, "--capability", "testing,two words"],
             "bad capability name 'two words'",

@@ -134,6 +134,12 @@ def _executor(text: str) -> Callable[..., Any]:
 _CAPABILITY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
+def _ws_url(text: str) -> str:
+    if not text.startswith(("ws://", "wss://")) or text[-3:] == "://":
+        raise argparse.ArgumentTypeError(f"expected a ws:// or wss:// URL, got {text!r}")
+    return text
+
+
 def _capability_names(text: str) -> tuple[str, ...]:
     # Any name, as the library takes (the standard ones are Capability's):
     # only what a registry index and a header can hold is refused.
@@ -224,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=("127.0.0.1", 0),
         metavar="HOST:PORT",
         help="where to listen (default: 127.0.0.1:0, a free port)",
+    )
+    node.add_argument(
+        "--endpoint",
+        type=_ws_url,
+        metavar="URL",
+        help="the URL peers dial, as registered (default: ws://HOST:PORT/federation from "
+        "--listen; give it when listening on 0.0.0.0 or behind a proxy)",
     )
     _add_capabilities(node, "what it executes")
     _add_registry(node)
@@ -432,6 +445,7 @@ async def _run_node(args: argparse.Namespace) -> int:
                         registry=registry,
                         host=host,
                         port=port,
+                        endpoint=args.endpoint,
                         max_concurrent_tasks=args.max_concurrent,
                         secret=secret,
                         secrets=None if secret is None else (lambda _peer: secret),

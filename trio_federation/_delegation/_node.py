@@ -1221,7 +1221,10 @@ async def open_federation_node(
     :func:`~trio_federation.open_registry` (opened and closed with the node),
     or by default (or ``"memory://"``) the one memory registry shared by every
     node of this trio run — with its ``endpoint`` (default
-    ``ws://{host}:{port}/federation``), its capabilities and its live load
+    ``ws://{host}:{port}/federation``; a node listening on every interface,
+    ``0.0.0.0`` or ``::``, registers ``127.0.0.1``, which only peers on the
+    same machine can dial: give ``endpoint=`` the address they can reach),
+    its capabilities and its live load
     (``current_sessions`` = tasks running, ``max_sessions`` =
     ``max_concurrent_tasks``). Peers are found through the registry and the
     static ``peers=`` mapping of id to URL; connections are dialed when
