@@ -120,6 +120,23 @@ async def test_queue_full_raises_and_send_waits_for_room() -> None:
         assert ids == ["1", "2", "3"]
 
 
+async def test_send_nowait_queues_without_a_checkpoint_or_raises_would_block() -> None:
+    from trio_federation.testing import open_connection_pair
+
+    async with open_connection_pair(resumable=True, max_queue_size=3) as (a, b):
+        # No checkpoint between them: the three go out in one batch.
+        for n in range(3):
+            a.send_nowait(delegation(f"n{n}"))
+        with pytest.raises(trio.WouldBlock):
+            a.send_nowait(delegation("n3"))
+        assert [m.correlation_id for m in a.message_queue] == ["n0", "n1", "n2"]
+        got = [(await b.receive()).correlation_id for _ in range(3)]
+        assert got == ["n0", "n1", "n2"]
+        await a.disconnect()
+        with pytest.raises(trio.ClosedResourceError):
+            a.send_nowait(delegation("late"))
+
+
 async def test_send_cancelled_while_waiting_queues_nothing() -> None:
     async with open_websocket_pair() as pair:
         a = OrchestratorConnection(id="x", socket=pair.client, max_queue_size=1)

@@ -576,6 +576,23 @@ class OrchestratorConnection:
         # Queued, so not cancellable any more; yielding now lets the writer run.
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_nowait(self, message: FederationMessage | CoordinatorFrame) -> None:
+        """Queue ``message`` without waiting, as trio's channels do (no checkpoint).
+
+        For producers that queue several messages before yielding: the writer
+        then sends what waits in one batch. Pair it with :meth:`send` (or a
+        checkpoint of your own) so the writer gets to run.
+
+        Raises:
+            trio.WouldBlock: ``max_queue_size`` messages are already waiting;
+                nothing was queued.
+            ConnectionLost: the peer closed the connection (or it died).
+            trio.ClosedResourceError: you closed it (:meth:`disconnect`).
+            TypeError: ``message`` cannot be encoded.
+        """
+        self._check_sendable()
+        self._queue.put_nowait(self._encode(message))
+
     async def send(self, message: FederationMessage | CoordinatorFrame) -> None:
         """Like :meth:`send_message`, but wait for room when the queue is full.
 
