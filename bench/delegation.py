@@ -36,6 +36,7 @@ import trio
 from trio_federation import (
     DelegationRequest,
     FederationMessage,
+    FederationNode,
     OrchestratorConnection,
     Task,
     TaskCallback,
@@ -72,9 +73,48 @@ async def _answer(conn: OrchestratorConnection) -> None:
         )
 
 
+async def interleaved(
+    node: FederationNode, conn: OrchestratorConnection, count: int, prefer: Sequence[str] = ()
+) -> dict[str, list[float]]:
+    """``count`` delegations by ``node`` and bare request/replies over ``conn``.
+
+    In alternating blocks of ``BLOCK``, in seconds; ``conn``'s peer answers
+    each delegation message with one callback.
+    """
+    samples: dict[str, list[float]] = {"delegation": [], "bare": []}
+    done = 0
+    while done < count:
+        block = min(BLOCK, count - done)
+        for index in range(done, done + block):
+            task = Task(id=f"d-{index}", description="")
+            start = time.perf_counter()
+            await node.delegate(task, prefer=prefer)
+            samples["delegation"].append(time.perf_counter() - start)
+        for index in range(done, done + block):
+            request = DelegationRequest(
+                from_orchestrator_id=conn.local_id or "",
+                to_orchestrator_id=conn.id,
+                task=Task(id=f"b-{index}", description=""),
+            )
+            start = time.perf_counter()
+            await conn.send(
+                FederationMessage(
+                    type="delegation",
+                    payload=request,
+                    sender=conn.local_id or "",
+                    recipient=conn.id,
+                    correlation_id=request.task.id,
+                )
+            )
+            await conn.receive()
+            samples["bare"].append(time.perf_counter() - start)
+        done += block
+    return samples
+
+
 async def measure(count: int) -> dict[str, list[float]]:
     """``count`` round trips of each kind, in alternating blocks, in seconds."""
-    samples: dict[str, list[float]] = {"delegation": [], "bare": []}
+    samples: dict[str, list[float]] = {}
     async with trio.open_nursery() as nursery:
         listener = await nursery.start(
             functools.partial(serve_federation, local_id="bare-b", capabilities=[]),
@@ -90,33 +130,7 @@ async def measure(count: int) -> dict[str, list[float]]:
             ) as conn,
         ):
             await node.delegate(Task(id="warm-up", description=""))  # dial once
-            done = 0
-            while done < count:
-                block = min(BLOCK, count - done)
-                for index in range(done, done + block):
-                    task = Task(id=f"d-{index}", description="")
-                    start = time.perf_counter()
-                    await node.delegate(task)
-                    samples["delegation"].append(time.perf_counter() - start)
-                for index in range(done, done + block):
-                    request = DelegationRequest(
-                        from_orchestrator_id="bare-a",
-                        to_orchestrator_id=conn.id,
-                        task=Task(id=f"b-{index}", description=""),
-                    )
-                    start = time.perf_counter()
-                    await conn.send(
-                        FederationMessage(
-                            type="delegation",
-                            payload=request,
-                            sender="bare-a",
-                            recipient=conn.id,
-                            correlation_id=request.task.id,
-                        )
-                    )
-                    await conn.receive()
-                    samples["bare"].append(time.perf_counter() - start)
-                done += block
+            samples = await interleaved(node, conn, count)
         nursery.cancel_scope.cancel()
     return samples
 

@@ -69,14 +69,13 @@ from trio_federation import (
 
 from ._peers import ROOT, PeerError
 from ._report import P50_TARGET, percentile
+from .delegation import interleaved
 
 NODES: Final = 4
 THROUGHPUT_TARGET: Final = 10_000
 """Delegations a second across the 4 nodes (issue #14)."""
 UNLIMITED: Final = Limits(rate_limit=None, max_queue_size=8192)
 """No inbound rate limit (see the module's docstring), and room to queue."""
-BLOCK: Final = 100
-"""Latency round trips of one kind before switching to the other."""
 HOST: Final = "127.0.0.1"
 
 
@@ -141,37 +140,10 @@ async def _throughput(
 
 
 async def _latency(node: Any, echo_url: str, count: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"delegation": [], "bare": []}
     async with open_orchestrator_connection(
         echo_url, local_id="bare-n1", capabilities=[], limits=UNLIMITED
     ) as conn:
-        done = 0
-        while done < count:
-            block = min(BLOCK, count - done)
-            for index in range(done, done + block):
-                task = Task(id=f"lat-{index}", description="")
-                start = time.perf_counter()
-                await node.delegate(task, prefer=["n2"])
-                samples["delegation"].append(time.perf_counter() - start)
-            for index in range(done, done + block):
-                request = DelegationRequest(
-                    from_orchestrator_id="bare-n1",
-                    to_orchestrator_id=conn.id,
-                    task=Task(id=f"bare-{index}", description=""),
-                )
-                start = time.perf_counter()
-                await conn.send(
-                    FederationMessage(
-                        type="delegation",
-                        payload=request,
-                        sender="bare-n1",
-                        recipient=conn.id,
-                        correlation_id=request.task.id,
-                    )
-                )
-                await conn.receive()
-                samples["bare"].append(time.perf_counter() - start)
-            done += block
+        samples = await interleaved(node, conn, count, prefer=["n2"])
     return samples
 
 
