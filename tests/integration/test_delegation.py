@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import trio
 from trio_federation import (
     Backoff,
     BroadcastPayload,
+    ConnectionLost,
     DelegationFailed,
     DelegationRequest,
     DelegationResponse,
@@ -22,6 +24,7 @@ from trio_federation import (
     FederationListener,
     FederationMessage,
     FederationNode,
+    Limits,
     MemoryRegistry,
     OrchestratorConnection,
     RedisRegistry,
@@ -33,6 +36,7 @@ from trio_federation import (
     TaskFailed,
     TaskFailedOver,
     TaskProgress,
+    Timeouts,
     open_federation_node,
     open_orchestrator_connection,
     open_registry,
@@ -947,3 +951,31 @@ async def test_nodes_over_tls_with_shared_secrets() -> None:
             with pytest.raises(DelegationFailed) as info:
                 await z.delegate(task("t-2"), max_attempts=1)
             assert info.value.attempts[0].outcome == "unreachable"
+
+
+async def test_a_peer_that_does_not_read_its_answers_is_closed_not_waited_for() -> None:
+    # It delegates on and on but reads nothing: the node's answers fill the
+    # window, then the queue. The node's reader never waits on a send (two
+    # such nodes could wait on each other): it closes that connection.
+    async with node(
+        "orch-b",
+        executor=None,
+        limits=Limits(max_queue_size=8),
+        timeouts=Timeouts(disconnect=0.3),
+    ) as b:
+        async with raw_client(b) as raw:
+            with trio.fail_after(4):
+                n = 0
+                while raw.status != "disconnected":
+                    with contextlib.suppress(trio.WouldBlock):
+                        raw.send_nowait(delegation_to(b, f"t-{n}"))
+                        n += 1
+                    await trio.sleep(0)
+            assert n > 64 + 8  # more answers than the window and the queue hold
+            with pytest.raises(ConnectionLost):
+                while True:
+                    await raw.receive()  # the answers it got, then the end
+        # The node itself is fine.
+        async with node("orch-a") as a:
+            with pytest.raises(DelegationFailed):
+                await a.delegate(task("after"), max_attempts=1)

@@ -132,13 +132,16 @@ class CoordinatorDialect:
                     type=CoordinatorFrameType.CONTEXT_RESPONSE,
                     context=context if context is not None else SharedContext(),
                 ),
+                wait=False,  # an answer from the reader: never wait (see the node's _send_to)
             )
         else:
             # A node delegates to a daemon through the envelope dialect, so
             # results, task ends, heartbeats and statuses are not for us.
             logger.debug("ignored a %r frame from %r", kind.value, peer)
 
-    async def send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+    async def send_callback(
+        self, peer: str, payload: TaskCallback | DelegationResponse, *, wait: bool = True
+    ) -> bool:
         """Send the node's answer or callback for a coordinator's task, translated.
 
         An acceptance or refusal becomes ``delegation:result``; a final
@@ -179,7 +182,7 @@ class CoordinatorDialect:
             )
         else:
             return True  # progress: no such frame in the coordinator's dialect
-        return await self._send(connection, frame)
+        return await self._send(connection, frame, wait=wait)
 
     def _status(self) -> CoordinatorFrame:
         node = self._node
@@ -201,9 +204,17 @@ class CoordinatorDialect:
             await self._send(connection, self._status())
             await trio.sleep(interval)
 
-    async def _send(self, connection: OrchestratorConnection, frame: CoordinatorFrame) -> bool:
+    async def _send(
+        self, connection: OrchestratorConnection, frame: CoordinatorFrame, *, wait: bool = True
+    ) -> bool:
         try:
-            await connection.send(frame)
+            if wait:
+                await connection.send(frame)
+            else:
+                connection.send_nowait(frame)
+        except trio.WouldBlock:
+            self._node._not_reading(connection)
+            return False
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             logger.warning(
                 "could not send a %r frame to %r: %s", frame.type.value, connection.id, exc

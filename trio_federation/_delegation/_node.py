@@ -365,6 +365,9 @@ class FederationNode:
         self._stats: collections.Counter[str] = collections.Counter()
         self._connection_nursery: trio.Nursery | None = None
         self._task_nursery: trio.Nursery | None = None
+        # Connections being closed because their peer does not read (bounded:
+        # each is one of ours, and leaves with its pump).
+        self._closing_unread: set[OrchestratorConnection] = set()
         self._closing = False
         self._dialect = CoordinatorDialect(self)
         self.shared_context: Callable[[], SharedContext | None] | None = None
@@ -540,6 +543,7 @@ class FederationNode:
         self._connections.setdefault(peer, []).append(connection)
 
     def _detach(self, peer: str, connection: OrchestratorConnection) -> None:
+        self._closing_unread.discard(connection)
         connections = self._connections.get(peer, [])
         if connection in connections:
             connections.remove(connection)
@@ -588,13 +592,26 @@ class FederationNode:
 
     # -- executing ------------------------------------------------------------
 
-    async def _send_to(self, peer: str, message: FederationMessage) -> bool:
+    async def _send_to(self, peer: str, message: FederationMessage, *, wait: bool = True) -> bool:
+        """Send ``message`` to ``peer``; False (logged) if it could not be queued.
+
+        ``wait=False`` is for a pump's own answers: a pump never waits on a
+        send (it would stop reading that peer, and two nodes could wait on
+        each other). An answer that finds the queue full means the peer does
+        not read what we send: its connection is closed (:meth:`_not_reading`).
+        """
         connection = self._live_connection(peer)
         if connection is None:
             logger.warning("no connection to %r: %s for %r dropped", peer, message.type, peer)
             return False
         try:
-            await connection.send(message)
+            if wait:
+                await connection.send(message)
+            else:
+                connection.send_nowait(message)
+        except trio.WouldBlock:
+            self._not_reading(connection)
+            return False
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             # A closing node's last words may find the connection gone: expected.
             log = logger.info if self._closing else logger.warning
@@ -602,9 +619,11 @@ class FederationNode:
             return False
         return True
 
-    async def _send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+    async def _send_callback(
+        self, peer: str, payload: TaskCallback | DelegationResponse, *, wait: bool = True
+    ) -> bool:
         if self._dialect.owns(peer, payload.task_id):
-            return await self._dialect.send_callback(peer, payload)
+            return await self._dialect.send_callback(peer, payload, wait=wait)
         return await self._send_to(
             peer,
             FederationMessage(
@@ -614,7 +633,25 @@ class FederationNode:
                 recipient=peer,
                 correlation_id=payload.task_id,
             ),
+            wait=wait,
         )
+
+    def _not_reading(self, connection: OrchestratorConnection) -> None:
+        """``connection``'s queue is full when its pump must answer: close it.
+
+        Its peer sends to us but does not read our answers. Waiting would stop
+        our reading of it too; closing (a bounded, graceful disconnect, in
+        the background) ends its pump, and what we delegated to it fails over.
+        """
+        if connection in self._closing_unread or self._connection_nursery is None:
+            return
+        self._closing_unread.add(connection)
+        logger.warning(
+            "%r does not read what we send (%d messages waiting): closing the connection",
+            connection.id,
+            len(connection.message_queue),
+        )
+        self._connection_nursery.start_soon(connection.disconnect)
 
     async def _on_delegation(
         self, connection: OrchestratorConnection, origin: str, request: DelegationRequest
@@ -629,7 +666,7 @@ class FederationNode:
             return
         if isinstance(decision, Replay):
             await self._respond(origin, task_id, None)
-            await self._send_callback(origin, decision.final)
+            await self._send_callback(origin, decision.final, wait=False)
             return
         if self._executor is None:
             await self._respond(origin, task_id, self._admission.refuse("no_executor").reason)
@@ -658,8 +695,9 @@ class FederationNode:
         await self._respond(origin, task_id, None)
 
     async def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
+        """The pump's answer to a delegation (never waits: see :meth:`_send_to`)."""
         response = DelegationResponse(task_id=task_id, accepted=refusal is None, reason=refusal)
-        await self._send_callback(origin, response)
+        await self._send_callback(origin, response, wait=False)
 
     def _on_cancel(self, origin: str, task_id: str) -> None:
         execution = self._executions.get((origin, task_id))
