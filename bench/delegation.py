@@ -53,12 +53,12 @@ BLOCK = 100
 """Round trips of one kind before switching to the other."""
 
 
-async def _nothing(ctx: TaskContext) -> None:
+async def nothing(ctx: TaskContext) -> None:
     """The empty task."""
 
 
-async def _answer(conn: OrchestratorConnection) -> None:
-    """The bare listener: one callback per delegation."""
+async def answer_each(conn: OrchestratorConnection) -> None:
+    """The bare listener: one callback per delegation message."""
     async for message in conn:
         request = message.payload
         assert isinstance(request, DelegationRequest)
@@ -66,7 +66,7 @@ async def _answer(conn: OrchestratorConnection) -> None:
             FederationMessage(
                 type="callback",
                 payload=TaskCallback(task_id=request.task.id, status="completed"),
-                sender="bare-b",
+                sender=conn.local_id or "",
                 recipient=conn.id,
                 correlation_id=request.task.id,
             )
@@ -118,12 +118,12 @@ async def measure(count: int) -> dict[str, list[float]]:
     async with trio.open_nursery() as nursery:
         listener = await nursery.start(
             functools.partial(serve_federation, local_id="bare-b", capabilities=[]),
-            _answer,
+            answer_each,
             "127.0.0.1",
             0,
         )
         async with (
-            open_federation_node(local_id="node-b", executor=_nothing),
+            open_federation_node(local_id="node-b", executor=nothing),
             open_federation_node(local_id="node-a", port=None) as node,
             open_orchestrator_connection(
                 f"ws://127.0.0.1:{listener.port}/federation", local_id="bare-a", capabilities=[]

@@ -55,13 +55,8 @@ from typing import Any, Final
 import trio
 
 from trio_federation import (
-    DelegationRequest,
-    FederationMessage,
     Limits,
-    OrchestratorConnection,
     Task,
-    TaskCallback,
-    TaskContext,
     open_federation_node,
     open_orchestrator_connection,
     serve_federation,
@@ -69,7 +64,7 @@ from trio_federation import (
 
 from ._peers import ROOT, PeerError
 from ._report import P50_TARGET, percentile
-from .delegation import interleaved
+from .delegation import answer_each, interleaved, nothing
 
 NODES: Final = 4
 THROUGHPUT_TARGET: Final = 10_000
@@ -85,26 +80,6 @@ def emit(event: str, **fields: Any) -> None:
 
 
 # -- a child: one node --------------------------------------------------------------------
-
-
-async def _empty(ctx: TaskContext) -> None:
-    """The empty task."""
-
-
-async def _echo(conn: OrchestratorConnection) -> None:
-    """The bare listener: one callback per delegation message."""
-    async for message in conn:
-        request = message.payload
-        assert isinstance(request, DelegationRequest)
-        await conn.send(
-            FederationMessage(
-                type="callback",
-                payload=TaskCallback(task_id=request.task.id, status="completed"),
-                sender="echo",
-                recipient=conn.id,
-                correlation_id=request.task.id,
-            )
-        )
 
 
 async def _read_command(stdin: trio.abc.ReceiveStream, buffer: bytearray) -> str:
@@ -158,13 +133,13 @@ async def run_node(options: argparse.Namespace) -> None:
                 functools.partial(
                     serve_federation, local_id="echo", capabilities=[], limits=UNLIMITED
                 ),
-                _echo,
+                answer_each,
                 HOST,
                 options.echo_port,
             )
         async with open_federation_node(
             local_id=options.id,
-            executor=_empty,
+            executor=nothing,
             host=HOST,
             port=options.port,
             peers=peers,

@@ -33,7 +33,7 @@ import pytest
 import trio
 
 from ..conftest import under_ci
-from ._jspeer import INTEROP_DIR, JSPeer
+from ._jspeer import INTEROP_DIR, JSPeer, open_js_peer
 
 __all__ = [
     "DAEMON_SCRIPT",
@@ -93,23 +93,9 @@ def daemon_node() -> str:
     return node
 
 
-@contextlib.asynccontextmanager
-async def open_daemon_peer(node: str, *args: str) -> AsyncIterator[JSPeer]:
+def open_daemon_peer(node: str, *args: str) -> contextlib.AbstractAsyncContextManager[JSPeer]:
     """Start ``node daemon-peer.cjs *args``; always end it on exit (as ``open_js_peer``)."""
-    with tempfile.TemporaryFile() as stderr:
-        process = await trio.lowlevel.open_process(
-            [node, str(DAEMON_SCRIPT), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            cwd=INTEROP_DIR,
-        )
-        peer = JSPeer(process, stderr, args)
-        try:
-            yield peer
-        finally:
-            with trio.CancelScope(shield=True):
-                await peer._stop()
+    return open_js_peer(node, *args, script=DAEMON_SCRIPT)
 
 
 class DaemonRegistry:

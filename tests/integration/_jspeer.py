@@ -193,7 +193,7 @@ class JSPeer:
 
 
 @contextlib.asynccontextmanager
-async def open_js_peer(node: str, *args: str) -> AsyncIterator[JSPeer]:
+async def open_js_peer(node: str, *args: str, script: Path = PEER_SCRIPT) -> AsyncIterator[JSPeer]:
     """Start ``node peer.mjs *args`` in tests/interop; always end it on exit.
 
     On the way out the process is terminated (if still running) and reaped, in a
@@ -201,7 +201,7 @@ async def open_js_peer(node: str, *args: str) -> AsyncIterator[JSPeer]:
     """
     with tempfile.TemporaryFile() as stderr:
         process = await trio.lowlevel.open_process(
-            [node, str(PEER_SCRIPT), *args],
+            [node, str(script), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
