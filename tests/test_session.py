@@ -11,13 +11,17 @@ from hypothesis import strategies as st
 
 from trio_federation import ReconnectPolicy
 from trio_federation._connection._session import (
+    BATCH_CHARS,
+    BATCH_PREFIX,
     ReceiveWindow,
     ResumeOffer,
     SendWindow,
     SessionError,
     ack_frame,
+    batch_frames,
     parse_resume,
     sequenced_frame,
+    split_batch,
     split_frame,
 )
 
@@ -171,3 +175,95 @@ def test_the_hand_written_frame_split_matches_a_regex(seq: str, ack: str, rest: 
     match = _REFERENCE.match(frame)
     expected = (int(match[1]), int(match[2])) if match else (None, None)
     assert split_frame(frame) == expected
+
+
+# -- batches ------------------------------------------------------------------------------
+
+_TEXT_SIZES = st.one_of(
+    st.integers(2, 3_000),
+    st.integers(BATCH_CHARS - 40, BATCH_CHARS + 40),  # around the bound, alone or not
+)
+
+
+@st.composite
+def _envelopes(draw: st.DrawFn) -> list[str]:
+    sizes = draw(st.lists(_TEXT_SIZES, max_size=60))
+    texts = []
+    for index, size in enumerate(sizes):
+        # Now and then a line break, which no envelope of ours holds.
+        cut = "\n" if draw(st.integers(0, 20)) == 0 else ""
+        texts.append("{" + f"{index}:" + cut + "x" * size + "}")
+    return texts
+
+
+def _unbatch(frames: list[str], session: bool) -> tuple[list[str], list[int]]:
+    """Every envelope back, with its sequence number (0 without a session)."""
+    texts: list[str] = []
+    numbers: list[int] = []
+    for frame in frames:
+        if frame.startswith(BATCH_PREFIX):
+            first, ack, batch = split_batch(frame, session=session)
+            assert session or (first, ack) == (0, 0)
+            assert len(frame) <= BATCH_CHARS + 60
+            texts.extend(batch)
+            numbers.extend(range(first, first + len(batch)) if session else [0] * len(batch))
+        elif session:
+            number, acked = split_frame(frame)
+            assert number is not None and acked == 7
+            texts.append("{" + frame.split(",", 2)[2])
+            numbers.append(number)
+        else:
+            texts.append(frame)
+            numbers.append(0)
+    return texts, numbers
+
+
+@given(_envelopes(), st.booleans())
+def test_batches_keep_every_envelope_in_order_within_the_bound(
+    texts: list[str], session: bool
+) -> None:
+    frames = batch_frames(texts, 41 if session else None, 7)
+    back, numbers = _unbatch(frames, session)
+    assert back == texts
+    if session:
+        assert numbers == list(range(41, 41 + len(texts)))
+    for frame in frames:
+        if frame.startswith(BATCH_PREFIX):
+            assert len(frame.split("\n")) >= 3  # a header and at least two envelopes
+    # As few frames as the bound allows: two neighbours in separate frames
+    # could not have shared one.
+    small = [t for t in texts if len(t) <= BATCH_CHARS and "\n" not in t]
+    if small and len(small) == len(texts) and sum(len(t) + 1 for t in texts) <= BATCH_CHARS:
+        assert len(frames) == 1
+
+
+def test_a_lone_envelope_is_an_ordinary_frame() -> None:
+    assert batch_frames(['{"a":1}'], 3, 2) == [sequenced_frame(3, 2, '{"a":1}')]
+    assert batch_frames(['{"a":1}'], None, 0) == ['{"a":1}']
+    assert batch_frames(['{"a":1}', '{"b":2}'], 3, 2) == [
+        '{"batch":2,"seq":3,"ack":2}\n{"a":1}\n{"b":2}'
+    ]
+    assert batch_frames(['{"a":1}', '{"b":2}'], None, 0) == ['{"batch":2}\n{"a":1}\n{"b":2}']
+
+
+@pytest.mark.parametrize(
+    ("frame", "session", "why"),
+    [
+        ('{"batch":2}\n{}\n{}', True, "malformed batch header for a session's batch"),
+        ('{"batch":2,"seq":1,"ack":0}\n{}\n{}', False, "for a sessionless batch"),
+        ('{"batch":2,"seq":1}\n{}\n{}', True, "malformed batch header"),
+        ('{"batch":"2"}\n{}\n{}', False, "malformed batch header"),
+        ('{"batch":2} \n{}\n{}', False, "malformed batch header"),
+        ('{"batch":0}\n', False, "a batch of 0 envelopes"),
+        ('{"batch":40000}\n{}', False, "a batch of 40000 envelopes"),
+        ('{"batch":2}\n{}', False, "announced 2 envelopes and holds 1"),
+        ('{"batch":2}\n{}\n{}\n{}', False, "announced 2 envelopes and holds 3"),
+        ('{"batch":2,"seq":0,"ack":0}\n{}\n{}', True, "numbered from 0"),
+        ('{"batch":2,"seq":9007199254740992,"ack":0}\n{}\n{}', True, "out of range"),
+    ],
+)
+def test_broken_batches_are_refused_naming_what_is_wrong(
+    frame: str, session: bool, why: str
+) -> None:
+    with pytest.raises(SessionError, match=re.escape(why)):
+        split_batch(frame, session=session)

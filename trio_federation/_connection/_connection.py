@@ -67,14 +67,19 @@ from .._wire._messages import (
 )
 from ._protocol import ConnectionState, TokenBucket
 from ._session import (
+    BATCH_CHARS,
+    BATCH_EXTENSION,
+    BATCH_PREFIX,
     ReceiveWindow,
     ResumeOffer,
     SendWindow,
     SessionError,
     ack_frame,
+    batch_frames,
     parse_refusal,
     refusal_frame,
     sequenced_frame,
+    split_batch,
     split_frame,
 )
 from ._streams import EventStream, MessageStream, OutboundQueue
@@ -325,9 +330,7 @@ class OrchestratorConnection:
         self._dead_timeout = (
             None if dead_timeout is None else check_seconds("dead_timeout", dead_timeout)
         )
-        self._queue: OutboundQueue[_QueueItem] = OutboundQueue(
-            self._max_queue_size, self._kick_writer
-        )
+        self._queue: OutboundQueue[_QueueItem] = OutboundQueue(self._max_queue_size, self._queued)
         self._receive_buffer_size = _check_size("receive_buffer_size", receive_buffer_size)
         self._inbound_send, self._inbound_recv = trio.open_memory_channel[_Delivery](
             self._receive_buffer_size
@@ -1277,17 +1280,21 @@ class OrchestratorConnection:
     async def _reader(self) -> None:
         socket = self._socket
         assert socket is not None
-        state = self._state
         await self._handed_over.wait()
+        batching = BATCH_EXTENSION in self._extensions
         while True:
             try:
                 data = await socket.get_message()
             except ConnectionClosed:
                 return
-            seq = 0
-            ack_only = False
             recv = self._recv_window
             bucket = self._bucket
+            if batching and isinstance(data, str) and data.startswith(BATCH_PREFIX):
+                if await self._on_batch(data):
+                    return
+                continue
+            seq = 0
+            ack_only = False
             if recv is not None and bucket is not None:
                 # In a session the limit is flow control: the reader waits for
                 # a token, so what the peer sent waits unconsumed, its window
@@ -1301,12 +1308,7 @@ class OrchestratorConnection:
                 number, ack = split_frame(data)
                 try:
                     if ack is not None:
-                        assert self._send_window is not None
-                        queue = self._queue
-                        if self._send_window.acknowledge(ack) and (len(queue) or queue.closed):
-                            # The writer may wait for this (a full window, or a
-                            # drain); otherwise it has nothing to do.
-                            self._kick_writer()
+                        self._acknowledged(ack)
                     if number is not None:
                         if not recv.accept(number):
                             continue  # a duplicate sent again after a reconnect
@@ -1318,8 +1320,7 @@ class OrchestratorConnection:
                     await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
                     return
                 ack_only = number is None and ack is not None
-            now = trio.current_time()
-            if recv is None and bucket is not None and not bucket.take(now):
+            if recv is None and bucket is not None and not bucket.take(trio.current_time()):
                 # v1 has no credit to slow the peer with: refused unread (a
                 # flood costs no decoding), and cut off after max_violations.
                 if await self._violation(
@@ -1329,40 +1330,98 @@ class OrchestratorConnection:
                 continue
             if ack_only:
                 continue  # an acknowledgement alone, already applied
-            try:
-                message = decode_frame(data, max_size=self._max_message_size)
-            except MalformedMessage as exc:
-                self._refuse(seq, str(exc))
-                self._report(exc)
+            if await self._on_envelope(data, seq):
+                return
+
+    def _acknowledged(self, ack: int) -> None:
+        """The peer consumed our messages up to ``ack``.
+
+        Raises:
+            SessionError: ``ack`` is beyond what was sent.
+        """
+        assert self._send_window is not None
+        queue = self._queue
+        if self._send_window.acknowledge(ack) and (len(queue) or queue.closed):
+            # The writer may wait for this (a full window, or a drain);
+            # otherwise it has nothing to do.
+            self._kick_writer()
+
+    async def _on_batch(self, data: str) -> bool:
+        """Handle a batch frame, envelope by envelope; True when the connection is ending."""
+        recv = self._recv_window
+        bucket = self._bucket
+        try:
+            first, ack, envelopes = split_batch(data, session=recv is not None)
+            if recv is not None:
+                self._acknowledged(ack)
+        except SessionError as exc:
+            await self._abort(ConnectionLost(1002, f"batch protocol: {exc}"), "protocol")
+            return True
+        if recv is not None and bucket is not None:
+            # Flow control, as for single frames: a token per envelope.
+            delay = bucket.reserve(trio.current_time(), len(envelopes))
+            if delay:
+                await trio.sleep(delay)
+        for number, envelope in enumerate(envelopes, first):
+            seq = 0
+            if recv is not None:
+                try:
+                    if not recv.accept(number):
+                        continue  # a duplicate sent again after a reconnect
+                except SessionError as exc:
+                    await self._abort(ConnectionLost(1002, f"session protocol: {exc}"), "protocol")
+                    return True
+                seq = number
+            elif bucket is not None and not bucket.take(trio.current_time()):
+                if await self._violation(
+                    f"more than {bucket.rate:g} messages/s (burst {bucket.burst})"
+                ):
+                    return True
                 continue
-            if isinstance(message, CoordinatorFrame):
-                # No envelope, so nothing to bind: it is the peer's by the link.
-                state.received(now, data=False)
-                state.liveness(now)
-                self._publish_status()
-                frame = attrs.evolve(message, sender=self._id)
-                await self._route_frame((self._epoch, seq, frame))
-                continue
-            local = self._local_id
-            if message.sender == local and local is not None and self._id and self._id != local:
-                message = self._from_self(message)
-            elif not self._id and message.sender != local:
-                self._id = message.sender
-            broken = self._check_binding(message)
-            if broken is not None:
-                self._refuse(seq, broken)
-                if await self._violation(broken):
-                    return
-                continue
-            is_data = message.type in DATA_TYPES
-            changed = state.received(now, data=is_data)
-            if message.type is MessageType.HEARTBEAT:
-                assert isinstance(message.payload, HeartbeatPayload)
-                state.remote_heartbeat(now, message.payload.status)
-                changed = True
-            if changed:
-                self._publish_status()
-            await self._route((self._epoch, seq, message), is_data)
+            if await self._on_envelope(envelope, seq):
+                return True
+        return False
+
+    async def _on_envelope(self, data: str | bytes, seq: int) -> bool:
+        """Decode, check and route one envelope; True when the connection is ending.
+
+        ``seq`` is its number in the session (0 outside one), already accepted.
+        """
+        state = self._state
+        now = trio.current_time()
+        try:
+            message = decode_frame(data, max_size=self._max_message_size)
+        except MalformedMessage as exc:
+            self._refuse(seq, str(exc))
+            self._report(exc)
+            return False
+        if isinstance(message, CoordinatorFrame):
+            # No envelope, so nothing to bind: it is the peer's by the link.
+            state.received(now, data=False)
+            state.liveness(now)
+            self._publish_status()
+            frame = attrs.evolve(message, sender=self._id)
+            await self._route_frame((self._epoch, seq, frame))
+            return False
+        local = self._local_id
+        if message.sender == local and local is not None and self._id and self._id != local:
+            message = self._from_self(message)
+        elif not self._id and message.sender != local:
+            self._id = message.sender
+        broken = self._check_binding(message)
+        if broken is not None:
+            self._refuse(seq, broken)
+            return await self._violation(broken)
+        is_data = message.type in DATA_TYPES
+        changed = state.received(now, data=is_data)
+        if message.type is MessageType.HEARTBEAT:
+            assert isinstance(message.payload, HeartbeatPayload)
+            state.remote_heartbeat(now, message.payload.status)
+            changed = True
+        if changed:
+            self._publish_status()
+        await self._route((self._epoch, seq, message), is_data)
+        return False
 
     def _drop(self, seq: int) -> None:
         """A numbered message is not delivered: it is consumed all the same."""
@@ -1465,19 +1524,29 @@ class OrchestratorConnection:
     def _kick_writer(self) -> None:
         self._writer_lot.unpark_all()
 
+    def _queued(self) -> None:
+        """The queue changed: wake the writer, unless it waits for an ack anyway."""
+        send = self._send_window
+        if send is None or send.open or self._queue.closed:
+            self._writer_lot.unpark_all()
+
     async def _writer(self) -> None:
         socket = self._socket
         assert socket is not None
         queue = self._queue
         state = self._state
-        # Our transport writes a batch at once; trio-websocket one frame per call.
+        # Our transport writes several frames at once; trio-websocket one per
+        # call. With batches (negotiated), what waits goes out in one frame.
         wire = socket if isinstance(socket, WireConnection) else None
-        limit = MAX_WRITE_BATCH if wire is not None else 1
+        batching = BATCH_EXTENSION in self._extensions
+        limit = BATCH_CHARS if batching else MAX_WRITE_BATCH if wire is not None else 1
         frames: list[str] = []
+        texts: list[str] = []  # the envelopes written this round, in order
         ack_due_at: float | None = None
         while True:
             send, recv = self._send_window, self._recv_window
             frames.clear()
+            texts.clear()
             if self._refusals:
                 # Before anything that carries an ack past them.
                 frames.extend(refusal_frame(seq, why) for seq, why in self._refusals)
@@ -1487,33 +1556,45 @@ class OrchestratorConnection:
             unnumbered = 0  # items to pop from the queue once written
             size = 0
             if send is not None and recv is not None:
+                first = 0  # the sequence number of texts[0]: the rest follow it
                 while size < limit and (again := send.next_resend()) is not None:
                     seq, (_, text) = again
-                    frames.append(frame := sequenced_frame(seq, recv.announce(), text))
-                    size += len(frame)
+                    first = first or seq
+                    texts.append(text)
+                    size += len(text)
                 while size < limit and (head := queue.peek_nowait()) is not None:
                     (message, text), extra = head
                     if extra:  # our heartbeat: unnumbered, alone
-                        if not frames:
+                        if not texts and not frames:
                             frames.append(text)
                             written = unnumbered = 1
                         break
                     if not send.open:
                         break  # the window is full: wait for an ack
                     seq = send.number(queue.pop())
-                    frames.append(frame := sequenced_frame(seq, recv.announce(), text))
-                    size += len(frame)
+                    first = first or seq
+                    texts.append(text)
+                    size += len(text)
                     written += 1
                     data = data or message.type in DATA_TYPES
+                if texts:
+                    ack = recv.announce()
+                    if batching:
+                        frames.extend(batch_frames(texts, first, ack))
+                    else:
+                        frames.extend(
+                            sequenced_frame(seq, ack, text) for seq, text in enumerate(texts, first)
+                        )
             else:
                 # v1: popped once written, so "accepted but not yet written" is exact.
                 for message, text in queue.items():
                     if size >= limit:
                         break
-                    frames.append(text)
+                    texts.append(text)
                     size += len(text)
                     data = data or message.type in DATA_TYPES
-                written = unnumbered = len(frames)
+                written = unnumbered = len(texts)
+                frames.extend(batch_frames(texts, None, 0) if batching else texts)
             if not frames and recv is not None and recv.ack_due:
                 frames.append(ack_frame(recv.announce()))
             if not frames:
@@ -1537,7 +1618,8 @@ class OrchestratorConnection:
                 if wire is not None:
                     await wire.send_messages(frames)
                 else:
-                    await socket.send_message(frames[0])
+                    for frame in frames:
+                        await socket.send_message(frame)
             except ConnectionClosed:
                 return  # the reader sees the close and ends the transport
             for _ in range(unnumbered):

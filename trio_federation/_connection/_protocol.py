@@ -286,12 +286,12 @@ class TokenBucket:
             return True
         return False
 
-    def reserve(self, now: float) -> float:
-        """Spend a token at time ``now``, in debt if need be: the seconds to wait for it.
+    def reserve(self, now: float, count: int = 1) -> float:
+        """Spend ``count`` tokens at time ``now``, in debt if need be: the seconds to wait.
 
-        0 when a token was there. The limit as flow control: a reader that
+        0 when the tokens were there. The limit as flow control: a reader that
         waits this long before going on holds the sender to ``rate``.
         """
         self._refill(now)
-        self._tokens -= 1
+        self._tokens -= count
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate

@@ -27,17 +27,25 @@ from typing import Final, Generic, TypeVar
 import attrs
 import orjson
 
+from .._wire._handshake import BATCH_EXTENSION
+
 __all__ = [
+    "BATCH_CHARS",
+    "BATCH_EXTENSION",
+    "BATCH_MIN_FRAME",
+    "BATCH_PREFIX",
     "RESUME_HEADER",
     "ReceiveWindow",
     "ResumeOffer",
     "SendWindow",
     "SessionError",
     "ack_frame",
+    "batch_frames",
     "parse_refusal",
     "parse_resume",
     "refusal_frame",
     "sequenced_frame",
+    "split_batch",
     "split_frame",
 ]
 
@@ -113,6 +121,95 @@ def parse_resume(value: str | None) -> ResumeOffer | None:
 def sequenced_frame(seq: int, ack: int, text: str) -> str:
     """``text`` (a v1 frame, a JSON object) with ``seq`` and ``ack`` in front."""
     return f'{{"seq":{seq},"ack":{ack},{text[1:]}'
+
+
+BATCH_PREFIX: Final = '{"batch":'
+"""How a batch frame starts (only between peers that agreed on ``batch``)."""
+BATCH_CHARS: Final = 60 * 1024
+"""Characters of envelopes one batch frame holds at most (a longer one goes alone)."""
+BATCH_MIN_FRAME: Final = 64 * 1024
+"""The ``max_message_size`` a side needs to offer (or grant) batches: a batch
+frame, header and separators included, stays below it."""
+MAX_BATCH: Final = BATCH_CHARS // 2
+"""Most envelopes one batch frame may announce (each takes at least two characters)."""
+_BATCH_HEADER = re.compile(r'\{"batch":(\d{1,6})(?:,"seq":(\d{1,16}),"ack":(\d{1,16}))?\}')
+
+
+def batch_frames(texts: list[str], first: int | None, ack: int) -> list[str]:
+    """``texts`` (v1 frames) as few frames as possible, in order.
+
+    Consecutive texts go in one batch frame of at most :data:`BATCH_CHARS`
+    characters: a header line (``{"batch":K,"seq":N,"ack":M}`` in a session,
+    where the K envelopes are numbered ``N`` to ``N+K-1``, or ``{"batch":K}``
+    without one) and the K envelopes, each on its own line. A text that is too
+    long for a batch, or holds a line break (our encoder writes none), goes in
+    a frame of its own, as without batches (:func:`sequenced_frame` when
+    ``first`` is a number).
+
+    Args:
+        texts: the envelopes, in order.
+        first: the sequence number of ``texts[0]`` (the rest follow it), or
+            None outside a session.
+        ack: the acknowledgement the session frames carry (ignored without).
+    """
+    frames: list[str] = []
+    group: list[str] = []
+    group_first = 0 if first is None else first
+    size = 0
+
+    def flush() -> None:
+        if len(group) == 1:
+            text = group[0]
+            frames.append(text if first is None else sequenced_frame(group_first, ack, text))
+        elif group:
+            if first is None:
+                head = f'{{"batch":{len(group)}}}'
+            else:
+                head = f'{{"batch":{len(group)},"seq":{group_first},"ack":{ack}}}'
+            group.insert(0, head)
+            frames.append("\n".join(group))
+        group.clear()
+
+    for index, text in enumerate(texts):
+        if size + len(text) > BATCH_CHARS or "\n" in text:
+            flush()
+            size = 0
+            group_first = index if first is None else first + index
+            if len(text) > BATCH_CHARS or "\n" in text:
+                group.append(text)
+                flush()
+                group_first += 1
+                continue
+        group.append(text)
+        size += len(text) + 1
+    flush()
+    return frames
+
+
+def split_batch(data: str, *, session: bool) -> tuple[int, int, list[str]]:
+    """The ``(first, ack, envelopes)`` of a batch frame (``0, 0`` without a session).
+
+    Raises:
+        SessionError: the frame is not a well-formed batch of the kind expected
+            (its header, or its count of envelopes).
+    """
+    head, _, body = data.partition("\n")
+    match = _BATCH_HEADER.fullmatch(head)
+    if match is None or (match[2] is not None) != session:
+        kind = "a session's" if session else "a sessionless"
+        raise SessionError(f"malformed batch header for {kind} batch: {head[:100]!r}")
+    count = int(match[1])
+    if not 2 <= count <= MAX_BATCH:
+        raise SessionError(f"a batch of {count} envelopes (2 to {MAX_BATCH} allowed)")
+    envelopes = body.split("\n")
+    if len(envelopes) != count:
+        raise SessionError(f"a batch announced {count} envelopes and holds {len(envelopes)}")
+    if not session:
+        return 0, 0, envelopes
+    first = int(match[2])
+    if first < 1 or first + count - 1 > _MAX_COUNTER:
+        raise SessionError(f"a batch numbered from {first} is out of range")
+    return first, int(match[3]), envelopes
 
 
 def ack_frame(ack: int) -> str:

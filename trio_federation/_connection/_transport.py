@@ -36,6 +36,7 @@ from .._wire._codec import MAX_FRAME_SIZE
 from .._wire._compat import flush_tls_alert, release_stream
 from .._wire._frames import UpgradeFailed, WireConnection, WireRequest, open_client, read_request
 from .._wire._handshake import (
+    BATCH_EXTENSION,
     EXTENSIONS,
     PeerIdentity,
     extensions_header,
@@ -64,7 +65,7 @@ from ._connection import (
     normalize_capabilities,
     raise_single,
 )
-from ._session import RESUME_HEADER, ResumeOffer, parse_resume
+from ._session import BATCH_MIN_FRAME, RESUME_HEADER, ResumeOffer, parse_resume
 from ._settings import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -191,7 +192,7 @@ class _Dialer:
             AuthenticationError, HandshakeError: as open_orchestrator_connection.
         """
         headers = identity_headers(self.local_id, self.capabilities)
-        headers.append(extensions_header(EXTENSIONS))
+        headers.append(extensions_header(speaks(self.max_message_size)))
         proof = None
         if self.key is not None:
             proof = make_proof(
@@ -232,6 +233,16 @@ class _Dialer:
         return socket, identity, granted
 
 
+def speaks(max_message_size: int) -> frozenset[str]:
+    """The extensions a side offers (or grants) with ``max_message_size``.
+
+    Batches only where a batch frame fits the frames this side accepts.
+    """
+    if max_message_size >= BATCH_MIN_FRAME:
+        return EXTENSIONS
+    return EXTENSIONS - {BATCH_EXTENSION}
+
+
 async def _keep_connected(
     connection: OrchestratorConnection,
     dialer: _Dialer,
@@ -267,7 +278,7 @@ async def _keep_connected(
                         )
                     connection._id = identity.id
                     connection._capabilities = identity.capabilities
-                connection._extensions = identity.extensions & EXTENSIONS
+                connection._extensions = identity.extensions & speaks(dialer.max_message_size)
                 attempt = 0
                 if not started:
                     task_status.started()
@@ -445,7 +456,7 @@ async def open_orchestrator_connection(
                     ),
                     **options,
                 )
-                connection._extensions = identity.extensions & EXTENSIONS
+                connection._extensions = identity.extensions & speaks(dialer.max_message_size)
                 connection._adopt(socket)
                 if session is not None and granted is not None:
                     connection._start_session(session, granted)
@@ -752,7 +763,7 @@ class FederationListener:
             )
             return
         answer: list[tuple[bytes, bytes]] = []
-        extensions = identity.extensions & EXTENSIONS
+        extensions = identity.extensions & speaks(self._options["max_message_size"])
         if extensions:
             answer.append(extensions_header(extensions))
         if self._verifier is not None:

@@ -9,6 +9,7 @@ from typing import Final
 import attrs
 
 __all__ = [
+    "BATCH_EXTENSION",
     "CAPABILITIES_HEADER",
     "EXTENSIONS",
     "EXTENSIONS_HEADER",
@@ -34,7 +35,9 @@ PROTOCOL_VERSION: Final = "1"
 """The wire-protocol version of this release."""
 EXTENSIONS_HEADER: Final = "X-Federation-Extensions"
 """Header listing protocol extensions: offered by a dialer, granted by a listener."""
-EXTENSIONS: Final = frozenset({"cancel"})
+BATCH_EXTENSION: Final = "batch"
+"""The extension for several envelopes in one WebSocket frame (see the protocol page)."""
+EXTENSIONS: Final = frozenset({"cancel", BATCH_EXTENSION})
 """The extensions this release speaks (see the protocol page)."""
 
 MAX_ID_LENGTH: Final = 256
