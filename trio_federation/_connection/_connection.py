@@ -350,6 +350,8 @@ class OrchestratorConnection:
         self._sleeping_until = math.inf
         self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
         self._writer_lot = trio.lowlevel.ParkingLot()
+        self._writer_wait: trio.CancelScope | None = None  # while the writer is parked
+        self._ack_due_at: float | None = None  # when a pending ack must go out
         self._closing = False
         self._closed_locally = False
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
@@ -661,15 +663,22 @@ class OrchestratorConnection:
         return message
 
     def _acknowledge(self, window: ReceiveWindow, seq: int) -> None:
-        """``seq`` is consumed; wake the writer only when an ack becomes due.
+        """``seq`` is consumed; wake the writer only when an ack is due at once.
 
-        Twice per quarter window at most (when one becomes pending, and when
-        one is due at once), never once per message.
+        Once per quarter window at most, never once per message; an ack that
+        merely becomes pending moves the parked writer's deadline instead.
         """
         idle = window.consumed == window.announced
         window.consume(seq)
-        if window.ack_due or (idle and window.consumed > window.announced):
+        if window.ack_due:
             self._kick_writer()
+        elif idle and window.consumed > window.announced:
+            # Pending now: due within ACK_DELAY. A parked writer gets the
+            # deadline without a wake-up (a reply soon carries the ack anyway).
+            self._ack_due_at = due = trio.current_time() + ACK_DELAY
+            wait = self._writer_wait
+            if wait is not None:
+                wait.deadline = min(wait.deadline, due)
 
     def __aiter__(self) -> Self:
         return self
@@ -1542,7 +1551,6 @@ class OrchestratorConnection:
         limit = BATCH_CHARS if batching else MAX_WRITE_BATCH if wire is not None else 1
         frames: list[str] = []
         texts: list[str] = []  # the envelopes written this round, in order
-        ack_due_at: float | None = None
         while True:
             send, recv = self._send_window, self._recv_window
             frames.clear()
@@ -1600,23 +1608,35 @@ class OrchestratorConnection:
             if not frames:
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
-                if recv is None or recv.consumed == recv.announced:
-                    await self._writer_lot.park()
+                pending = recv is not None and recv.consumed != recv.announced
+                if pending and self._ack_due_at is None:
+                    self._ack_due_at = trio.current_time() + ACK_DELAY
+                # A pending ack goes out within ACK_DELAY of when it became
+                # pending, coalescing what follows (a data frame carries it
+                # sooner). One that becomes pending while we wait moves this
+                # deadline (_acknowledge) without waking us.
+                deadline = self._ack_due_at if pending else None
+                with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as wait:
+                    self._writer_wait = wait
+                    try:
+                        await self._writer_lot.park()
+                    finally:
+                        self._writer_wait = None
+                if not wait.cancelled_caught or self._refusals:
                     continue
-                # Pending: acknowledge within ACK_DELAY of when it became pending,
-                # coalescing what follows (a data frame carries it sooner if sent).
-                if ack_due_at is None:
-                    ack_due_at = trio.current_time() + ACK_DELAY
-                with trio.move_on_at(ack_due_at) as waited:
-                    await self._writer_lot.park()
-                if not waited.cancelled_caught or self._refusals:
+                if recv is None or recv.consumed == recv.announced:
                     continue
                 frames.append(ack_frame(recv.announce()))
             if recv is not None and recv.consumed == recv.announced:
-                ack_due_at = None
+                self._ack_due_at = None
+            # When nothing else waits, the writer parks next: that is its
+            # scheduler pass, so the write itself need not make one.
+            schedule = len(queue) > unnumbered or bool(self._refusals)
+            if send is not None and send.resending:
+                schedule = True
             try:
                 if wire is not None:
-                    await wire.send_messages(frames)
+                    await wire.send_messages(frames, schedule=schedule)
                 else:
                     for frame in frames:
                         await socket.send_message(frame)

@@ -332,6 +332,11 @@ class SendWindow(Generic[T]):
         self.window = window
         self._resend = deque(entry for entry in self._unacked if entry[0] > peer_received)
 
+    @property
+    def resending(self) -> bool:
+        """Whether items wait to be written again after a reconnect."""
+        return bool(self._resend)
+
     def next_resend(self) -> tuple[int, T] | None:
         """The next item to write again after a reconnect, if any."""
         return self._resend.popleft() if self._resend else None

@@ -86,6 +86,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from ._sockio import DirectSocketStream
+
 __all__ = [
     "RECEIVE_BYTES",
     "UpgradeFailed",
@@ -460,8 +462,11 @@ class WireConnection:
         if self._closed is not None or self._local_close:
             raise ConnectionClosed(self._closed or CloseReason(1006, None))
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, schedule: bool = True) -> None:
         """Send the outbox, taking the write lock.
+
+        ``schedule=False``: no scheduler pass after a write that did not wait
+        (see :meth:`DirectSocketStream.send_all`).
 
         Raises:
             ConnectionClosed: the stream failed (the WebSocket is closed now).
@@ -475,7 +480,10 @@ class WireConnection:
                 raise ConnectionClosed(self._closed)  # another task's send failed
             while self._outbox:
                 data, self._outbox = self._outbox, bytearray()
-                await self._stream.send_all(data)
+                if schedule or not isinstance(self._stream, DirectSocketStream):
+                    await self._stream.send_all(data)
+                else:
+                    await self._stream.send_all(data, schedule=False)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._outbox.clear()
             self._broken = True
@@ -530,11 +538,15 @@ class WireConnection:
         self._outbox += self._frame(message)
         await self._flush()
 
-    async def send_messages(self, messages: Iterable[str | bytes]) -> None:
+    async def send_messages(
+        self, messages: Iterable[str | bytes], *, schedule: bool = True
+    ) -> None:
         """Send several messages (one frame each, in order) with one write to the stream.
 
         One system call and one scheduler pass for the batch instead of one
-        each, and the peer reads them in one receive.
+        each, and the peer reads them in one receive. ``schedule=False``
+        leaves out even that pass when the write did not wait (it stays a
+        cancellation point), for a caller about to yield anyway.
 
         Raises:
             ConnectionClosed: the WebSocket is closed or closing.
@@ -542,7 +554,7 @@ class WireConnection:
         self._check_open()
         for message in messages:
             self._outbox += self._frame(message)
-        await self._flush()
+        await self._flush(schedule=schedule)
 
     async def ping(self, payload: bytes) -> None:
         """Send a ping and wait for its pong.

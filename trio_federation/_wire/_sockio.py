@@ -93,8 +93,14 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all(
+        self, data: bytes | bytearray | memoryview, *, schedule: bool = True
+    ) -> None:
         """Write all of ``data``, waiting while the socket's buffer is full.
+
+        ``schedule=False`` leaves out the scheduler pass after a write that did
+        not wait (it stays a cancellation point): for a caller that is about to
+        yield anyway, such as a writer task that parks once its queue is empty.
 
         Raises:
             trio.BrokenResourceError: the connection failed (part of ``data``
@@ -123,7 +129,7 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             raise
-        if not waited:
+        if not waited and schedule:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
