@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from trio_federation import FederationError, FederationMessage, HeartbeatTimeout
+from trio_federation._connection._connection import ACK_DELAY
 from trio_federation.testing import open_connection_pair
 
 from .conftest import progress
@@ -65,6 +66,20 @@ async def test_acknowledgements_free_the_replay_buffer(
         await trio.sleep(1)  # the lazy acknowledgement goes out
         assert a.unacknowledged == ()
         assert a.resumable and b.resumable
+
+
+async def test_a_lone_acknowledgement_goes_out_after_the_ack_delay_and_not_before(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_connection_pair(resumable=True, receive_buffer_size=64) as (a, b):
+        for round_ in range(3):  # the watchdog's timer is moved each time, never stuck
+            await a.send_message(numbered(round_))
+            await b.receive()  # one consumed: pending, far from a quarter window
+            consumed_at = trio.current_time()
+            await trio.sleep(ACK_DELAY / 2)
+            assert len(a.unacknowledged) == 1, "acknowledged before the delay"
+            await trio.sleep_until(consumed_at + ACK_DELAY * 1.5)
+            assert a.unacknowledged == (), f"round {round_}: not acknowledged after the delay"
 
 
 async def test_a_subscription_left_unread_still_acknowledges(

@@ -350,7 +350,7 @@ class OrchestratorConnection:
         self._sleeping_until = math.inf
         self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
         self._writer_lot = trio.lowlevel.ParkingLot()
-        self._writer_wait: trio.CancelScope | None = None  # while the writer is parked
+        self._watchdog_sleep: trio.CancelScope | None = None  # while the watchdog sleeps
         self._ack_due_at: float | None = None  # when a pending ack must go out
         self._closing = False
         self._closed_locally = False
@@ -673,12 +673,16 @@ class OrchestratorConnection:
         if window.ack_due:
             self._kick_writer()
         elif idle and window.consumed > window.announced:
-            # Pending now: due within ACK_DELAY. A parked writer gets the
-            # deadline without a wake-up (a reply soon carries the ack anyway).
-            self._ack_due_at = due = trio.current_time() + ACK_DELAY
-            wait = self._writer_wait
-            if wait is not None:
-                wait.deadline = min(wait.deadline, due)
+            # Pending now, due within ACK_DELAY: no task is woken for it (a
+            # reply soon carries it anyway); the watchdog's timer is moved.
+            self._schedule_ack(trio.current_time())
+
+    def _schedule_ack(self, now: float) -> None:
+        """An ack is pending from ``now``: have the watchdog kick the writer when it is due."""
+        self._ack_due_at = due = now + ACK_DELAY
+        sleep = self._watchdog_sleep
+        if sleep is not None and due < sleep.deadline:
+            sleep.deadline = due  # moves its timer; wakes no one
 
     def __aiter__(self) -> Self:
         return self
@@ -1605,28 +1609,20 @@ class OrchestratorConnection:
                 frames.extend(batch_frames(texts, None, 0) if batching else texts)
             if not frames and recv is not None and recv.ack_due:
                 frames.append(ack_frame(recv.announce()))
+            if not frames and recv is not None and recv.consumed != recv.announced:
+                # A pending ack goes out within ACK_DELAY of when it became
+                # pending, coalescing what follows (a data frame carries it
+                # sooner). The watchdog wakes us when it is due.
+                now = trio.current_time()
+                if self._ack_due_at is None:
+                    self._schedule_ack(now)
+                elif now >= self._ack_due_at:
+                    frames.append(ack_frame(recv.announce()))
             if not frames:
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
-                pending = recv is not None and recv.consumed != recv.announced
-                if pending and self._ack_due_at is None:
-                    self._ack_due_at = trio.current_time() + ACK_DELAY
-                # A pending ack goes out within ACK_DELAY of when it became
-                # pending, coalescing what follows (a data frame carries it
-                # sooner). One that becomes pending while we wait moves this
-                # deadline (_acknowledge) without waking us.
-                deadline = self._ack_due_at if pending else None
-                with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as wait:
-                    self._writer_wait = wait
-                    try:
-                        await self._writer_lot.park()
-                    finally:
-                        self._writer_wait = None
-                if not wait.cancelled_caught or self._refusals:
-                    continue
-                if recv is None or recv.consumed == recv.announced:
-                    continue
-                frames.append(ack_frame(recv.announce()))
+                await self._writer_lot.park()
+                continue
             if recv is not None and recv.consumed == recv.announced:
                 self._ack_due_at = None
             # When nothing else waits, the writer parks next: that is its
@@ -1649,12 +1645,26 @@ class OrchestratorConnection:
 
     async def _watchdog(self) -> None:
         state = self._state
+        kicked = -math.inf  # the ack deadline the writer was last woken for
         while True:
             self._sleeping_until = state.next_deadline()
-            with trio.move_on_at(self._sleeping_until):
-                await self._wakeup.wait()
+            ack_due = self._ack_due_at
+            if ack_due is not None and ack_due <= kicked:
+                ack_due = None  # the writer was told: it sends the ack when it can
+            with trio.move_on_at(
+                self._sleeping_until if ack_due is None else min(ack_due, self._sleeping_until)
+            ) as sleep:
+                self._watchdog_sleep = sleep
+                try:
+                    await self._wakeup.wait()
+                finally:
+                    self._watchdog_sleep = None
             self._wakeup = trio.Event()
-            actions = state.handle_timer(trio.current_time())
+            now = trio.current_time()
+            if self._ack_due_at is not None and kicked < self._ack_due_at <= now:
+                kicked = self._ack_due_at
+                self._kick_writer()  # it writes the pending ack
+            actions = state.handle_timer(now)
             if actions.ping:
                 with contextlib.suppress(trio.WouldBlock):
                     self._ping_requests.send_nowait(None)
