@@ -1496,7 +1496,7 @@ class OrchestratorConnection:
 
     async def _route(self, delivery: _Delivery, is_data: bool) -> None:
         message = delivery[2]
-        for subscription in tuple(self._subscriptions):
+        for subscription in tuple(self._subscriptions) if self._subscriptions else ():
             try:
                 matched = subscription.matches(message)
             except Exception as exc:
