@@ -90,8 +90,15 @@ async def test_every_message_arrives_once_and_in_order_across_8_random_cuts(
 
     async def handler(conn: OrchestratorConnection) -> None:
         async def send_all() -> None:
+            # Bursts of send_nowait, so that large batches are cut and resent;
+            # the dialer sends the other way one awaited send at a time.
             for n in range(count):
-                await conn.send(to_dialer(n))
+                try:
+                    conn.send_nowait(to_dialer(n))
+                except trio.WouldBlock:
+                    await conn.send(to_dialer(n))
+                if n % 50 == 49:
+                    await trio.sleep(0)
 
         async with trio.open_nursery() as inner:
             inner.start_soon(send_all)
