@@ -170,3 +170,26 @@ async def test_a_socket_without_a_descriptor_is_left_as_it_is(
     monkeypatch.undo()
     await plain.aclose()
     right.close()
+
+
+async def test_a_write_without_scheduling_yields_not_but_stays_cancellable() -> None:
+    ours, theirs = await _pair()
+    # A task that is runnable meanwhile runs only if the writer yields.
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        await ours.send_all(b"quiet", schedule=False)
+        assert ran == []  # no scheduler pass: the other task has not run
+        await ours.send_all(b"loud")
+        assert ran == ["other"]  # the default yields once, as trio's sockets
+    assert await theirs.receive_some(100) == b"quietloud"
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await ours.send_all(b"never", schedule=False)
+    await ours.aclose()
+    await theirs.aclose()
