@@ -137,6 +137,34 @@ async def test_send_nowait_queues_without_a_checkpoint_or_raises_would_block() -
             a.send_nowait(delegation("late"))
 
 
+async def test_receive_nowait_drains_what_arrived_acknowledges_it_and_ends_like_receive() -> None:
+    from trio_federation.testing import open_connection_pair
+
+    async with open_connection_pair(resumable=True) as (a, b):
+        with pytest.raises(trio.WouldBlock):
+            b.receive_nowait()
+        for n in range(5):
+            a.send_nowait(delegation(f"n{n}"))
+        await trio.testing.wait_all_tasks_blocked()  # all five arrived
+        with trio.testing.assert_no_checkpoints():
+            got = [b.receive_nowait() for _ in range(5)]
+        assert [m.correlation_id for m in got] == [f"n{n}" for n in range(5)]
+        with pytest.raises(trio.WouldBlock):
+            b.receive_nowait()
+        with trio.fail_after(1):
+            while a.unacknowledged:  # consumed, so acknowledged
+                await trio.sleep(0.01)
+        await a.disconnect()
+        with trio.fail_after(1):
+            while True:
+                try:
+                    b.receive_nowait()
+                except trio.WouldBlock:
+                    await trio.sleep(0.01)
+                except trio.EndOfChannel:
+                    break
+
+
 async def test_send_cancelled_while_waiting_queues_nothing() -> None:
     async with open_websocket_pair() as pair:
         a = OrchestratorConnection(id="x", socket=pair.client, max_queue_size=1)

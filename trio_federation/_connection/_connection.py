@@ -710,6 +710,29 @@ class OrchestratorConnection:
             self._raise_if_lost()
             raise
 
+    def receive_nowait(self) -> FederationMessage:
+        """The next buffered data message, without waiting (no checkpoint), as trio's channels.
+
+        For consumers that drain what arrived in one go: each :meth:`receive`
+        (and each step of ``async for``) is a scheduler pass, this is not::
+
+            async for msg in conn:
+                handle(msg)
+                with contextlib.suppress(trio.WouldBlock):
+                    while True:
+                        handle(conn.receive_nowait())
+
+        Raises:
+            trio.WouldBlock: nothing is buffered now.
+            trio.EndOfChannel: as :meth:`receive`.
+            ConnectionLost: as :meth:`receive`.
+        """
+        try:
+            return self._consumed(self._inbound_recv.receive_nowait())
+        except trio.EndOfChannel:
+            self._raise_if_lost()
+            raise
+
     @contextlib.contextmanager
     def subscribe(
         self,
