@@ -72,11 +72,17 @@ from .recovery import (
 )
 from .recovery import POLICY as RECOVERY_POLICY
 
-IMPLS: Final = ("raw", "codec", "lib", "lib-v1")
+IMPLS: Final = ("raw", "codec", "lib", "lib-v1", "lib-drain")
 """What runs (a) and (b): see :data:`bench.worker.Impl`; and ``daemon`` when Node
 is present: the TypeScript daemon's own ``OrchestratorConnection`` on both
 sides (``bench/js/daemon_peer.mjs``)."""
-SUFFIX: Final = {"lib": "", "lib-v1": "_v1", "codec": "_floor", "raw": "_raw"}
+SUFFIX: Final = {
+    "lib": "",
+    "lib-v1": "_v1",
+    "lib-drain": "_drain",
+    "codec": "_floor",
+    "raw": "_raw",
+}
 """The JSON key suffix of a row whose subject is that implementation."""
 OVERHEADS: Final = {
     "throughput": "(a) one-way throughput",
@@ -158,7 +164,8 @@ async def _networked(
     expected_frame = encode_message(make_delegation(0))
     # figure name -> impl -> one value per repeat
     runs: dict[str, dict[str, list[float]]] = {}
-    latencies: dict[str, list[float]] = {impl: [] for impl in impls}
+    # lib-drain differs from lib only in how the receiver consumes: (a) only.
+    latencies: dict[str, list[float]] = {impl: [] for impl in impls if impl != "lib-drain"}
 
     def record(name: str, impl: str, value: float) -> None:
         runs.setdefault(name, {impl: [] for impl in impls})[impl].append(value)
@@ -176,7 +183,7 @@ async def _networked(
         )
         if daemon is not None:  # first or last, so that it sits beside raw every other repeat
             order = (*order, "daemon") if run % 2 else ("daemon", *order)
-        for impl in order:
+        for impl in (*order, "lib-drain"):
             served, dialed = await run_pair(
                 impl,
                 "throughput",
@@ -261,6 +268,20 @@ async def _networked(
         ),
         row("throughput_listener_cpu", "    receiver CPU", "us/msg", "lower"),
         row("throughput_dialer_cpu", "    sender CPU", "us/msg", "lower"),
+        row(
+            "throughput",
+            "    consumer drains (receive_nowait)",
+            "msg/s",
+            "higher",
+            subject="lib-drain",
+        ),
+        row(
+            "throughput_listener_cpu",
+            "      drain receiver CPU",
+            "us/msg",
+            "lower",
+            subject="lib-drain",
+        ),
         row("throughput", "    sessions off (v1)", "msg/s", "higher", subject=v1),
         row("throughput_listener_cpu", "      v1 receiver CPU", "us/msg", "lower", subject=v1),
         row("throughput_dialer_cpu", "      v1 sender CPU", "us/msg", "lower", subject=v1),

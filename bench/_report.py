@@ -259,7 +259,15 @@ def format_daemon(runs: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
     throughput = {impl: median(runs["throughput"][impl]) for impl in ("lib", "daemon")}
     ratio = throughput["lib"] / throughput["daemon"]
     verdict = "met" if ratio >= DAEMON_TARGET else "MISSED"
+    drained = runs["throughput"].get("lib-drain")
+    drain_line = (
+        f"\n(a) lib with a consumer that drains (receive_nowait): {median(drained):,.0f} msg/s"
+        f" = {median(drained) / throughput['daemon']:.2f}x the daemon"
+        if drained
+        else ""
+    )
     return (
         _aligned(headers, lines, 2)
         + f"\ntarget (a) lib/daemon = {ratio:.2f}x, wanted >= {DAEMON_TARGET:.2f}x: {verdict}"
+        + drain_line
     )

@@ -57,14 +57,16 @@ from ._workload import (
     make_delegations,
 )
 
-Impl = Literal["lib", "lib-v1", "raw", "codec"]
+Impl = Literal["lib", "lib-drain", "lib-v1", "raw", "codec"]
 """``lib``: trio-federation with its defaults (a resumable session: numbered
-messages, acknowledgements, window); ``lib-v1``: trio-federation without
+messages, acknowledgements, window); ``lib-drain``: the same, but the
+receiving application drains what arrived with ``receive_nowait()`` after each
+``async for`` step (throughput only); ``lib-v1``: trio-federation without
 sessions (``resumable=False``, ``resume_timeout=0``: the plain v1 protocol);
 ``raw``: trio-websocket with pre-encoded frames; ``codec``: trio-websocket,
 encoding and decoding every message with our codec (the floor for any
 connection that hands out typed messages)."""
-IMPLS: Final[tuple[Impl, ...]] = ("lib", "lib-v1", "raw", "codec")
+IMPLS: Final[tuple[Impl, ...]] = ("lib", "lib-drain", "lib-v1", "raw", "codec")
 Mode = Literal["throughput", "roundtrip"]
 Report = dict[str, Any]
 
@@ -110,7 +112,9 @@ class Stopwatch:
 # -- the listener side ------------------------------------------------------------------
 
 
-async def _count_lib(conn: OrchestratorConnection, warmup: int, count: int) -> Report:
+async def _count_lib(
+    conn: OrchestratorConnection, warmup: int, count: int, *, drain: bool = False
+) -> Report:
     total = warmup + count
     received = 0
     clock = Stopwatch()
@@ -120,6 +124,16 @@ async def _count_lib(conn: OrchestratorConnection, warmup: int, count: int) -> R
             clock.restart()
         if received == total:
             break
+        while drain:  # what else arrived, without a scheduler pass each
+            try:
+                conn.receive_nowait()
+            except trio.WouldBlock:
+                break
+            received += 1
+            if received == warmup:
+                clock.restart()
+            if received == total:
+                return {"received": received, **clock.read()}
     return {"received": received, **clock.read()}
 
 
@@ -189,7 +203,8 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
 
     async def lib_handler(conn: OrchestratorConnection) -> None:
         if mode == "throughput":
-            await run(functools.partial(_count_lib, conn, warmup, count))
+            drain = impl == "lib-drain"
+            await run(functools.partial(_count_lib, conn, warmup, count, drain=drain))
         else:
             await run(functools.partial(_answer_lib, conn))
 
@@ -202,7 +217,7 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
             await run(functools.partial(_echo_raw, ws, accept=codec))
 
     async with trio.open_nursery() as nursery:
-        if impl in ("lib", "lib-v1"):
+        if impl in ("lib", "lib-drain", "lib-v1"):
             listener: FederationListener = await nursery.start(
                 functools.partial(
                     serve_federation,
@@ -211,7 +226,7 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
                     0,
                     local_id=LISTENER_ID,
                     **LIBRARY_OPTIONS,
-                    **({} if impl == "lib" else NO_SESSIONS),
+                    **(NO_SESSIONS if impl == "lib-v1" else {}),
                 )
             )
             port = listener.port
@@ -234,13 +249,13 @@ async def serve(impl: Impl, mode: Mode, warmup: int, count: int) -> Report:
 async def dial(impl: Impl, mode: Mode, port: int, warmup: int, count: int) -> Report:
     """Connect to the listener on ``port``, do the work, and return the dialer's figures."""
     messages = make_delegations(warmup + count)
-    if impl in ("lib", "lib-v1"):
+    if impl in ("lib", "lib-drain", "lib-v1"):
         url = f"ws://{HOST}:{port}{FEDERATION_PATH}"
         clock = Stopwatch()
         async with open_orchestrator_connection(
-            url, local_id=DIALER_ID, resumable=impl == "lib", **LIBRARY_OPTIONS
+            url, local_id=DIALER_ID, resumable=impl != "lib-v1", **LIBRARY_OPTIONS
         ) as conn:
-            if conn.resumable != (impl == "lib"):
+            if conn.resumable != (impl != "lib-v1"):
                 raise RuntimeError(f"{impl}: the session was not negotiated as expected")
             if mode == "roundtrip":
                 return await _round_trips_lib(conn, messages, warmup)
