@@ -172,20 +172,29 @@ async def test_a_socket_without_a_descriptor_is_left_as_it_is(
     right.close()
 
 
+class _Steps(trio.abc.Instrument):
+    """Counts the steps the current task ends (each scheduler pass it makes ends one)."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
 async def test_a_write_without_scheduling_yields_not_but_stays_cancellable() -> None:
     ours, theirs = await _pair()
-    # A task that is runnable meanwhile runs only if the writer yields.
-    ran: list[str] = []
-
-    async def other() -> None:
-        ran.append("other")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
+    steps = _Steps()
+    trio.lowlevel.add_instrument(steps)
+    try:
         await ours.send_all(b"quiet", schedule=False)
-        assert ran == []  # no scheduler pass: the other task has not run
+        assert steps.steps == 0  # no scheduler pass
         await ours.send_all(b"loud")
-        assert ran == ["other"]  # the default yields once, as trio's sockets
+        assert steps.steps == 1  # the default yields once, as trio's sockets
+    finally:
+        trio.lowlevel.remove_instrument(steps)
     assert await theirs.receive_some(100) == b"quietloud"
     with trio.CancelScope() as scope:
         scope.cancel()

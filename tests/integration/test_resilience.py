@@ -361,8 +361,10 @@ async def test_graceful_disconnect_waits_for_acknowledgements(nursery: trio.Nurs
 
     async def handler(conn: OrchestratorConnection) -> None:
         async for message in conn:
-            await trio.sleep(0.01)  # a slow reader
+            # Consumed (so acknowledged, within the ack delay) when async for
+            # hands it out: recorded then, before the slow reader's pause.
             received.append(message.correlation_id or "")
+            await trio.sleep(0.01)  # a slow reader
 
     listener = await start_listener(nursery, handler)
     async with dial(listener.port, reconnect=None) as conn:
