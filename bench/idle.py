@@ -277,16 +277,18 @@ async def _run(
     if impl == "daemon":
         assert daemon is not None
         command, options = _daemon_peer(daemon)
-        common += options
+        serve_args, dial_args = ["serve", *common, *options], ["dial", *common, *options]
         if cpus is not None:  # pinned from here: node takes no --cpu
             listener_cpu, dialer_cpu = cpus
     else:
         command = PEER
-        common += ["--impl", impl]
-    serve_args, dial_args = ["serve", *common], ["dial", *common]
-    if cpus is not None and impl != "daemon":
-        serve_args += ["--cpu", str(cpus[0])]
-        dial_args += ["--cpu", str(cpus[1])]
+        serve_args, dial_args = (
+            ["serve", *common, "--impl", impl],
+            ["dial", *common, "--impl", impl],
+        )
+        if cpus is not None:
+            serve_args += ["--cpu", str(cpus[0])]
+            dial_args += ["--cpu", str(cpus[1])]
     with trio.fail_after(120 + seconds):
         async with spawn_peer(
             f"{impl} idle listener", serve_args, command, listener_cpu
