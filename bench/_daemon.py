@@ -54,9 +54,9 @@ class Daemon:
     connection: Path
     node_path: Path
 
-    def command(self) -> list[str]:
-        """The peer's command line, before its role and options."""
-        return [self.node, str(PEER_SCRIPT)]
+    def command(self, *node_options: str) -> list[str]:
+        """The peer's command line, before its role and options (``node_options``: node's)."""
+        return [self.node, *node_options, str(PEER_SCRIPT)]
 
     def env(self) -> dict[str, str]:
         """The peer's environment: ``ws`` found through NODE_PATH."""

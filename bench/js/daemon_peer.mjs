@@ -11,6 +11,20 @@
 // Throughput: every sendMessage() is awaited (ws's send callback). Round trips:
 // delegation -> the listener's acceptDelegation() -> the dialer's 'callback'.
 // `ws` and the daemon's `require("ws")` come from NODE_PATH.
+//
+// Idle connections (for `python -m bench.idle`, same reports as its peers):
+//
+//   node --expose-gc daemon_peer.mjs serve|dial --mode idle --connections N
+//        --seconds S --settle S --heartbeat-timeout MS --concurrency C
+//        --handshake-timeout S [--port P] [--timeout S] --connection PATH
+//
+// Every connection, on both sides, is an OrchestratorConnection with
+// heartbeatTimeout MS: its own monitor then ws-pings every MS/2 (ws answers
+// pings with pongs by itself; a pong is what the monitor checks). The listener
+// reports its RSS after global.gc() when listening with no connection, and
+// again --settle seconds after the last one arrived; then its CPU
+// (process.cpuUsage) over --seconds. The dialer opens them, --concurrency
+// handshakes at a time, reports `open`, and holds them until stdin closes.
 import { createRequire } from "node:module";
 import process from "node:process";
 
@@ -27,13 +41,16 @@ function parse(argv) {
       args.role = argv[i];
     }
   }
-  for (const key of ["count", "warmup", "port", "timeout"]) args[key] = Number(args[key]);
+  for (const key of [
+    "count", "warmup", "port", "timeout", "connections", "seconds", "settle",
+    "heartbeat-timeout", "concurrency", "handshake-timeout",
+  ]) args[key] = Number(args[key]);
   return args;
 }
 
 const args = parse(process.argv.slice(2));
 const { OrchestratorConnection } = require(args.connection);
-const template = JSON.parse(args.template);
+const template = args.template === undefined ? null : JSON.parse(args.template);
 const HEARTBEAT_TIMEOUT_MS = 3600 * 1000; // as the Python peers: never during a run
 const CAPABILITIES = ["code-generation", "testing"];
 
@@ -72,15 +89,26 @@ function message(index) {
   };
 }
 
-function connection(id, socket) {
-  return new OrchestratorConnection({
-    id, socket, capabilities: CAPABILITIES, heartbeatTimeout: HEARTBEAT_TIMEOUT_MS,
+function connection(id, socket, heartbeatTimeout = HEARTBEAT_TIMEOUT_MS) {
+  return new OrchestratorConnection({ id, socket, capabilities: CAPABILITIES, heartbeatTimeout });
+}
+
+function listen() {
+  const server = new WebSocket.WebSocketServer({ host: "127.0.0.1", port: 0 });
+  return new Promise((resolve, reject) => {
+    server.once("listening", () => resolve(server)).once("error", reject);
   });
 }
 
+const sleep = (seconds) => new Promise((resolve) => { setTimeout(resolve, seconds * 1000); });
+
+function rss() {
+  globalThis.gc?.(); // a full collection, with --expose-gc
+  return process.memoryUsage().rss;
+}
+
 async function serve() {
-  const server = new WebSocket.WebSocketServer({ host: "127.0.0.1", port: 0 });
-  await new Promise((resolve, reject) => server.once("listening", resolve).once("error", reject));
+  const server = await listen();
   server.once("connection", (socket) => {
     const conn = connection(template.to, socket);
     conn.on("error", fail);
@@ -151,8 +179,57 @@ async function dial() {
   process.exit(0);
 }
 
+async function serveIdle() {
+  const server = await listen();
+  let connected = 0;
+  let errors = 0; // the monitor's "No heartbeat received" (or a socket error)
+  let closed = 0;
+  let allIn;
+  const arrived = new Promise((resolve) => { allIn = resolve; });
+  server.on("connection", (socket) => {
+    const conn = connection("idle-listener", socket, args["heartbeat-timeout"]);
+    conn.on("error", () => { errors += 1; });
+    conn.on("close", () => { closed += 1; });
+    connected += 1;
+    if (connected === args.connections) allIn();
+  });
+  const before = rss();
+  emit("ready", { port: server.address().port });
+  await arrived;
+  await sleep(args.settle);
+  const after = rss();
+  const clock = new Stopwatch();
+  await sleep(args.seconds);
+  emit("result", {
+    rss_before: before, rss_after: after, connections: connected, errors, closed, ...clock.read(),
+  });
+  process.exit(0);
+}
+
+async function dialIdle() {
+  let next = 0;
+  let opened = 0;
+  async function opener() { // one of --concurrency: only the handshakes are limited
+    while (next < args.connections) {
+      const index = next;
+      next += 1;
+      const socket = new WebSocket(`ws://127.0.0.1:${args.port}/federation`, {
+        handshakeTimeout: args["handshake-timeout"] * 1000,
+      });
+      const conn = connection(`idle-${String(index).padStart(5, "0")}`, socket, args["heartbeat-timeout"]);
+      const open = new Promise((resolve, reject) => { socket.once("open", resolve); conn.once("error", reject); });
+      await open;
+      conn.on("error", () => {}); // a late pong: the listener's count is the one reported
+      opened += 1;
+    }
+  }
+  await Promise.all(Array.from({ length: args.concurrency }, opener));
+  emit("open", { connections: opened });
+}
+
 // Never outlive the benchmark: stop at the timeout, or when stdin closes.
 setTimeout(() => fail(`${args.role} did not finish within ${args.timeout}s`), args.timeout * 1000).unref();
-process.stdin.on("end", () => process.exit(1));
+process.stdin.on("end", () => process.exit(args.mode === "idle" ? 0 : 1)); // idle: how the dialer stops
 process.stdin.resume();
-(args.role === "serve" ? serve() : dial()).catch(fail);
+if (args.mode === "idle") (args.role === "serve" ? serveIdle() : dialIdle()).catch(fail);
+else (args.role === "serve" ? serve() : dial()).catch(fail);
