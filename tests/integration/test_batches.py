@@ -28,6 +28,7 @@ from trio_federation import (
 )
 from trio_federation._connection._session import (
     BATCH_PREFIX,
+    parse_refusal,
     sequenced_frame,
     split_batch,
     split_frame,
@@ -233,3 +234,49 @@ async def test_a_batch_without_the_extension_is_an_ordinary_malformed_message() 
                 while not recorder.received:
                     await trio.sleep(0.01)
     assert [m.correlation_id for m in recorder.received] == ["in-0"]
+
+
+async def test_a_malformed_envelope_in_a_batch_is_refused_by_its_own_number() -> None:
+    recorder = Recorder(burst=0)
+    texts = [encode_message(delegation(f"in-{index}")) for index in range(3)]
+    texts[1] = '{"type":"delegation"}'  # no payload, no from, no to
+    async with listening(recorder) as url:
+        async with open_raw_client(url, headers=identity("batch", session=True)) as ws:
+            await ws.send_message(batch_of(texts, '{"batch":3,"seq":1,"ack":0}'))
+            with trio.fail_after(3):
+                while True:
+                    frame = await ws.get_message()
+                    assert isinstance(frame, str)
+                    if frame.startswith('{"ctl":"refused"'):
+                        break
+            while len(recorder.received) < 2:
+                await trio.sleep(0.01)
+    refusal = parse_refusal(frame)
+    assert refusal is not None and refusal[0] == 2
+    assert [m.correlation_id for m in recorder.received] == ["in-0", "in-2"]
+
+
+async def test_rate_limits_count_each_envelope_of_a_batch() -> None:
+    texts = [encode_message(delegation(f"in-{index}")) for index in range(10)]
+    # Without a session the limit refuses what is over it, envelope by envelope.
+    refused = Recorder(burst=0)
+    async with listening(refused, rate_limit=0.001, rate_burst=3, max_violations=100) as url:
+        async with open_raw_client(url, headers=identity("batch", session=False)) as ws:
+            await ws.send_message(batch_of(texts, '{"batch":10}'))
+            await ws.send_message(texts[0])  # also over the limit: refused
+            with trio.fail_after(3):
+                while refused.connection is None or refused.connection.get_status().errors < 8:
+                    await trio.sleep(0.01)
+    assert [m.correlation_id for m in refused.received] == ["in-0", "in-1", "in-2"]
+    # In a session it is flow control: every envelope arrives, at the limit's pace.
+    paced = Recorder(burst=0)
+    async with listening(paced, rate_limit=50, rate_burst=2) as url:
+        async with open_raw_client(url, headers=identity("batch", session=True)) as ws:
+            started = trio.current_time()
+            await ws.send_message(batch_of(texts, '{"batch":10,"seq":1,"ack":0}'))
+            with trio.fail_after(3):
+                while len(paced.received) < 10:
+                    await trio.sleep(0.005)
+            elapsed = trio.current_time() - started
+    assert [m.correlation_id for m in paced.received] == [f"in-{i}" for i in range(10)]
+    assert elapsed >= 8 / 50 * 0.9  # 8 envelopes past the burst, at 50/s
