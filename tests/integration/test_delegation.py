@@ -339,10 +339,23 @@ async def test_an_unreachable_static_peer_is_an_attempt() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: refused
-        async with node("orch-a", peers={"ghost": f"ws://127.0.0.1:{port}/federation"}) as a:
+        peers = {"ghost": f"ws://127.0.0.1:{port}/federation"}
+        async with node("orch-a", peers=peers) as a:
             with pytest.raises(DelegationFailed) as info:
-                await a.delegate(task(), max_attempts=2)
-    assert [x.outcome for x in info.value.attempts] == ["no_candidate", "no_candidate"]
+                await a.delegate(task(), max_attempts=2, required_capabilities=["testing"])
+            # Listed with why, in every round; a reachable peer goes first.
+            assert [(x.peer, x.outcome) for x in info.value.attempts] == [
+                ("ghost", "unreachable")
+            ] * 2
+            why = f"cannot connect to ws://127.0.0.1:{port}/federation"
+            for attempt in info.value.attempts:
+                assert attempt.reason is not None and attempt.reason.startswith(why)
+            assert f"ghost: unreachable ({why}" in str(info.value)
+            async with node("orch-b", executor=echo, registry=a.registry):
+                assert await a.delegate(task("t-2"), max_attempts=1) == {"echo": "lint"}
+                with pytest.raises(DelegationFailed) as info:
+                    await a.delegate(task("t-3"), max_attempts=1, exclude=["orch-b"])
+            assert [(x.peer, x.outcome) for x in info.value.attempts] == [("ghost", "unreachable")]
 
 
 # -- deadlines and cancellation -----------------------------------------------------------

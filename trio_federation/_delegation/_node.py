@@ -253,6 +253,29 @@ class TaskContext:
         await self._node._send_callback(self.origin, callback)
 
 
+class _PeerView:
+    """A peer that may be a candidate, as the records and connections said last."""
+
+    __slots__ = ("capabilities", "connection", "dial", "id", "latency", "record")
+
+    def __init__(
+        self,
+        peer: str,
+        capabilities: tuple[str, ...],
+        record: OrchestratorRecord | None,
+        connection: OrchestratorConnection | None,
+        latency: float | None,
+        *,
+        dial: bool = False,
+    ) -> None:
+        self.id = peer
+        self.capabilities = capabilities
+        self.record = record
+        self.connection = connection
+        self.latency = latency
+        self.dial = dial
+
+
 @attrs.define
 class _Execution:
     scope: trio.CancelScope
@@ -350,7 +373,16 @@ class FederationNode:
         self._dialing: dict[str, trio.Event] = {}
         self._dial_errors: dict[str, BaseException] = {}
         self._records: dict[str, OrchestratorRecord] = {}
+        # When the records were read (trio time), and the registry's
+        # local_writes then: a later local write makes them stale at once.
+        self._records_read_at = -math.inf
+        self._records_writes = -1
+        # The peers that may be candidates, as the records and connections
+        # say (rebuilt when either changes); None: to be rebuilt.
+        self._view: list[_PeerView] | None = None
         self._delegations: dict[str, Delegation] = {}
+        # Peer -> delegations of ours it holds that are not over.
+        self._in_flight_counts: dict[str, int] = {}
         # Task id -> (executor, when): where a task went lately, to send a
         # repeat to the same executor (whose dedupe then answers it).
         self._recent_assignees: collections.OrderedDict[str, tuple[str, float]] = (
@@ -451,7 +483,7 @@ class FederationNode:
         logger.warning("refused a callback: %s", reason)
 
     def _in_flight(self, peer: str) -> int:
-        return sum(1 for d in self._delegations.values() if d.assignee == peer)
+        return self._in_flight_counts.get(peer, 0)
 
     # -- connections ----------------------------------------------------------
 
@@ -541,6 +573,7 @@ class FederationNode:
 
     def _attach(self, peer: str, connection: OrchestratorConnection) -> None:
         self._connections.setdefault(peer, []).append(connection)
+        self._view = None
 
     def _detach(self, peer: str, connection: OrchestratorConnection) -> None:
         self._closing_unread.discard(connection)
@@ -549,6 +582,7 @@ class FederationNode:
             connections.remove(connection)
         if not connections:
             self._connections.pop(peer, None)
+            self._view = None
             for delegation in list(self._delegations.values()):
                 delegation._on_lost(peer, "connection lost")
 
@@ -770,6 +804,7 @@ class FederationNode:
     # -- delegating -----------------------------------------------------------
 
     async def _refresh_records(self) -> None:
+        writes = self.registry.local_writes
         try:
             records = await self.registry.list_all()
         except FederationError as exc:
@@ -777,7 +812,24 @@ class FederationNode:
             return
         before = self._records
         self._records = {r.id: r for r in records}
+        self._records_read_at = trio.current_time()
+        self._records_writes = writes
+        self._view = None
         self._fail_over_the_dead(before)
+
+    def _records_stale(self) -> bool:
+        """Whether the records must be read again before choosing candidates.
+
+        They are kept for the registry's ``watch_interval`` (the watcher reads
+        them that often anyway), unless something was written through the
+        registry since they were read: a peer that registered, left or
+        started draining in this process is seen at once.
+        """
+        registry = self.registry
+        return (
+            registry.local_writes != self._records_writes
+            or trio.current_time() - self._records_read_at >= registry.watch_interval
+        )
 
     def _fail_over_the_dead(self, before: Mapping[str, OrchestratorRecord]) -> None:
         """Fail over the tasks of executors the registry now declares dead.
@@ -791,8 +843,7 @@ class FederationNode:
         cancel the tasks (if it negotiated the cancel extension), so that a
         stalled but living node does not run on what now runs elsewhere.
         """
-        assignees = {d.assignee for d in self._delegations.values()} - {None}
-        for peer in sorted(p for p in assignees if p is not None):
+        for peer in sorted(self._in_flight_counts):
             record = self._records.get(peer)
             if record is not None and record.status is OrchestratorStatus.OFFLINE:
                 reason = "declared offline by the registry"
@@ -856,21 +907,23 @@ class FederationNode:
             return PowerOfTwoChoices(self._rng)
         return make_strategy(strategy)
 
-    async def _candidates(self, delegation: Delegation) -> list[str]:
-        """The peers that may take ``delegation``'s task, in the order to try them.
+    def _peer_view(self) -> list[_PeerView]:
+        """The peers that may be candidates, by id, from the records and connections.
 
-        The registry is read afresh for every round: a peer registered a
-        moment ago is a candidate. Unhealthy, offline and draining peers are
-        left out here; :func:`choose` filters capabilities and ``exclude``
-        and orders the rest.
+        Kept until either changes. Offline and draining peers, this node, and
+        registered peers with neither an endpoint nor a connection are left
+        out; a static peer neither registered nor connected is listed with
+        ``dial`` set (its capabilities are learnt by dialing it).
         """
-        await self._refresh_records()
-        candidates: list[Candidate] = []
-        ids = set(self._records) | set(self._static_peers) | set(self._connections)
+        view = self._view
+        if view is not None:
+            return view
+        view = []
+        records = self._records
+        ids = set(records) | set(self._static_peers) | set(self._connections)
+        ids.discard(self.local_id)
         for peer in sorted(ids):
-            if peer == self.local_id or peer in delegation._exclude:
-                continue
-            record = self._records.get(peer)
+            record = records.get(peer)
             connection = self._live_connection(peer)
             if record is not None:
                 if record.status in (OrchestratorStatus.OFFLINE, OrchestratorStatus.DRAINING):
@@ -880,36 +933,84 @@ class FederationNode:
                 capabilities: tuple[str, ...] = record.capabilities
             elif connection is not None:
                 capabilities = tuple(connection.capabilities)
-            else:  # a static peer not connected yet: learn its capabilities
+            else:
+                view.append(_PeerView(peer, (), None, None, None, dial=True))
+                continue
+            latency = None if connection is None else connection.get_status().latency
+            view.append(_PeerView(peer, capabilities, record, connection, latency))
+        self._view = view
+        return view
+
+    async def _candidates(self, delegation: Delegation, *, fresh: bool = False) -> list[str]:
+        """The peers that may take ``delegation``'s task, in the order to try them.
+
+        The registry's records are read again when stale (see
+        :meth:`_records_stale`), for every round after a backoff (``fresh``),
+        and before a round would find no candidate at all. Unhealthy,
+        offline and draining peers are left out here; :func:`choose` filters
+        capabilities and ``exclude`` and orders the rest. A static peer that
+        cannot be dialed comes last, so that trying it records the attempt
+        (``unreachable``, and why) without dialing it again.
+        """
+        read = fresh or self._records_stale()
+        if read:
+            await self._refresh_records()
+        while True:
+            ordered = await self._choose(delegation)
+            if ordered or read:
+                return ordered
+            read = True  # none at all: make sure with the registry's latest
+            await self._refresh_records()
+
+    async def _choose(self, delegation: Delegation) -> list[str]:
+        exclude = delegation._exclude
+        unreachable = delegation._unreachable
+        unreachable.clear()
+        candidates: list[Candidate] = []
+        view = self._peer_view()
+        for entry in view:
+            peer = entry.id
+            if peer in exclude:
+                continue
+            connection = entry.connection
+            capabilities = entry.capabilities
+            latency = entry.latency
+            if entry.dial:  # a static peer not connected yet: learn its capabilities
                 try:
                     connection = await self._connection_for(peer)
                 except FederationError as exc:
                     logger.info("static peer %r unreachable: %s", peer, exc)
+                    unreachable[peer] = str(exc)
                     continue
                 capabilities = tuple(connection.capabilities)
+                latency = connection.get_status().latency
             if connection is not None and not connection.is_healthy():
                 continue
+            record = entry.record
             candidates.append(
                 Candidate(
                     id=peer,
                     capabilities=capabilities,
                     current_sessions=record.current_sessions if record is not None else 0,
                     max_sessions=record.max_sessions if record is not None else 0,
-                    in_flight=self._in_flight(peer),
-                    latency=None if connection is None else connection.get_status().latency,
+                    in_flight=self._in_flight_counts.get(peer, 0),
+                    latency=latency,
                     tier=record.tier if record is not None else "standard",
                     success_rate=self._success_rate(peer),
                 )
             )
-        return choose(
+        ordered = choose(
             delegation._task,
             candidates,
             delegation._strategy,
             required=delegation._required,
             prefer=delegation._prefer,
-            exclude=delegation._exclude,
+            exclude=exclude,
             sticky=self._recent_assignee(delegation.task_id),
         )
+        # Unreachable static peers last: trying one records why it failed.
+        ordered.extend(unreachable)
+        return ordered
 
     @contextlib.asynccontextmanager
     async def open_delegation(
@@ -953,6 +1054,38 @@ class FederationNode:
                 or ``max_attempts`` is below 1.
             TypeError: a string where a list of names belongs.
         """
+        delegation = self._start_delegation(
+            task,
+            required_capabilities=required_capabilities,
+            strategy=strategy,
+            prefer=prefer,
+            exclude=exclude,
+            max_attempts=max_attempts,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(delegation._drive)
+                try:
+                    yield delegation
+                finally:
+                    await self._end_delegation(delegation)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+        finally:
+            self._forget_delegation(delegation)
+
+    def _start_delegation(
+        self,
+        task: Task,
+        *,
+        required_capabilities: Iterable[str],
+        strategy: str | Strategy | None,
+        prefer: Iterable[str],
+        exclude: Iterable[str],
+        max_attempts: int,
+    ) -> Delegation:
+        """Check the arguments, make the :class:`Delegation` and register it by task id."""
         for name, value in (
             ("required_capabilities", required_capabilities),
             ("prefer", prefer),
@@ -979,21 +1112,18 @@ class FederationNode:
             hops=hops,
         )
         self._delegations[task.id] = delegation
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(delegation._drive)
-                try:
-                    yield delegation
-                finally:
-                    if not delegation._done.is_set():
-                        timed_out = trio.current_time() >= delegation._deadline
-                        with trio.CancelScope(shield=True):
-                            await delegation._abandon(timed_out=timed_out)
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            _raise_single(group)
-        finally:
-            del self._delegations[task.id]
+        return delegation
+
+    async def _end_delegation(self, delegation: Delegation) -> None:
+        """The caller leaves: a delegation not over yet is cancelled (shielded, bounded)."""
+        if not delegation._done.is_set():
+            timed_out = trio.current_time() >= delegation._deadline
+            with trio.CancelScope(shield=True):
+                await delegation._abandon(timed_out=timed_out)
+
+    def _forget_delegation(self, delegation: Delegation) -> None:
+        del self._delegations[delegation.task_id]
+        delegation._release()
 
     async def delegate(
         self,
@@ -1027,15 +1157,24 @@ class FederationNode:
                 refused, unreachable or found no candidate, or the task would
                 travel past ``max_depth`` hops; ``attempts`` lists every try.
         """
-        async with self.open_delegation(
+        # As open_delegation, without its background task: this task drives.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        delegation = self._start_delegation(
             task,
             required_capabilities=required_capabilities,
             strategy=strategy,
             prefer=prefer,
             exclude=exclude,
             max_attempts=max_attempts,
-        ) as delegation:
-            return await delegation.result()
+        )
+        try:
+            try:
+                await delegation._drive()
+            finally:
+                await self._end_delegation(delegation)
+            return delegation._lifecycle.result
+        finally:
+            self._forget_delegation(delegation)
 
     # -- broadcasts -----------------------------------------------------------
 
