@@ -45,7 +45,6 @@ from .._registry._registry import (
     open_registry,
 )
 from .._wire._auth import SecretLookup
-from .._wire._codec import encode_message
 from .._wire._messages import (
     BroadcastPayload,
     CallbackStatus,
@@ -596,16 +595,16 @@ class FederationNode:
                 nursery.start_soon(self._dialect.pump, connection, frames)
                 try:
                     async for message in connection:
-                        await self._route(connection, message)
+                        self._route(connection, message)
                 except ConnectionLost as exc:
                     logger.info("connection to %r lost: %s", connection.id, exc)
                 nursery.cancel_scope.cancel()
 
-    async def _route(self, connection: OrchestratorConnection, message: FederationMessage) -> None:
+    def _route(self, connection: OrchestratorConnection, message: FederationMessage) -> None:
         peer = connection.id or message.sender
         payload = message.payload
         if isinstance(payload, DelegationRequest):
-            await self._on_delegation(connection, peer, payload)
+            self._on_delegation(connection, peer, payload)
         elif isinstance(payload, DelegationResponse):
             delegation = self._delegations.get(payload.task_id)
             if delegation is None:
@@ -626,26 +625,23 @@ class FederationNode:
 
     # -- executing ------------------------------------------------------------
 
-    async def _send_to(self, peer: str, message: FederationMessage, *, wait: bool = True) -> bool:
-        """Send ``message`` to ``peer``; False (logged) if it could not be queued.
+    def _queue_to(self, peer: str, message: FederationMessage) -> bool | None:
+        """Queue ``message`` for ``peer`` without waiting (no checkpoint).
 
-        ``wait=False`` is for a pump's own answers: a pump never waits on a
-        send (it would stop reading that peer, and two nodes could wait on
-        each other). An answer that finds the queue full means the peer does
-        not read what we send: its connection is closed (:meth:`_not_reading`).
+        Returns True once queued, False (logged) if it cannot be sent (no
+        connection, or it ended), None if the connection's queue is full.
+
+        Raises:
+            TypeError: the message cannot be encoded (nothing was queued).
         """
         connection = self._live_connection(peer)
         if connection is None:
             logger.warning("no connection to %r: %s for %r dropped", peer, message.type, peer)
             return False
         try:
-            if wait:
-                await connection.send(message)
-            else:
-                connection.send_nowait(message)
+            connection.send_nowait(message)
         except trio.WouldBlock:
-            self._not_reading(connection)
-            return False
+            return None
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             # A closing node's last words may find the connection gone: expected.
             log = logger.info if self._closing else logger.warning
@@ -653,22 +649,61 @@ class FederationNode:
             return False
         return True
 
-    async def _send_callback(
-        self, peer: str, payload: TaskCallback | DelegationResponse, *, wait: bool = True
-    ) -> bool:
-        if self._dialect.owns(peer, payload.task_id):
-            return await self._dialect.send_callback(peer, payload, wait=wait)
-        return await self._send_to(
-            peer,
-            FederationMessage(
-                type=MessageType.CALLBACK,
-                payload=payload,
-                sender=self.local_id,
-                recipient=peer,
-                correlation_id=payload.task_id,
-            ),
-            wait=wait,
+    async def _send_to(self, peer: str, message: FederationMessage) -> bool:
+        """Send ``message`` to ``peer``, waiting for room; False (logged) if it could not be."""
+        connection = self._live_connection(peer)
+        if connection is None:
+            await trio.lowlevel.checkpoint()
+            logger.warning("no connection to %r: %s for %r dropped", peer, message.type, peer)
+            return False
+        try:
+            await connection.send(message)
+        except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            log = logger.info if self._closing else logger.warning
+            log("could not send to %r: %s", peer, exc)
+            return False
+        return True
+
+    def _callback_message(
+        self, peer: str, payload: TaskCallback | DelegationResponse
+    ) -> FederationMessage:
+        return FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=payload,
+            sender=self.local_id,
+            recipient=peer,
+            correlation_id=payload.task_id,
         )
+
+    async def _send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        """Send a callback to ``peer`` (in its dialect), waiting for room."""
+        if self._dialect.owns(peer, payload.task_id):
+            return await self._dialect.send_callback(peer, payload)
+        return await self._send_to(peer, self._callback_message(peer, payload))
+
+    def _queue_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool | None:
+        """Queue a callback for ``peer`` (in its dialect) without waiting: see :meth:`_queue_to`."""
+        if self._dialect.owns(peer, payload.task_id):
+            return self._dialect.queue_callback(peer, payload)
+        return self._queue_to(peer, self._callback_message(peer, payload))
+
+    def _answer(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        """A pump's answer: queued, never waited for.
+
+        A pump never waits on a send (it would stop reading that peer, and
+        two nodes could wait on each other). An answer that finds the queue
+        full means the peer does not read what we send: its connection is
+        closed (:meth:`_not_reading`).
+        """
+        queued = self._queue_callback(peer, payload)
+        if queued is None:
+            connection = self._dialect.connection_of(peer, payload.task_id)
+            if connection is None:
+                connection = self._live_connection(peer)
+            if connection is not None:  # pragma: no branch (it was full a moment ago)
+                self._not_reading(connection)
+            return False
+        return queued
 
     def _not_reading(self, connection: OrchestratorConnection) -> None:
         """``connection``'s queue is full when its pump must answer: close it.
@@ -687,23 +722,29 @@ class FederationNode:
         )
         self._connection_nursery.start_soon(connection.disconnect)
 
-    async def _on_delegation(
+    def _on_delegation(
         self, connection: OrchestratorConnection, origin: str, request: DelegationRequest
     ) -> None:
+        """Admit or refuse a delegation (a pump's: it never waits).
+
+        An admitted task answers its acceptance itself, first thing when it
+        starts: a task that finishes at once queues its outcome right behind,
+        and the two leave in one write.
+        """
         task_id = request.task.id
         decision = self._admission.check(origin, request, trio.current_time())
         if isinstance(decision, Refuse):
-            await self._respond(origin, task_id, decision.reason)
+            self._respond(origin, task_id, decision.reason)
             return
         if isinstance(decision, Running):
-            await self._respond(origin, task_id, None)
+            self._respond(origin, task_id, None)
             return
         if isinstance(decision, Replay):
-            await self._respond(origin, task_id, None)
-            await self._send_callback(origin, decision.final, wait=False)
+            self._respond(origin, task_id, None)
+            self._answer(origin, decision.final)
             return
         if self._executor is None:
-            await self._respond(origin, task_id, self._admission.refuse("no_executor").reason)
+            self._respond(origin, task_id, self._admission.refuse("no_executor").reason)
             return
         if self._admit is not None:
             try:
@@ -712,10 +753,10 @@ class FederationNode:
                 logger.exception("the admit hook raised; refusing %r", task_id)
                 reason = "admit_failed"
             if reason is not None:
-                await self._respond(origin, task_id, self._admission.refuse(reason).reason)
+                self._respond(origin, task_id, self._admission.refuse(reason).reason)
                 return
         if self._task_nursery is None or self._closing:
-            await self._respond(origin, task_id, self._admission.refuse("draining").reason)
+            self._respond(origin, task_id, self._admission.refuse("draining").reason)
             return
         self._admission.start(origin, task_id)
         deadline = math.inf
@@ -723,15 +764,12 @@ class FederationNode:
             deadline = trio.current_time() + request.timeout
         scope = trio.CancelScope(deadline=deadline)
         self._executions[(origin, task_id)] = _Execution(scope)
-        # Started first, answered at once: the acceptance is queued before the
-        # task can report, and the two often leave in one write.
         self._task_nursery.start_soon(self._execute, origin, request, scope, name=f"task {task_id}")
-        await self._respond(origin, task_id, None)
 
-    async def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
-        """The pump's answer to a delegation (never waits: see :meth:`_send_to`)."""
+    def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
+        """The answer to a delegation: accepted (``refusal`` None) or refused."""
         response = DelegationResponse(task_id=task_id, accepted=refusal is None, reason=refusal)
-        await self._send_callback(origin, response, wait=False)
+        self._answer(origin, response)
 
     def _on_cancel(self, origin: str, task_id: str) -> None:
         execution = self._executions.get((origin, task_id))
@@ -745,6 +783,7 @@ class FederationNode:
     ) -> None:
         assert self._executor is not None
         task = request.task
+        self._respond(origin, task.id, None)  # accepted: queued before anything the task sends
         hops = (task.metadata or {}).get(HOPS_KEY, 0)
         _HOPS.set(hops if isinstance(hops, int) and not isinstance(hops, bool) else 0)
         context = TaskContext(self, request, origin, scope.deadline)
@@ -758,7 +797,9 @@ class FederationNode:
                     error = f"{type(exc).__name__}: {exc}"
                     final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=error)
                 else:
-                    final = self._completed(task.id, origin, result)
+                    final = TaskCallback(
+                        task_id=task.id, status=CallbackStatus.COMPLETED, result=result
+                    )
             if final is None:  # the scope was cancelled: a cancel, the node, or the deadline
                 reason = self._executions[(origin, task.id)].reason or "deadline exceeded"
                 final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=reason)
@@ -770,32 +811,27 @@ class FederationNode:
             raise
         await self._conclude(origin, task.id, final)
 
-    def _completed(self, task_id: str, origin: str, result: Any) -> TaskCallback:
-        """The ``completed`` callback for ``result``, or ``failed`` if it cannot travel.
+    async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
+        """Send a task's outcome and remember it (for repeats): queued at once if there is room.
 
         A result JSON cannot represent (an arbitrary object, say) is the task's
         failure, reported to its delegator, not a crash of the node.
         """
-        final = TaskCallback(task_id=task_id, status=CallbackStatus.COMPLETED, result=result)
         try:
-            encode_message(
-                FederationMessage(
-                    type=MessageType.CALLBACK, payload=final, sender=self.local_id, recipient=origin
+            try:
+                queued = self._queue_callback(origin, final)
+            except (TypeError, ValueError) as exc:
+                logger.error("task %r from %r: its result cannot be sent: %s", task_id, origin, exc)
+                final = TaskCallback(
+                    task_id=task_id,
+                    status=CallbackStatus.FAILED,
+                    error=f"{type(exc).__name__}: the result cannot be sent: {exc}",
                 )
-            )
-        except (TypeError, ValueError) as exc:
-            logger.error("task %r from %r: its result cannot be sent: %s", task_id, origin, exc)
-            return TaskCallback(
-                task_id=task_id,
-                status=CallbackStatus.FAILED,
-                error=f"{type(exc).__name__}: the result cannot be sent: {exc}",
-            )
-        return final
-
-    async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
-        self._admission.finish(origin, task_id, final, trio.current_time())
-        try:
-            await self._send_callback(origin, final)
+                queued = self._queue_callback(origin, final)
+            finally:
+                self._admission.finish(origin, task_id, final, trio.current_time())
+            if queued is None:  # the queue is full: wait for room (the task's own back-pressure)
+                await self._send_callback(origin, final)
         finally:
             del self._executions[(origin, task_id)]
             if not self._executions:
