@@ -85,8 +85,11 @@ class Delegation:
         exclude: frozenset[str],
         max_attempts: int,
         hops: int,
+        followed: bool = True,
     ) -> None:
         self._node = node
+        # False for delegate(): nobody iterates, so no update is kept.
+        self._followed = followed
         self._task = task
         self._required = required
         self._strategy = strategy
@@ -158,6 +161,8 @@ class Delegation:
     # -- fed by the node ------------------------------------------------------
 
     def _push(self, update: DelegationUpdate) -> None:
+        if not self._followed:
+            return
         if len(self._updates) >= UPDATE_BUFFER:
             for index, queued in enumerate(self._updates):
                 if isinstance(queued, TaskProgress):
@@ -276,6 +281,7 @@ class Delegation:
                 await self._wake.wait()
                 continue
             candidates = await node._candidates(self, fresh=fresh)
+            fresh = False  # once per round
             step = lifecycle.next_step(candidates, trio.current_time())
             if isinstance(step, Dispatch):
                 if len(lifecycle.attempts) > 0:

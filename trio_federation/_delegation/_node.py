@@ -1120,8 +1120,12 @@ class FederationNode:
         prefer: Iterable[str],
         exclude: Iterable[str],
         max_attempts: int,
+        followed: bool = True,
     ) -> Delegation:
-        """Check the arguments, make the :class:`Delegation` and register it by task id."""
+        """Check the arguments, make the :class:`Delegation` and register it by task id.
+
+        ``followed=False`` (for :meth:`delegate`): nobody reads its updates.
+        """
         for name, value in (
             ("required_capabilities", required_capabilities),
             ("prefer", prefer),
@@ -1146,6 +1150,7 @@ class FederationNode:
             exclude=frozenset(exclude),
             max_attempts=max_attempts,
             hops=hops,
+            followed=followed,
         )
         self._delegations[task.id] = delegation
         return delegation
@@ -1202,6 +1207,7 @@ class FederationNode:
             prefer=prefer,
             exclude=exclude,
             max_attempts=max_attempts,
+            followed=False,
         )
         try:
             try:
