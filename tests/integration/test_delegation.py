@@ -27,6 +27,7 @@ from trio_federation import (
     Limits,
     MemoryRegistry,
     OrchestratorConnection,
+    OrchestratorStatus,
     RedisRegistry,
     Task,
     TaskAccepted,
@@ -219,6 +220,36 @@ async def test_a_task_nobody_can_run_fails_and_runs_nowhere() -> None:
                 await a.delegate(task(), required_capabilities=["security"], max_attempts=3)
     assert [attempt.outcome for attempt in info.value.attempts] == ["no_candidate"] * 3
     assert ran == []  # not on B (no capability), and never on A itself
+
+
+async def test_the_registry_is_not_read_for_every_delegation() -> None:
+    registry = MemoryRegistry(watch_interval=60.0)
+    reads = 0
+    list_all = registry.list_all
+
+    async def counted() -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await list_all()
+
+    registry.list_all = counted  # type: ignore[method-assign]
+    async with (
+        node("orch-b", executor=echo, registry=registry),
+        node("orch-a", registry=registry) as a,
+    ):
+        await a.delegate(task("warm-up"))
+        reads = 0
+        for index in range(20):
+            assert await a.delegate(task(f"t-{index}")) == {"echo": "lint"}
+        assert reads <= 1  # the records are kept for watch_interval
+        # A write through the registry is seen at once: a draining peer is no candidate.
+        before = reads
+        await registry.set_status("orch-b", OrchestratorStatus.DRAINING)
+        with pytest.raises(DelegationFailed) as info:
+            await a.delegate(task("t-late"), max_attempts=1)
+        assert [x.outcome for x in info.value.attempts] == ["no_candidate"]
+        assert reads > before
+        assert a.peers()[0].in_flight == 0
 
 
 async def test_a_node_never_delegates_to_itself() -> None:
