@@ -181,30 +181,26 @@ class Delegation:
     def _count(self) -> None:
         """Keep the node's in-flight figure: the assignee of a delegation not over."""
         lifecycle = self._lifecycle
-        peer = None if lifecycle.done else lifecycle.assignee
-        counted = self._counted
-        if peer != counted:
-            counts = self._node._in_flight_counts
-            if counted is not None:
-                left = counts[counted] - 1
-                if left:
-                    counts[counted] = left
-                else:
-                    del counts[counted]
-            if peer is not None:
-                counts[peer] = counts.get(peer, 0) + 1
-            self._counted = peer
+        self._count_on(None if lifecycle.done else lifecycle.assignee)
 
     def _release(self) -> None:
         """The delegation leaves the node: it counts nowhere any more."""
-        if self._counted is not None:
-            counts = self._node._in_flight_counts
-            left = counts[self._counted] - 1
+        self._count_on(None)
+
+    def _count_on(self, peer: str | None) -> None:
+        counted = self._counted
+        if peer == counted:
+            return
+        counts = self._node._in_flight_counts
+        if counted is not None:
+            left = counts[counted] - 1
             if left:
-                counts[self._counted] = left
+                counts[counted] = left
             else:
-                del counts[self._counted]
-            self._counted = None
+                del counts[counted]
+        if peer is not None:
+            counts[peer] = counts.get(peer, 0) + 1
+        self._counted = peer
 
     def _wake_driver(self) -> None:
         """Wake the driver if it has something to do (no assignee, or over)."""
