@@ -221,6 +221,20 @@ async def test_memory_clock_follows_trio(autojump_clock: trio.testing.MockClock)
     assert registry.now() - start == timedelta(hours=1)
 
 
+async def test_local_writes_count_what_wakes_a_watch() -> None:
+    registry = MemoryRegistry()
+    assert registry.local_writes == 0
+    await registry.register(OrchestratorRecord(id="a"))
+    assert registry.local_writes == 1
+    await registry.heartbeat("a", current_sessions=3)  # the same status: not a change
+    await registry.list_all()
+    assert registry.local_writes == 1
+    await registry.set_status("a", OrchestratorStatus.DRAINING)
+    assert await registry.deregister("a")
+    assert not await registry.deregister("a")  # nothing to remove: nothing written
+    assert registry.local_writes == 3
+
+
 async def test_open_registry_memory_and_bad_scheme() -> None:
     async with open_registry("memory://", heartbeat_timeout=1, stale_timeout=2) as registry:
         assert isinstance(registry, MemoryRegistry)

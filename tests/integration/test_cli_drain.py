@@ -45,7 +45,12 @@ async def test_an_interrupted_node_drains_its_running_task_then_exits_0(
                     updates.append(update)
                     if isinstance(update, TaskAccepted):
                         nodes["slow"].process.send_signal(signum)
-                        # Draining: new work is refused (or the node is no candidate).
+                        # Once it says so (not before: a request could overtake the
+                        # signal), it drains: new work is refused, or the node is no
+                        # candidate (the delegator may not have read its record yet).
+                        assert (await nodes["slow"].read_line()).startswith(
+                            "node slow: " + signal.Signals(signum).name + ", leaving"
+                        )
                         with pytest.raises(DelegationFailed) as refused:
                             await delegator.delegate(
                                 Task(id="t-late", description="late"), max_attempts=1

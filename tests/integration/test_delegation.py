@@ -27,6 +27,7 @@ from trio_federation import (
     Limits,
     MemoryRegistry,
     OrchestratorConnection,
+    OrchestratorStatus,
     RedisRegistry,
     Task,
     TaskAccepted,
@@ -221,6 +222,36 @@ async def test_a_task_nobody_can_run_fails_and_runs_nowhere() -> None:
     assert ran == []  # not on B (no capability), and never on A itself
 
 
+async def test_the_registry_is_not_read_for_every_delegation() -> None:
+    registry = MemoryRegistry(watch_interval=60.0)
+    reads = 0
+    list_all = registry.list_all
+
+    async def counted() -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await list_all()
+
+    registry.list_all = counted  # type: ignore[method-assign]
+    async with (
+        node("orch-b", executor=echo, registry=registry),
+        node("orch-a", registry=registry) as a,
+    ):
+        await a.delegate(task("warm-up"))
+        reads = 0
+        for index in range(20):
+            assert await a.delegate(task(f"t-{index}")) == {"echo": "lint"}
+        assert reads <= 1  # the records are kept for watch_interval
+        # A write through the registry is seen at once: a draining peer is no candidate.
+        before = reads
+        await registry.set_status("orch-b", OrchestratorStatus.DRAINING)
+        with pytest.raises(DelegationFailed) as info:
+            await a.delegate(task("t-late"), max_attempts=1)
+        assert [x.outcome for x in info.value.attempts] == ["no_candidate"]
+        assert reads > before
+        assert a.peers()[0].in_flight == 0
+
+
 async def test_a_node_never_delegates_to_itself() -> None:
     async with node("orch-a", executor=echo) as a:
         with pytest.raises(DelegationFailed):
@@ -339,10 +370,23 @@ async def test_an_unreachable_static_peer_is_an_attempt() -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # bound, not listening: refused
-        async with node("orch-a", peers={"ghost": f"ws://127.0.0.1:{port}/federation"}) as a:
+        peers = {"ghost": f"ws://127.0.0.1:{port}/federation"}
+        async with node("orch-a", peers=peers) as a:
             with pytest.raises(DelegationFailed) as info:
-                await a.delegate(task(), max_attempts=2)
-    assert [x.outcome for x in info.value.attempts] == ["no_candidate", "no_candidate"]
+                await a.delegate(task(), max_attempts=2, required_capabilities=["testing"])
+            # Listed with why, in every round; a reachable peer goes first.
+            assert [(x.peer, x.outcome) for x in info.value.attempts] == [
+                ("ghost", "unreachable")
+            ] * 2
+            why = f"cannot connect to ws://127.0.0.1:{port}/federation"
+            for attempt in info.value.attempts:
+                assert attempt.reason is not None and attempt.reason.startswith(why)
+            assert f"ghost: unreachable ({why}" in str(info.value)
+            async with node("orch-b", executor=echo, registry=a.registry):
+                assert await a.delegate(task("t-2"), max_attempts=1) == {"echo": "lint"}
+                with pytest.raises(DelegationFailed) as info:
+                    await a.delegate(task("t-3"), max_attempts=1, exclude=["orch-b"])
+            assert [(x.peer, x.outcome) for x in info.value.attempts] == [("ghost", "unreachable")]
 
 
 # -- deadlines and cancellation -----------------------------------------------------------

@@ -77,6 +77,10 @@ class CoordinatorDialect:
         """Whether the callbacks of ``task_id`` for ``peer`` go out in this dialect."""
         return (peer, task_id) in self._tasks
 
+    def connection_of(self, peer: str, task_id: str) -> OrchestratorConnection | None:
+        """The connection a coordinator's task is answered on (None: not a coordinator's)."""
+        return self._tasks.get((peer, task_id))
+
     async def pump(
         self, connection: OrchestratorConnection, frames: MessageStream[CoordinatorFrame]
     ) -> None:
@@ -106,7 +110,7 @@ class CoordinatorDialect:
         if kind is CoordinatorFrameType.DELEGATION_REQUEST:
             assert frame.request is not None
             self._tasks[(peer, frame.request.task.id)] = connection
-            await node._on_delegation(connection, peer, frame.request)
+            node._on_delegation(connection, peer, frame.request)
         elif kind is CoordinatorFrameType.BROADCAST:
             broadcast = frame.broadcast
             assert broadcast is not None
@@ -139,23 +143,15 @@ class CoordinatorDialect:
             # results, task ends, heartbeats and statuses are not for us.
             logger.debug("ignored a %r frame from %r", kind.value, peer)
 
-    async def send_callback(
-        self, peer: str, payload: TaskCallback | DelegationResponse, *, wait: bool = True
-    ) -> bool:
-        """Send the node's answer or callback for a coordinator's task, translated.
-
-        An acceptance or refusal becomes ``delegation:result``; a final
-        callback ``task:completed`` or ``task:failed``; progress has no frame
-        in this dialect and is dropped.
-        """
-        key = (peer, payload.task_id)
-        connection = self._tasks[key]
+    def _translate(
+        self, peer: str, payload: TaskCallback | DelegationResponse
+    ) -> CoordinatorFrame | None:
+        """The frame that says ``payload`` in the coordinator's words (None: progress)."""
         task_id = payload.task_id
         if isinstance(payload, DelegationResponse):
             if payload.accepted:
                 result = DelegationResult(success=True, session_id=task_id)
             else:
-                del self._tasks[key]
                 reason = payload.reason or "rejected"
                 result = DelegationResult(
                     success=False,
@@ -163,26 +159,70 @@ class CoordinatorDialect:
                     error=f"{self._node.local_id} refused the task: {reason}",
                     metadata={"refusal": reason},
                 )
-            frame = CoordinatorFrame(
+            return CoordinatorFrame(
                 type=CoordinatorFrameType.DELEGATION_RESULT, request_id=task_id, result=result
             )
-        elif payload.status is CallbackStatus.COMPLETED:
-            del self._tasks[key]
-            frame = CoordinatorFrame(
+        if payload.status is CallbackStatus.COMPLETED:
+            return CoordinatorFrame(
                 type=CoordinatorFrameType.TASK_COMPLETED,
                 session_id=task_id,
                 data=None if payload.result is None else {"result": payload.result},
             )
-        elif payload.status is CallbackStatus.FAILED:
-            del self._tasks[key]
-            frame = CoordinatorFrame(
+        if payload.status is CallbackStatus.FAILED:
+            return CoordinatorFrame(
                 type=CoordinatorFrameType.TASK_FAILED,
                 session_id=task_id,
                 error=payload.error or "failed",
             )
-        else:
-            return True  # progress: no such frame in the coordinator's dialect
-        return await self._send(connection, frame, wait=wait)
+        return None  # progress: no such frame in the coordinator's dialect
+
+    def _ends(self, peer: str, payload: TaskCallback | DelegationResponse) -> None:
+        """Forget a task once its refusal or outcome is sent."""
+        if isinstance(payload, DelegationResponse) and payload.accepted:
+            return
+        self._tasks.pop((peer, payload.task_id), None)
+
+    async def send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        """Send the node's answer or callback for a coordinator's task, translated.
+
+        An acceptance or refusal becomes ``delegation:result``; a final
+        callback ``task:completed`` or ``task:failed``; progress has no frame
+        in this dialect and is dropped. Waits for room in the queue.
+
+        Raises:
+            TypeError: the payload cannot be encoded (the task is still known).
+        """
+        connection = self._tasks[(peer, payload.task_id)]
+        frame = self._translate(peer, payload)
+        if frame is None:
+            await trio.lowlevel.checkpoint()
+            return True
+        sent = await self._send(connection, frame)
+        self._ends(peer, payload)
+        return sent
+
+    def queue_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool | None:
+        """:meth:`send_callback` without waiting: None (nothing queued) if the queue is full.
+
+        Raises:
+            TypeError: the payload cannot be encoded (the task is still known).
+        """
+        connection = self._tasks[(peer, payload.task_id)]
+        frame = self._translate(peer, payload)
+        if frame is None:
+            return True
+        try:
+            connection.send_nowait(frame)
+        except trio.WouldBlock:
+            return None
+        except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            logger.warning(
+                "could not send a %r frame to %r: %s", frame.type.value, connection.id, exc
+            )
+            self._ends(peer, payload)
+            return False
+        self._ends(peer, payload)
+        return True
 
     def _status(self) -> CoordinatorFrame:
         node = self._node

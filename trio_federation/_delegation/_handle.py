@@ -85,8 +85,11 @@ class Delegation:
         exclude: frozenset[str],
         max_attempts: int,
         hops: int,
+        followed: bool = True,
     ) -> None:
         self._node = node
+        # False for delegate(): nobody iterates, so no update is kept.
+        self._followed = followed
         self._task = task
         self._required = required
         self._strategy = strategy
@@ -99,11 +102,18 @@ class Delegation:
         self._updates: collections.deque[DelegationUpdate] = collections.deque()
         self._final_seen = False
         self._lot = trio.lowlevel.ParkingLot()
+        # Set only when the driver has something to do: dispatch the next
+        # attempt (no assignee), or stop (the final outcome).
         self._wake = trio.Event()
         self._done = trio.Event()
         self._settled = trio.Event()
         self._started = trio.current_time()
         self._deadline = trio.current_effective_deadline()
+        # The peer counted in the node's in-flight figure for this delegation.
+        self._counted: str | None = None
+        # Peers found unreachable while the candidates were listed (by id:
+        # why); dispatching to one records the attempt without dialing again.
+        self._unreachable: dict[str, str] = {}
 
     @property
     def task_id(self) -> str:
@@ -151,6 +161,8 @@ class Delegation:
     # -- fed by the node ------------------------------------------------------
 
     def _push(self, update: DelegationUpdate) -> None:
+        if not self._followed:
+            return
         if len(self._updates) >= UPDATE_BUFFER:
             for index, queued in enumerate(self._updates):
                 if isinstance(queued, TaskProgress):
@@ -164,6 +176,37 @@ class Delegation:
             self._done.set()
             self._node._latencies.append(trio.current_time() - self._started)
         self._lot.unpark_all()
+        self._wake.set()
+
+    def _count(self) -> None:
+        """Keep the node's in-flight figure: the assignee of a delegation not over."""
+        lifecycle = self._lifecycle
+        self._count_on(None if lifecycle.done else lifecycle.assignee)
+
+    def _release(self) -> None:
+        """The delegation leaves the node: it counts nowhere any more."""
+        self._count_on(None)
+
+    def _count_on(self, peer: str | None) -> None:
+        counted = self._counted
+        if peer == counted:
+            return
+        counts = self._node._in_flight_counts
+        if counted is not None:
+            left = counts[counted] - 1
+            if left:
+                counts[counted] = left
+            else:
+                del counts[counted]
+        if peer is not None:
+            counts[peer] = counts.get(peer, 0) + 1
+        self._counted = peer
+
+    def _wake_driver(self) -> None:
+        """Wake the driver if it has something to do (no assignee, or over)."""
+        lifecycle = self._lifecycle
+        if lifecycle.assignee is None or lifecycle.done:
+            self._wake.set()
 
     def _on_response(self, peer: str, response: DelegationResponse) -> None:
         stats = self._node._stats
@@ -178,7 +221,8 @@ class Delegation:
             logger.info("%s refused %r: %s", peer, self.task_id, response.reason)
         elif not response.accepted:
             self._settled.set()  # cancelled meanwhile: a refusal is the executor's last word
-        self._wake.set()
+        self._count()
+        self._wake_driver()
 
     def _on_callback(self, peer: str, callback: TaskCallback) -> None:
         answer = self._lifecycle.receive_callback(peer, callback)
@@ -213,24 +257,36 @@ class Delegation:
             self._finish()
         elif isinstance(answer, TaskProgress):
             self._push(answer)
-        self._wake.set()
+        self._count()
+        self._wake_driver()
 
     async def _drive(self) -> None:
-        """Dispatch attempts until the delegation is over (runs in the caller's nursery)."""
+        """Dispatch attempts until the delegation is over.
+
+        Runs in the caller's own task for :meth:`FederationNode.delegate`,
+        in the background for ``open_delegation``. It sleeps while an
+        assignee holds the task: only a refusal, a lost executor or the final
+        outcome wakes it.
+        """
         lifecycle = self._lifecycle
         node = self._node
+        fresh = False  # read the registry afresh: a round after a backoff
         while not lifecycle.done:
-            self._wake = trio.Event()
             if lifecycle.assignee is not None:
+                self._wake = trio.Event()
                 await self._wake.wait()
                 continue
-            candidates = await node._candidates(self)
+            candidates = await node._candidates(self, fresh=fresh)
+            fresh = False  # once per round
             step = lifecycle.next_step(candidates, trio.current_time())
             if isinstance(step, Dispatch):
                 if len(lifecycle.attempts) > 0:
                     node._stats["retries"] += 1
+                self._count()
                 await self._dispatch(step.peer)
             elif isinstance(step, Wait):
+                fresh = True
+                self._wake = trio.Event()
                 with trio.move_on_at(step.until):
                     await self._wake.wait()  # an early wake-up just asks again
             else:
@@ -238,6 +294,7 @@ class Delegation:
                 node._stats["failed"] += 1
                 self._push(TaskFailed(error=step.error))
                 self._finish()
+                await trio.lowlevel.checkpoint()
 
     async def _dispatch(self, peer: str) -> None:
         node = self._node
@@ -255,19 +312,33 @@ class Delegation:
         )
         node._stats["delegations_sent"] += 1
         node._remember_assignee(self.task_id, peer)
+        unreachable = self._unreachable.get(peer)
+        if unreachable is not None:
+            # Found unreachable a moment ago, listing the candidates: not dialed twice.
+            logger.info("could not reach %s for %r: %s", peer, self.task_id, unreachable)
+            self._lifecycle.unreachable(peer, unreachable)
+            self._count()
+            node._record_outcome(peer, False)
+            return
         try:
-            connection = await node._connection_for(peer)
-            if self._lifecycle.assignee != peer or self._lifecycle.done:
-                return  # lost (or over) while being dialed: it gets nothing
-            await connection.send(
-                FederationMessage(
-                    type=MessageType.DELEGATION,
-                    payload=request,
-                    sender=node.local_id,
-                    recipient=connection.id or peer,
-                    correlation_id=self.task_id,
-                )
+            connection = node._live_connection(peer)
+            if connection is None:
+                connection = await node._connection_for(peer)
+                if self._lifecycle.assignee != peer or self._lifecycle.done:
+                    return  # lost (or over) while being dialed: it gets nothing
+            message = FederationMessage(
+                type=MessageType.DELEGATION,
+                payload=request,
+                sender=node.local_id,
+                recipient=connection.id or peer,
+                correlation_id=self.task_id,
             )
+            try:
+                # Queued without a checkpoint: the driver's wait that follows
+                # lets the writer run.
+                connection.send_nowait(message)
+            except trio.WouldBlock:
+                await connection.send(message)  # the queue is full: wait for room
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             if (
                 self._lifecycle.assignee == peer
@@ -275,6 +346,7 @@ class Delegation:
             ):
                 logger.info("could not reach %s for %r: %s", peer, self.task_id, exc)
                 self._lifecycle.unreachable(peer, str(exc) or type(exc).__name__)
+                self._count()
                 node._record_outcome(peer, False)
 
     async def _abandon(self, *, timed_out: bool) -> None:
@@ -286,6 +358,7 @@ class Delegation:
         """
         holder = self._lifecycle.cancel(timeout=timed_out)
         self._node._stats["cancelled"] += 1
+        self._count()
         self._finish()
         if holder is None:
             return

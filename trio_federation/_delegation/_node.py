@@ -45,7 +45,6 @@ from .._registry._registry import (
     open_registry,
 )
 from .._wire._auth import SecretLookup
-from .._wire._codec import encode_message
 from .._wire._messages import (
     BroadcastPayload,
     CallbackStatus,
@@ -253,6 +252,29 @@ class TaskContext:
         await self._node._send_callback(self.origin, callback)
 
 
+class _PeerView:
+    """A peer that may be a candidate, as the records and connections said last."""
+
+    __slots__ = ("capabilities", "connection", "dial", "id", "latency", "record")
+
+    def __init__(
+        self,
+        peer: str,
+        capabilities: tuple[str, ...],
+        record: OrchestratorRecord | None,
+        connection: OrchestratorConnection | None,
+        latency: float | None,
+        *,
+        dial: bool = False,
+    ) -> None:
+        self.id = peer
+        self.capabilities = capabilities
+        self.record = record
+        self.connection = connection
+        self.latency = latency
+        self.dial = dial
+
+
 @attrs.define
 class _Execution:
     scope: trio.CancelScope
@@ -350,7 +372,16 @@ class FederationNode:
         self._dialing: dict[str, trio.Event] = {}
         self._dial_errors: dict[str, BaseException] = {}
         self._records: dict[str, OrchestratorRecord] = {}
+        # When the records were read (trio time), and the registry's
+        # local_writes then: a later local write makes them stale at once.
+        self._records_read_at = -math.inf
+        self._records_writes = -1
+        # The peers that may be candidates, as the records and connections
+        # say (rebuilt when either changes); None: to be rebuilt.
+        self._view: list[_PeerView] | None = None
         self._delegations: dict[str, Delegation] = {}
+        # Peer -> delegations of ours it holds that are not over.
+        self._in_flight_counts: dict[str, int] = {}
         # Task id -> (executor, when): where a task went lately, to send a
         # repeat to the same executor (whose dedupe then answers it).
         self._recent_assignees: collections.OrderedDict[str, tuple[str, float]] = (
@@ -451,7 +482,7 @@ class FederationNode:
         logger.warning("refused a callback: %s", reason)
 
     def _in_flight(self, peer: str) -> int:
-        return sum(1 for d in self._delegations.values() if d.assignee == peer)
+        return self._in_flight_counts.get(peer, 0)
 
     # -- connections ----------------------------------------------------------
 
@@ -541,6 +572,7 @@ class FederationNode:
 
     def _attach(self, peer: str, connection: OrchestratorConnection) -> None:
         self._connections.setdefault(peer, []).append(connection)
+        self._view = None
 
     def _detach(self, peer: str, connection: OrchestratorConnection) -> None:
         self._closing_unread.discard(connection)
@@ -549,6 +581,7 @@ class FederationNode:
             connections.remove(connection)
         if not connections:
             self._connections.pop(peer, None)
+            self._view = None
             for delegation in list(self._delegations.values()):
                 delegation._on_lost(peer, "connection lost")
 
@@ -562,16 +595,16 @@ class FederationNode:
                 nursery.start_soon(self._dialect.pump, connection, frames)
                 try:
                     async for message in connection:
-                        await self._route(connection, message)
+                        self._route(connection, message)
                 except ConnectionLost as exc:
                     logger.info("connection to %r lost: %s", connection.id, exc)
                 nursery.cancel_scope.cancel()
 
-    async def _route(self, connection: OrchestratorConnection, message: FederationMessage) -> None:
+    def _route(self, connection: OrchestratorConnection, message: FederationMessage) -> None:
         peer = connection.id or message.sender
         payload = message.payload
         if isinstance(payload, DelegationRequest):
-            await self._on_delegation(connection, peer, payload)
+            self._on_delegation(connection, peer, payload)
         elif isinstance(payload, DelegationResponse):
             delegation = self._delegations.get(payload.task_id)
             if delegation is None:
@@ -592,26 +625,23 @@ class FederationNode:
 
     # -- executing ------------------------------------------------------------
 
-    async def _send_to(self, peer: str, message: FederationMessage, *, wait: bool = True) -> bool:
-        """Send ``message`` to ``peer``; False (logged) if it could not be queued.
+    def _queue_to(self, peer: str, message: FederationMessage) -> bool | None:
+        """Queue ``message`` for ``peer`` without waiting (no checkpoint).
 
-        ``wait=False`` is for a pump's own answers: a pump never waits on a
-        send (it would stop reading that peer, and two nodes could wait on
-        each other). An answer that finds the queue full means the peer does
-        not read what we send: its connection is closed (:meth:`_not_reading`).
+        Returns True once queued, False (logged) if it cannot be sent (no
+        connection, or it ended), None if the connection's queue is full.
+
+        Raises:
+            TypeError: the message cannot be encoded (nothing was queued).
         """
         connection = self._live_connection(peer)
         if connection is None:
             logger.warning("no connection to %r: %s for %r dropped", peer, message.type, peer)
             return False
         try:
-            if wait:
-                await connection.send(message)
-            else:
-                connection.send_nowait(message)
+            connection.send_nowait(message)
         except trio.WouldBlock:
-            self._not_reading(connection)
-            return False
+            return None
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             # A closing node's last words may find the connection gone: expected.
             log = logger.info if self._closing else logger.warning
@@ -619,22 +649,61 @@ class FederationNode:
             return False
         return True
 
-    async def _send_callback(
-        self, peer: str, payload: TaskCallback | DelegationResponse, *, wait: bool = True
-    ) -> bool:
-        if self._dialect.owns(peer, payload.task_id):
-            return await self._dialect.send_callback(peer, payload, wait=wait)
-        return await self._send_to(
-            peer,
-            FederationMessage(
-                type=MessageType.CALLBACK,
-                payload=payload,
-                sender=self.local_id,
-                recipient=peer,
-                correlation_id=payload.task_id,
-            ),
-            wait=wait,
+    async def _send_to(self, peer: str, message: FederationMessage) -> bool:
+        """Send ``message`` to ``peer``, waiting for room; False (logged) if it could not be."""
+        connection = self._live_connection(peer)
+        if connection is None:
+            await trio.lowlevel.checkpoint()
+            logger.warning("no connection to %r: %s for %r dropped", peer, message.type, peer)
+            return False
+        try:
+            await connection.send(message)
+        except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
+            log = logger.info if self._closing else logger.warning
+            log("could not send to %r: %s", peer, exc)
+            return False
+        return True
+
+    def _callback_message(
+        self, peer: str, payload: TaskCallback | DelegationResponse
+    ) -> FederationMessage:
+        return FederationMessage(
+            type=MessageType.CALLBACK,
+            payload=payload,
+            sender=self.local_id,
+            recipient=peer,
+            correlation_id=payload.task_id,
         )
+
+    async def _send_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        """Send a callback to ``peer`` (in its dialect), waiting for room."""
+        if self._dialect.owns(peer, payload.task_id):
+            return await self._dialect.send_callback(peer, payload)
+        return await self._send_to(peer, self._callback_message(peer, payload))
+
+    def _queue_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool | None:
+        """Queue a callback for ``peer`` (in its dialect) without waiting: see :meth:`_queue_to`."""
+        if self._dialect.owns(peer, payload.task_id):
+            return self._dialect.queue_callback(peer, payload)
+        return self._queue_to(peer, self._callback_message(peer, payload))
+
+    def _answer(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool:
+        """A pump's answer: queued, never waited for.
+
+        A pump never waits on a send (it would stop reading that peer, and
+        two nodes could wait on each other). An answer that finds the queue
+        full means the peer does not read what we send: its connection is
+        closed (:meth:`_not_reading`).
+        """
+        queued = self._queue_callback(peer, payload)
+        if queued is None:
+            connection = self._dialect.connection_of(peer, payload.task_id)
+            if connection is None:
+                connection = self._live_connection(peer)
+            if connection is not None:  # pragma: no branch (it was full a moment ago)
+                self._not_reading(connection)
+            return False
+        return queued
 
     def _not_reading(self, connection: OrchestratorConnection) -> None:
         """``connection``'s queue is full when its pump must answer: close it.
@@ -653,23 +722,29 @@ class FederationNode:
         )
         self._connection_nursery.start_soon(connection.disconnect)
 
-    async def _on_delegation(
+    def _on_delegation(
         self, connection: OrchestratorConnection, origin: str, request: DelegationRequest
     ) -> None:
+        """Admit or refuse a delegation (a pump's: it never waits).
+
+        An admitted task answers its acceptance itself, first thing when it
+        starts: a task that finishes at once queues its outcome right behind,
+        and the two leave in one write.
+        """
         task_id = request.task.id
         decision = self._admission.check(origin, request, trio.current_time())
         if isinstance(decision, Refuse):
-            await self._respond(origin, task_id, decision.reason)
+            self._respond(origin, task_id, decision.reason)
             return
         if isinstance(decision, Running):
-            await self._respond(origin, task_id, None)
+            self._respond(origin, task_id, None)
             return
         if isinstance(decision, Replay):
-            await self._respond(origin, task_id, None)
-            await self._send_callback(origin, decision.final, wait=False)
+            self._respond(origin, task_id, None)
+            self._answer(origin, decision.final)
             return
         if self._executor is None:
-            await self._respond(origin, task_id, self._admission.refuse("no_executor").reason)
+            self._respond(origin, task_id, self._admission.refuse("no_executor").reason)
             return
         if self._admit is not None:
             try:
@@ -678,10 +753,10 @@ class FederationNode:
                 logger.exception("the admit hook raised; refusing %r", task_id)
                 reason = "admit_failed"
             if reason is not None:
-                await self._respond(origin, task_id, self._admission.refuse(reason).reason)
+                self._respond(origin, task_id, self._admission.refuse(reason).reason)
                 return
         if self._task_nursery is None or self._closing:
-            await self._respond(origin, task_id, self._admission.refuse("draining").reason)
+            self._respond(origin, task_id, self._admission.refuse("draining").reason)
             return
         self._admission.start(origin, task_id)
         deadline = math.inf
@@ -689,15 +764,12 @@ class FederationNode:
             deadline = trio.current_time() + request.timeout
         scope = trio.CancelScope(deadline=deadline)
         self._executions[(origin, task_id)] = _Execution(scope)
-        # Started first, answered at once: the acceptance is queued before the
-        # task can report, and the two often leave in one write.
         self._task_nursery.start_soon(self._execute, origin, request, scope, name=f"task {task_id}")
-        await self._respond(origin, task_id, None)
 
-    async def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
-        """The pump's answer to a delegation (never waits: see :meth:`_send_to`)."""
+    def _respond(self, origin: str, task_id: str, refusal: str | None) -> None:
+        """The answer to a delegation: accepted (``refusal`` None) or refused."""
         response = DelegationResponse(task_id=task_id, accepted=refusal is None, reason=refusal)
-        await self._send_callback(origin, response, wait=False)
+        self._answer(origin, response)
 
     def _on_cancel(self, origin: str, task_id: str) -> None:
         execution = self._executions.get((origin, task_id))
@@ -711,6 +783,7 @@ class FederationNode:
     ) -> None:
         assert self._executor is not None
         task = request.task
+        self._respond(origin, task.id, None)  # accepted: queued before anything the task sends
         hops = (task.metadata or {}).get(HOPS_KEY, 0)
         _HOPS.set(hops if isinstance(hops, int) and not isinstance(hops, bool) else 0)
         context = TaskContext(self, request, origin, scope.deadline)
@@ -724,7 +797,9 @@ class FederationNode:
                     error = f"{type(exc).__name__}: {exc}"
                     final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=error)
                 else:
-                    final = self._completed(task.id, origin, result)
+                    final = TaskCallback(
+                        task_id=task.id, status=CallbackStatus.COMPLETED, result=result
+                    )
             if final is None:  # the scope was cancelled: a cancel, the node, or the deadline
                 reason = self._executions[(origin, task.id)].reason or "deadline exceeded"
                 final = TaskCallback(task_id=task.id, status=CallbackStatus.FAILED, error=reason)
@@ -736,32 +811,27 @@ class FederationNode:
             raise
         await self._conclude(origin, task.id, final)
 
-    def _completed(self, task_id: str, origin: str, result: Any) -> TaskCallback:
-        """The ``completed`` callback for ``result``, or ``failed`` if it cannot travel.
+    async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
+        """Send a task's outcome and remember it (for repeats): queued at once if there is room.
 
         A result JSON cannot represent (an arbitrary object, say) is the task's
         failure, reported to its delegator, not a crash of the node.
         """
-        final = TaskCallback(task_id=task_id, status=CallbackStatus.COMPLETED, result=result)
         try:
-            encode_message(
-                FederationMessage(
-                    type=MessageType.CALLBACK, payload=final, sender=self.local_id, recipient=origin
+            try:
+                queued = self._queue_callback(origin, final)
+            except (TypeError, ValueError) as exc:
+                logger.error("task %r from %r: its result cannot be sent: %s", task_id, origin, exc)
+                final = TaskCallback(
+                    task_id=task_id,
+                    status=CallbackStatus.FAILED,
+                    error=f"{type(exc).__name__}: the result cannot be sent: {exc}",
                 )
-            )
-        except (TypeError, ValueError) as exc:
-            logger.error("task %r from %r: its result cannot be sent: %s", task_id, origin, exc)
-            return TaskCallback(
-                task_id=task_id,
-                status=CallbackStatus.FAILED,
-                error=f"{type(exc).__name__}: the result cannot be sent: {exc}",
-            )
-        return final
-
-    async def _conclude(self, origin: str, task_id: str, final: TaskCallback) -> None:
-        self._admission.finish(origin, task_id, final, trio.current_time())
-        try:
-            await self._send_callback(origin, final)
+                queued = self._queue_callback(origin, final)
+            finally:
+                self._admission.finish(origin, task_id, final, trio.current_time())
+            if queued is None:  # the queue is full: wait for room (the task's own back-pressure)
+                await self._send_callback(origin, final)
         finally:
             del self._executions[(origin, task_id)]
             if not self._executions:
@@ -770,6 +840,7 @@ class FederationNode:
     # -- delegating -----------------------------------------------------------
 
     async def _refresh_records(self) -> None:
+        writes = self.registry.local_writes
         try:
             records = await self.registry.list_all()
         except FederationError as exc:
@@ -777,7 +848,24 @@ class FederationNode:
             return
         before = self._records
         self._records = {r.id: r for r in records}
+        self._records_read_at = trio.current_time()
+        self._records_writes = writes
+        self._view = None
         self._fail_over_the_dead(before)
+
+    def _records_stale(self) -> bool:
+        """Whether the records must be read again before choosing candidates.
+
+        They are kept for the registry's ``watch_interval`` (the watcher reads
+        them that often anyway), unless something was written through the
+        registry since they were read: a peer that registered, left or
+        started draining in this process is seen at once.
+        """
+        registry = self.registry
+        return (
+            registry.local_writes != self._records_writes
+            or trio.current_time() - self._records_read_at >= registry.watch_interval
+        )
 
     def _fail_over_the_dead(self, before: Mapping[str, OrchestratorRecord]) -> None:
         """Fail over the tasks of executors the registry now declares dead.
@@ -791,8 +879,7 @@ class FederationNode:
         cancel the tasks (if it negotiated the cancel extension), so that a
         stalled but living node does not run on what now runs elsewhere.
         """
-        assignees = {d.assignee for d in self._delegations.values()} - {None}
-        for peer in sorted(p for p in assignees if p is not None):
+        for peer in sorted(self._in_flight_counts):
             record = self._records.get(peer)
             if record is not None and record.status is OrchestratorStatus.OFFLINE:
                 reason = "declared offline by the registry"
@@ -856,21 +943,23 @@ class FederationNode:
             return PowerOfTwoChoices(self._rng)
         return make_strategy(strategy)
 
-    async def _candidates(self, delegation: Delegation) -> list[str]:
-        """The peers that may take ``delegation``'s task, in the order to try them.
+    def _peer_view(self) -> list[_PeerView]:
+        """The peers that may be candidates, by id, from the records and connections.
 
-        The registry is read afresh for every round: a peer registered a
-        moment ago is a candidate. Unhealthy, offline and draining peers are
-        left out here; :func:`choose` filters capabilities and ``exclude``
-        and orders the rest.
+        Kept until either changes. Offline and draining peers, this node, and
+        registered peers with neither an endpoint nor a connection are left
+        out; a static peer neither registered nor connected is listed with
+        ``dial`` set (its capabilities are learnt by dialing it).
         """
-        await self._refresh_records()
-        candidates: list[Candidate] = []
-        ids = set(self._records) | set(self._static_peers) | set(self._connections)
+        view = self._view
+        if view is not None:
+            return view
+        view = []
+        records = self._records
+        ids = set(records) | set(self._static_peers) | set(self._connections)
+        ids.discard(self.local_id)
         for peer in sorted(ids):
-            if peer == self.local_id or peer in delegation._exclude:
-                continue
-            record = self._records.get(peer)
+            record = records.get(peer)
             connection = self._live_connection(peer)
             if record is not None:
                 if record.status in (OrchestratorStatus.OFFLINE, OrchestratorStatus.DRAINING):
@@ -880,36 +969,84 @@ class FederationNode:
                 capabilities: tuple[str, ...] = record.capabilities
             elif connection is not None:
                 capabilities = tuple(connection.capabilities)
-            else:  # a static peer not connected yet: learn its capabilities
+            else:
+                view.append(_PeerView(peer, (), None, None, None, dial=True))
+                continue
+            latency = None if connection is None else connection.get_status().latency
+            view.append(_PeerView(peer, capabilities, record, connection, latency))
+        self._view = view
+        return view
+
+    async def _candidates(self, delegation: Delegation, *, fresh: bool = False) -> list[str]:
+        """The peers that may take ``delegation``'s task, in the order to try them.
+
+        The registry's records are read again when stale (see
+        :meth:`_records_stale`), for every round after a backoff (``fresh``),
+        and before a round would find no candidate at all. Unhealthy,
+        offline and draining peers are left out here; :func:`choose` filters
+        capabilities and ``exclude`` and orders the rest. A static peer that
+        cannot be dialed comes last, so that trying it records the attempt
+        (``unreachable``, and why) without dialing it again.
+        """
+        read = fresh or self._records_stale()
+        if read:
+            await self._refresh_records()
+        while True:
+            ordered = await self._choose(delegation)
+            if ordered or read:
+                return ordered
+            read = True  # none at all: make sure with the registry's latest
+            await self._refresh_records()
+
+    async def _choose(self, delegation: Delegation) -> list[str]:
+        exclude = delegation._exclude
+        unreachable = delegation._unreachable
+        unreachable.clear()
+        candidates: list[Candidate] = []
+        view = self._peer_view()
+        for entry in view:
+            peer = entry.id
+            if peer in exclude:
+                continue
+            connection = entry.connection
+            capabilities = entry.capabilities
+            latency = entry.latency
+            if entry.dial:  # a static peer not connected yet: learn its capabilities
                 try:
                     connection = await self._connection_for(peer)
                 except FederationError as exc:
                     logger.info("static peer %r unreachable: %s", peer, exc)
+                    unreachable[peer] = str(exc)
                     continue
                 capabilities = tuple(connection.capabilities)
+                latency = connection.get_status().latency
             if connection is not None and not connection.is_healthy():
                 continue
+            record = entry.record
             candidates.append(
                 Candidate(
                     id=peer,
                     capabilities=capabilities,
                     current_sessions=record.current_sessions if record is not None else 0,
                     max_sessions=record.max_sessions if record is not None else 0,
-                    in_flight=self._in_flight(peer),
-                    latency=None if connection is None else connection.get_status().latency,
+                    in_flight=self._in_flight_counts.get(peer, 0),
+                    latency=latency,
                     tier=record.tier if record is not None else "standard",
                     success_rate=self._success_rate(peer),
                 )
             )
-        return choose(
+        ordered = choose(
             delegation._task,
             candidates,
             delegation._strategy,
             required=delegation._required,
             prefer=delegation._prefer,
-            exclude=delegation._exclude,
+            exclude=exclude,
             sticky=self._recent_assignee(delegation.task_id),
         )
+        # Unreachable static peers last: trying one records why it failed.
+        ordered.extend(unreachable)
+        return ordered
 
     @contextlib.asynccontextmanager
     async def open_delegation(
@@ -953,6 +1090,42 @@ class FederationNode:
                 or ``max_attempts`` is below 1.
             TypeError: a string where a list of names belongs.
         """
+        delegation = self._start_delegation(
+            task,
+            required_capabilities=required_capabilities,
+            strategy=strategy,
+            prefer=prefer,
+            exclude=exclude,
+            max_attempts=max_attempts,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(delegation._drive)
+                try:
+                    yield delegation
+                finally:
+                    await self._end_delegation(delegation)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _raise_single(group)
+        finally:
+            self._forget_delegation(delegation)
+
+    def _start_delegation(
+        self,
+        task: Task,
+        *,
+        required_capabilities: Iterable[str],
+        strategy: str | Strategy | None,
+        prefer: Iterable[str],
+        exclude: Iterable[str],
+        max_attempts: int,
+        followed: bool = True,
+    ) -> Delegation:
+        """Check the arguments, make the :class:`Delegation` and register it by task id.
+
+        ``followed=False`` (for :meth:`delegate`): nobody reads its updates.
+        """
         for name, value in (
             ("required_capabilities", required_capabilities),
             ("prefer", prefer),
@@ -977,23 +1150,21 @@ class FederationNode:
             exclude=frozenset(exclude),
             max_attempts=max_attempts,
             hops=hops,
+            followed=followed,
         )
         self._delegations[task.id] = delegation
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(delegation._drive)
-                try:
-                    yield delegation
-                finally:
-                    if not delegation._done.is_set():
-                        timed_out = trio.current_time() >= delegation._deadline
-                        with trio.CancelScope(shield=True):
-                            await delegation._abandon(timed_out=timed_out)
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            _raise_single(group)
-        finally:
-            del self._delegations[task.id]
+        return delegation
+
+    async def _end_delegation(self, delegation: Delegation) -> None:
+        """The caller leaves: a delegation not over yet is cancelled (shielded, bounded)."""
+        if not delegation._done.is_set():
+            timed_out = trio.current_time() >= delegation._deadline
+            with trio.CancelScope(shield=True):
+                await delegation._abandon(timed_out=timed_out)
+
+    def _forget_delegation(self, delegation: Delegation) -> None:
+        del self._delegations[delegation.task_id]
+        delegation._release()
 
     async def delegate(
         self,
@@ -1027,15 +1198,25 @@ class FederationNode:
                 refused, unreachable or found no candidate, or the task would
                 travel past ``max_depth`` hops; ``attempts`` lists every try.
         """
-        async with self.open_delegation(
+        # As open_delegation, without its background task: this task drives.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        delegation = self._start_delegation(
             task,
             required_capabilities=required_capabilities,
             strategy=strategy,
             prefer=prefer,
             exclude=exclude,
             max_attempts=max_attempts,
-        ) as delegation:
-            return await delegation.result()
+            followed=False,
+        )
+        try:
+            try:
+                await delegation._drive()
+            finally:
+                await self._end_delegation(delegation)
+            return delegation._lifecycle.result
+        finally:
+            self._forget_delegation(delegation)
 
     # -- broadcasts -----------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Protocol, runtime_checkable
@@ -338,6 +339,9 @@ def make_strategy(strategy: str | Strategy) -> Strategy:
     return strategy
 
 
+_candidate_id: Final = operator.attrgetter("id")
+
+
 def choose(
     task: Task,
     candidates: Iterable[Candidate],
@@ -360,14 +364,19 @@ def choose(
     """
     needed = set(required)
     excluded = set(exclude)
-    eligible = sorted(
-        (c for c in candidates if c.id not in excluded and needed <= set(c.capabilities)),
-        key=lambda c: c.id,
-    )
+    if needed or excluded:
+        eligible = [
+            c for c in candidates if c.id not in excluded and needed.issubset(c.capabilities)
+        ]
+    else:
+        eligible = list(candidates)
     if not eligible:
         return []
+    eligible.sort(key=_candidate_id)
     ordered = [c.id for c in strategy.order(task, eligible)]
     front = [p for p in prefer if p in ordered]
     if sticky is not None and sticky in ordered:
         front.insert(0, sticky)
-    return list(dict.fromkeys([*front, *ordered]))
+    if front:
+        ordered = [*front, *ordered]
+    return list(dict.fromkeys(ordered))

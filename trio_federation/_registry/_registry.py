@@ -615,6 +615,20 @@ class FederationRegistry(abc.ABC):
         self.watch_interval = watch_interval
         """Seconds between two snapshots of :meth:`watch` when nothing was written here."""
         self._changed = trio.Event()
+        self._writes = 0
+
+    @property
+    def local_writes(self) -> int:
+        """How many writes were made through this object so far.
+
+        Registrations, deregistrations, status changes and heartbeats that
+        change a status: what wakes :meth:`watch` at once. A reader that
+        keeps what it read compares it to learn that its copy is stale
+        without reading the store. Writes by other processes (or other
+        registry objects on the same store) are not counted: re-read every
+        ``watch_interval`` for those.
+        """
+        return self._writes
 
     # -- what a backend provides --
 
@@ -740,6 +754,7 @@ class FederationRegistry(abc.ABC):
 
     def _notify(self) -> None:
         """Wake the watches: something was written here."""
+        self._writes += 1
         self._changed.set()
         self._changed = trio.Event()
 
