@@ -638,7 +638,8 @@ def _builder(cls: type[_T]) -> Callable[..., _T]:
     validators. Only for the fast path, whose values are already exactly what
     those would produce (tests/test_codec_fast.py rebuilds every fast-decoded
     instance through ``__init__`` and compares). A new field changes the
-    function's arity, so a call that misses it fails loudly.
+    function's arity, so a call that misses it fails loudly. The fast path
+    calls it positionally: keywords cost half as much again as the slots.
     """
     fields = attrs.fields(cls)  # type: ignore[arg-type]  # any attrs class
     if "__slots__" not in cls.__dict__ or hasattr(cls, "__attrs_post_init__"):
@@ -763,15 +764,15 @@ def _structure_task(raw: object) -> Task:
     ):
         raise _NotFast
     return _new_task(
-        id=task_id,
-        type=_TASK_TYPES[raw["type"]],
-        description=description,
-        priority=_PRIORITIES[raw["priority"]],
-        status=_TASK_STATUSES[raw["status"]],
-        created_at=_PARSED.get(created) or _fast_time(created),
-        updated_at=_PARSED.get(updated) or _fast_time(updated),
-        assigned_to=assigned_to,
-        metadata=metadata,
+        task_id,
+        _TASK_TYPES[raw["type"]],
+        description,
+        _PRIORITIES[raw["priority"]],
+        _TASK_STATUSES[raw["status"]],
+        _PARSED.get(created) or _fast_time(created),
+        _PARSED.get(updated) or _fast_time(updated),
+        assigned_to,
+        metadata,
     )
 
 
@@ -799,15 +800,19 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
     context = raw.get("context")
     if context is not None:  # rare: the generic (non-detailed) hook
         context = _FAST_STRUCTURE(context, SharedContext)
+    if timeout is not None:  # _fast_seconds, inline
+        if (type(timeout) is not int and type(timeout) is not float) or not timeout >= 0:
+            raise _NotFast
+        timeout = float(timeout) / 1000
     return _new_delegation(
-        from_orchestrator_id=sender,
-        to_orchestrator_id=recipient,
-        task=_structure_task(raw["task"]),
-        priority=_PRIORITIES[raw["priority"]],
-        required_capabilities=capabilities,
-        context=context,
-        timeout=_fast_seconds(timeout),
-        callback_id=callback_id,
+        sender,
+        recipient,
+        _structure_task(raw["task"]),
+        _PRIORITIES[raw["priority"]],
+        capabilities,
+        context,
+        timeout,
+        callback_id,
     )
 
 
@@ -821,15 +826,13 @@ def _structure_response(raw: dict[str, Any]) -> DelegationResponse:
     if resources is not None:
         if type(resources) is not dict:
             raise _NotFast
-        resources = _new_resources(
-            sessions=_fast_int(resources["sessions"]), tokens=_fast_int(resources["tokens"])
-        )
+        resources = _new_resources(_fast_int(resources["sessions"]), _fast_int(resources["tokens"]))
     return _new_response(
-        task_id=task_id,
-        accepted=accepted,
-        reason=_fast_optional_str(raw.get("reason")),
-        estimated_completion=None if estimated is None else _fast_time(estimated),
-        assigned_resources=resources,
+        task_id,
+        accepted,
+        _fast_optional_str(raw.get("reason")),
+        None if estimated is None else _fast_time(estimated),
+        resources,
     )
 
 
@@ -843,12 +846,12 @@ def _structure_callback(raw: dict[str, Any]) -> TaskCallback:
     elif progress is not None and type(progress) is not float:
         raise _NotFast
     return _new_callback(
-        task_id=task_id,
-        status=_CALLBACK_STATUSES[raw["status"]],
-        result=raw.get("result"),
-        error=_fast_optional_str(raw.get("error")),
-        progress=progress,
-        metadata=_fast_optional_object(raw.get("metadata")),
+        task_id,
+        _CALLBACK_STATUSES[raw["status"]],
+        raw.get("result"),
+        _fast_optional_str(raw.get("error")),
+        progress,
+        _fast_optional_object(raw.get("metadata")),
     )
 
 
@@ -856,7 +859,7 @@ def _structure_broadcast(raw: dict[str, Any]) -> BroadcastPayload:
     topic = raw["topic"]
     if type(topic) is not str:
         raise _NotFast
-    return _new_broadcast(topic=topic, data=raw.get("data"), ttl=_fast_seconds(raw.get("ttl")))
+    return _new_broadcast(topic, raw.get("data"), _fast_seconds(raw.get("ttl")))
 
 
 def _structure_heartbeat(raw: dict[str, Any]) -> HeartbeatPayload:
@@ -864,10 +867,10 @@ def _structure_heartbeat(raw: dict[str, Any]) -> HeartbeatPayload:
     if type(orchestrator_id) is not str:
         raise _NotFast
     return _new_heartbeat(
-        orchestrator_id=orchestrator_id,
-        timestamp=_fast_time(raw["timestamp"]),
-        status=_HEARTBEAT_STATUSES[raw["status"]],
-        active_connections=_fast_int(raw["activeConnections"]),
+        orchestrator_id,
+        _fast_time(raw["timestamp"]),
+        _HEARTBEAT_STATUSES[raw["status"]],
+        _fast_int(raw["activeConnections"]),
     )
 
 
@@ -876,13 +879,13 @@ def _structure_health(raw: dict[str, Any]) -> ConnectionHealth:
     if uptime is None:
         raise _NotFast
     return _new_health(
-        status=_CONNECTION_STATUSES[raw["status"]],
-        uptime=uptime,
-        last_heartbeat=_fast_time(raw["lastHeartbeat"]),
-        messages_sent=_fast_int(raw["messagesSent"]),
-        messages_received=_fast_int(raw["messagesReceived"]),
-        errors=_fast_int(raw["errors"]),
-        latency=_fast_seconds(raw.get("latency")),
+        _CONNECTION_STATUSES[raw["status"]],
+        uptime,
+        _fast_time(raw["lastHeartbeat"]),
+        _fast_int(raw["messagesSent"]),
+        _fast_int(raw["messagesReceived"]),
+        _fast_int(raw["errors"]),
+        _fast_seconds(raw.get("latency")),
     )
 
 
@@ -926,12 +929,7 @@ def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
             else:
                 return None
         return _new_message(
-            type=message_type,
-            payload=structure(raw),
-            sender=sender,
-            recipient=recipient,
-            timestamp=timestamp,
-            correlation_id=correlation_id,
+            message_type, structure(raw), sender, recipient, timestamp, correlation_id
         )
     except Exception:  # _NotFast, a missing key, an unhashable value, invalid JSON...
         return None
