@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import weakref
 from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +41,7 @@ from trio_federation import (
     encode_message,
     make_converter,
 )
+from trio_federation._wire import _codec
 from trio_federation._wire._codec import (
     _camel,
     _decode_envelope,
@@ -46,9 +49,11 @@ from trio_federation._wire._codec import (
     _encode,
     _fast_ms,
     _format_time,
+    _setter_builder,
     _to_ms,
     format_timestamp,
 )
+from trio_federation._wire._messages import PAYLOAD_PARTS
 
 from . import strategies
 from .strategies import FUZZ_SCALE
@@ -224,11 +229,49 @@ def test_fast_decoded_instances_are_what_their_own_init_makes(
     fast = _decode_fast(orjson.loads(frame))
     assert fast is not None
     for instance in attrs_instances(fast):
+        assert type(instance) in (*PAYLOAD_PARTS, FederationMessage)  # never a builder's twin
         rebuilt = attrs.evolve(instance)
         assert (rebuilt, repr(rebuilt)) == (instance, repr(instance))
         assert [type(getattr(rebuilt, f.name)) for f in attrs.fields(type(instance))] == [
             type(getattr(instance, f.name)) for f in attrs.fields(type(instance))
         ]
+
+
+BUILDERS: dict[type[Any], Any] = {
+    Task: _codec._new_task,
+    DelegationRequest: _codec._new_delegation,
+    DelegationResponse: _codec._new_response,
+    AssignedResources: _codec._new_resources,
+    TaskCallback: _codec._new_callback,
+    BroadcastPayload: _codec._new_broadcast,
+    HeartbeatPayload: _codec._new_heartbeat,
+    ConnectionHealth: _codec._new_health,
+    FederationMessage: _codec._new_message,
+}
+
+
+def test_every_builder_is_tested() -> None:
+    builders = {name for name in vars(_codec) if name.startswith("_new_")}
+    assert len(builders) == len(BUILDERS)
+
+
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda cls: cls.__name__)
+def test_builders_make_frozen_instances_of_the_class_itself(cls: type[Any]) -> None:
+    # The fast builder fills a mutable twin and then assigns __class__; the
+    # fallback fills the slots through their setters. Both must make what an
+    # __init__ makes: an instance of the class itself, frozen, weak-referenceable
+    # and picklable, holding the values given, in field order.
+    values = [f"value {index}" for index in range(len(attrs.fields(cls)))]
+    for build in (BUILDERS[cls], _setter_builder(cls)):
+        instance = build(*values)
+        assert type(instance) is cls
+        assert [getattr(instance, field.name) for field in attrs.fields(cls)] == values
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(instance, attrs.fields(cls)[0].name, None)
+        assert weakref.ref(instance)() is instance
+        copy = pickle.loads(pickle.dumps(instance))
+        assert type(copy) is cls
+        assert [getattr(copy, field.name) for field in attrs.fields(cls)] == values
 
 
 @given(

@@ -640,20 +640,54 @@ def _builder(cls: type[_T]) -> Callable[..., _T]:
     instance through ``__init__`` and compares). A new field changes the
     function's arity, so a call that misses it fails loudly. The fast path
     calls it positionally: keywords cost half as much again as the slots.
+
+    The instance is born a ``cls`` twin whose attributes are plain slots (a
+    subclass adding no slot, with ``object``'s ``__setattr__``), filled by
+    ordinary assignment, then made a ``cls`` by assigning ``__class__`` (which
+    Python allows between types of one layout). A frozen class's slots can
+    otherwise be filled only through calls to their descriptors' setters,
+    which take more than half of a decode: the twin builds a :class:`Task` in
+    0.22 µs instead of 0.5 µs. Where an interpreter refused the assignment,
+    :func:`_setter_builder` stands in.
     """
-    fields = attrs.fields(cls)  # type: ignore[arg-type]  # any attrs class
-    if "__slots__" not in cls.__dict__ or hasattr(cls, "__attrs_post_init__"):
-        raise TypeError(f"{cls.__name__} must be a slotted attrs class without post-init")
-    names = [field.name for field in fields]
+    names = _slot_names(cls)
+    twin = type(
+        f"_Mutable{cls.__name__}",
+        (cls,),
+        {"__slots__": (), "__setattr__": object.__setattr__, "__delattr__": object.__delattr__},
+    )
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, "twin": twin}
+    lines = [f"def build_{cls.__name__}({', '.join(names)}):", "    self = new(twin)"]
+    lines += [f"    self.{name} = {name}" for name in names]
+    lines += ["    self.__class__ = cls", "    return self"]
+    exec("\n".join(lines), namespace)  # as attrs itself generates __init__
+    build: Callable[..., _T] = namespace[f"build_{cls.__name__}"]
+    try:
+        if type(build(*names)) is cls:
+            return build
+    except TypeError:  # pragma: no cover  # "object layout differs": not on 3.11-3.13
+        pass
+    return _setter_builder(cls)  # pragma: no cover
+
+
+def _setter_builder(cls: type[_T]) -> Callable[..., _T]:
+    """:func:`_builder`'s function, filling each slot through its descriptor."""
+    names = _slot_names(cls)
     namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
     lines = [f"def build_{cls.__name__}({', '.join(names)}):", "    self = new(cls)"]
     for name in names:
         namespace[f"set_{name}"] = cls.__dict__[name].__set__  # the slot's own setter
         lines.append(f"    set_{name}(self, {name})")
     lines.append("    return self")
-    exec("\n".join(lines), namespace)  # as attrs itself generates __init__
+    exec("\n".join(lines), namespace)
     build: Callable[..., _T] = namespace[f"build_{cls.__name__}"]
     return build
+
+
+def _slot_names(cls: type[Any]) -> list[str]:
+    if "__slots__" not in cls.__dict__ or hasattr(cls, "__attrs_post_init__"):
+        raise TypeError(f"{cls.__name__} must be a slotted attrs class without post-init")
+    return [field.name for field in attrs.fields(cls)]
 
 
 _new_task: Final = _builder(Task)
