@@ -297,6 +297,51 @@ def test_fast_milliseconds_are_the_reference_milliseconds(seconds: float) -> Non
     assert (fast, type(fast), repr(fast)) == (reference, type(reference), repr(reference))
 
 
+def test_the_times_of_a_new_message_are_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A new task's two times and its message's are one datetime: one formatting.
+    calls: list[datetime] = []
+
+    def counting(value: datetime) -> str:
+        calls.append(value)
+        return format_timestamp(value)
+
+    monkeypatch.setattr(_codec, "format_timestamp", counting)
+    times = [datetime(2031, 1, 1, 0, 0, seconds, 5000, tzinfo=UTC) for seconds in range(3)]
+    for when in times:
+        task = Task(id="t", description="d", created_at=when, updated_at=when)
+        request = DelegationRequest(from_orchestrator_id="a", to_orchestrator_id="b", task=task)
+        message = FederationMessage(
+            type="delegation", payload=request, sender="a", recipient="b", timestamp=when
+        )
+        frame = encode_message(message)
+        assert frame.count(format_timestamp(when)) == 1 + 2  # the envelope's, the payload's
+        assert frame == reference_encode(message)
+    assert calls == times
+
+
+# Equal numbers that the wire writes differently (2**50 s stays an integer, its
+# float is written as a float), and one number object reused, as a default is.
+TIMEOUT = 300.0
+TIMEOUTS = [TIMEOUT, TIMEOUT, 300, 2**50, 2.0**50, 0.0001, 1e-7, 0.0, -0.0, float("inf")]
+
+
+@given(
+    st.lists(
+        st.sampled_from(TIMEOUTS) | st.floats(min_value=0) | st.integers(0, 2**53),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_timeouts_in_a_row_encode_as_the_reference(timeouts: list[float]) -> None:
+    # The encoder keeps the last timeout's milliseconds, found again by identity.
+    for timeout in timeouts:
+        request = DelegationRequest(
+            from_orchestrator_id="a", to_orchestrator_id="b", task=TASK, timeout=timeout
+        )
+        message = _message(request, "delegation")
+        assert encode_message(message) == reference_encode(message)
+
+
 def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
     # The second decoding and the equal times inside one frame come from the
     # parse cache; equal instants written differently must not share an entry.

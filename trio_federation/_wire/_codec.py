@@ -418,12 +418,13 @@ def encode_message(message: FederationMessage) -> str:
     except orjson.JSONEncodeError as exc:
         raise TypeError(f"cannot encode {message.type.value} payload: {exc}") from None
     timestamp = message.timestamp
+    last = _last_formatted
     envelope: dict[str, str] = {
         "type": message.type,
         "payload": text,
         "from": message.sender,
         "to": message.recipient,
-        "timestamp": _FORMATTED.get(timestamp) or _format_time(timestamp),
+        "timestamp": last[1] if timestamp is last[0] else _format_time(timestamp),
     }
     if message.correlation_id is not None:
         envelope["correlationId"] = message.correlation_id
@@ -779,16 +780,27 @@ def _fast_int(value: object) -> int:
 def _format_time(value: datetime) -> str:
     """:func:`format_timestamp`, formatting each UTC time once while it is cached.
 
-    The text depends on the instant only, so equal times share it.
+    The text depends on the instant only, so equal times share it. The time
+    formatted or found last is also kept in :data:`_last_formatted`.
     """
+    global _last_formatted
     text = _FORMATTED.get(value)
     if text is None:
         text = format_timestamp(value)
-        if value.tzinfo is UTC:  # naive times depend on the local zone: never cached
-            if len(_FORMATTED) >= _TIME_CACHE_SIZE:
-                _FORMATTED.clear()
-            _FORMATTED[value] = text
+        if value.tzinfo is not UTC:  # naive times depend on the local zone: never cached
+            return text
+        if len(_FORMATTED) >= _TIME_CACHE_SIZE:
+            _FORMATTED.clear()
+        _FORMATTED[value] = text
+    _last_formatted = (value, text)
     return text
+
+
+_last_formatted: tuple[datetime | None, str] = (None, "")
+"""The UTC time :func:`_format_time` gave last, with its text. The times of one
+message are usually one datetime (a new task's two times and the envelope's):
+the encoders check it by identity, which costs less than the cache's lookup.
+One tuple, replaced whole."""
 
 
 def _members(cls: type[enum.Enum]) -> dict[str, Any]:
@@ -1009,14 +1021,20 @@ _EXACT_FLOAT: Final = float(2**53)
 
 
 _UNSTRUCTURE_CONTEXT: Final = _CONVERTER.get_unstructure_hook(SharedContext)
+_last_timeout: tuple[float | None, float | int] = (None, 0)
+"""The delegation timeout converted last, with its milliseconds: a delegator's
+requests usually share one timeout object (its default). Checked by identity,
+so only that very (immutable) number gets them; one tuple, replaced whole."""
 
 
 def _unstructure_delegation(request: DelegationRequest) -> dict[str, Any]:
-    # The hottest encode: the task's dictionary and _fast_ms inline.
+    # The hottest encode: the task's dictionary inline.
+    global _last_timeout
     task = request.task
     created = task.created_at
     updated = task.updated_at
-    created_text = _FORMATTED.get(created) or _format_time(created)
+    last = _last_formatted
+    created_text = last[1] if created is last[0] else _format_time(created)
     task_raw: dict[str, Any] = {
         "id": task.id,
         "type": task.type,
@@ -1048,13 +1066,11 @@ def _unstructure_delegation(request: DelegationRequest) -> dict[str, Any]:
     if request.context is not None:
         raw["context"] = _UNSTRUCTURE_CONTEXT(request.context)
     timeout = request.timeout
-    if timeout is not None:  # _fast_ms
-        ms = timeout * 1000
-        raw["timeout"] = (
-            int(ms)
-            if type(ms) is float and ms.is_integer() and -_EXACT_FLOAT < ms < _EXACT_FLOAT
-            else _to_ms(timeout)
-        )
+    if timeout is not None:
+        known = _last_timeout
+        if timeout is not known[0]:
+            known = _last_timeout = (timeout, _fast_ms(timeout))
+        raw["timeout"] = known[1]
     if request.callback_id is not None:
         raw["callbackId"] = request.callback_id
     return raw
