@@ -376,6 +376,55 @@ def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
             assert (fast, repr(fast)) == (reference, repr(reference))
 
 
+# One instant written several ways, a near miss, a non-UTC offset, and non-strings.
+STAMPS = [
+    "2026-11-26T12:00:00.123Z",
+    "2026-11-26T12:00:00.123+00:00",
+    "2026-11-26T12:00:00.123000Z",
+    "2026-11-26T12:00:00.124Z",
+    "2026-11-26T13:00:00.123+01:00",
+    "2026-11-26T12:00:00.123",
+    "",
+    None,
+    5,
+    ["2026-11-26T12:00:00.123Z"],
+]
+
+
+@given(st.lists(st.tuples(*[st.sampled_from(STAMPS)] * 3), min_size=1, max_size=6))
+def test_times_in_a_row_decode_as_the_reference_decodes_them(
+    stamps: list[tuple[Any, Any, Any]],
+) -> None:
+    # The decoder compares each time with the text it parsed last (then looks
+    # in the cache): frames in a row, each with its envelope's and its task's
+    # two times drawn from the same few texts.
+    for timestamp, created, updated in stamps:
+        task = {
+            "id": "t-1",
+            "type": "code",
+            "description": "d",
+            "priority": "high",
+            "status": "pending",
+            "createdAt": created,
+            "updatedAt": updated,
+        }
+        payload = {
+            "fromOrchestratorId": "a",
+            "toOrchestratorId": "b",
+            "task": task,
+            "priority": "high",
+        }
+        envelope = {
+            "type": "delegation",
+            "payload": json.dumps(payload),
+            "from": "a",
+            "to": "b",
+            "timestamp": timestamp,
+        }
+        frame = json.dumps(envelope)
+        assert outcome(decode_message, frame) == outcome(reference_decode, frame)
+
+
 # Values that sit on the edges the fast path checks: JSON types the reference
 # converts (integral floats, ints for floats), other offsets, naive times,
 # out-of-range and negative numbers, near-miss enumeration values.

@@ -736,18 +736,30 @@ _PARSED: Final[dict[str, datetime]] = {}
 
 
 def _fast_time(value: object) -> datetime:
-    """A UTC timestamp, parsed once while it is cached; anything else is not fast."""
+    """A UTC timestamp, parsed once while it is cached; anything else is not fast.
+
+    The text parsed or found last is also kept in :data:`_last_parsed`.
+    """
+    global _last_parsed
     if type(value) is str:
         parsed = _PARSED.get(value)
-        if parsed is not None:
-            return parsed
-        parsed = datetime.fromisoformat(value)
-        if parsed.tzinfo is UTC:
+        if parsed is None:
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is not UTC:
+                raise _NotFast
             if len(_PARSED) >= _TIME_CACHE_SIZE:
                 _PARSED.clear()
             _PARSED[value] = parsed
-            return parsed
+        _last_parsed = (value, parsed)
+        return parsed
     raise _NotFast
+
+
+_last_parsed: tuple[object, datetime] = (object(), datetime.min)
+"""The UTC timestamp :func:`_fast_time` gave last, with its text (at first a key
+no JSON value equals). A frame's times are usually one text: the decoders
+compare with it, which costs less than hashing it for the cache. One tuple,
+replaced whole."""
 
 
 def _fast_optional_str(value: object) -> str | None:
@@ -849,6 +861,7 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
         if (type(timeout) is not int and type(timeout) is not float) or not timeout >= 0:
             raise _NotFast
         timeout = float(timeout) / 1000
+    last = _last_parsed
     task_id = task["id"]
     description = task["description"]
     created = task["createdAt"]
@@ -871,8 +884,8 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
             description,
             _PRIORITIES[task["priority"]],
             _TASK_STATUSES[task["status"]],
-            _PARSED.get(created) or _fast_time(created),
-            _PARSED.get(updated) or _fast_time(updated),
+            last[1] if created == last[0] else _fast_time(created),
+            last[1] if updated == last[0] else _fast_time(updated),
             assigned_to,
             metadata,
         ),
@@ -983,7 +996,8 @@ def _decode_fast(envelope: dict[str, Any]) -> FederationMessage | None:
         ):
             return None
         timestamp = envelope["timestamp"]
-        timestamp = _PARSED.get(timestamp) or _fast_time(timestamp)
+        last = _last_parsed
+        timestamp = last[1] if timestamp == last[0] else _fast_time(timestamp)
         if type(raw) is str:
             raw = orjson.loads(raw)
         if type(raw) is not dict:
