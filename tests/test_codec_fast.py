@@ -425,6 +425,46 @@ def test_times_in_a_row_decode_as_the_reference_decodes_them(
         assert outcome(decode_message, frame) == outcome(reference_decode, frame)
 
 
+TASK_KEYS = ["id", "type", "description", "priority", "status", "createdAt", "updatedAt"]
+
+
+@pytest.mark.parametrize("missing", [None, *TASK_KEYS])
+@pytest.mark.parametrize(
+    "extra", [{}, {"assignedTo": 5}, {"metadata": []}, {"assignedTo": "x"}, {"other": 1}]
+)
+def test_a_task_of_seven_keys_decodes_as_the_reference(
+    missing: str | None, extra: dict[str, Any]
+) -> None:
+    # The decoder reads no optional key from a task of exactly seven keys once
+    # it has found the seven it requires: a required key given up for another
+    # one keeps the count and must still be refused, or decoded, as the
+    # reference does.
+    task = {
+        "id": "t-1",
+        "type": "code",
+        "description": "d",
+        "priority": "high",
+        "status": "pending",
+        "createdAt": "2026-11-26T12:00:00.123Z",
+        "updatedAt": "2026-11-26T12:00:00.123Z",
+    }
+    if missing is not None:
+        del task[missing]
+    task |= extra
+    payload = {"fromOrchestratorId": "a", "toOrchestratorId": "b", "task": task, "priority": "low"}
+    envelope = {
+        "type": "delegation",
+        "payload": payload,
+        "from": "a",
+        "to": "b",
+        "timestamp": "2026-11-26T12:00:00Z",
+    }
+    frame = json.dumps(envelope)
+    assert outcome(decode_message, frame) == outcome(reference_decode, frame)
+    if missing is None and extra in ({}, {"assignedTo": "x"}, {"other": 1}):
+        assert _decode_fast(orjson.loads(frame)) is not None
+
+
 # Values that sit on the edges the fast path checks: JSON types the reference
 # converts (integral floats, ints for floats), other offsets, naive times,
 # out-of-range and negative numbers, near-miss enumeration values.

@@ -821,6 +821,12 @@ def _members(cls: type[enum.Enum]) -> dict[str, Any]:
     return {member.value: member for member in cls}
 
 
+_TASK_REQUIRED_KEYS: Final = len(
+    {field.name for field in attrs.fields(Task) if field.default is attrs.NOTHING}
+    | _WIRE_REQUIRED[Task]
+)
+"""How many keys a wire task must have (seven: id, type, description,
+priority, status, createdAt, updatedAt)."""
 _TASK_TYPES: Final = _members(TaskType)
 _PRIORITIES: Final = _members(TaskPriority)
 _TASK_STATUSES: Final = _members(TaskStatus)
@@ -843,7 +849,6 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
         type(sender) is not str
         or type(recipient) is not str
         or (callback_id is not None and type(callback_id) is not str)
-        or type(task) is not dict
     ):
         raise _NotFast
     if type(capabilities) is list:
@@ -862,19 +867,23 @@ def _structure_delegation(raw: dict[str, Any]) -> DelegationRequest:
             raise _NotFast
         timeout = float(timeout) / 1000
     last = _last_parsed
+    # A task that is not an object fails here: JSON's other values have no keys.
     task_id = task["id"]
     description = task["description"]
     created = task["createdAt"]
     updated = task["updatedAt"]
-    assigned_to = task.get("assignedTo")
-    metadata = task.get("metadata")
-    if (
-        type(task_id) is not str
-        or type(description) is not str
-        or (assigned_to is not None and type(assigned_to) is not str)
-        or (metadata is not None and type(metadata) is not dict)
-    ):
+    if type(task_id) is not str or type(description) is not str:
         raise _NotFast
+    if len(task) == _TASK_REQUIRED_KEYS:
+        # The seven keys read here and below, and no other: no optional one.
+        assigned_to = metadata = None
+    else:
+        assigned_to = task.get("assignedTo")
+        metadata = task.get("metadata")
+        if (assigned_to is not None and type(assigned_to) is not str) or (
+            metadata is not None and type(metadata) is not dict
+        ):
+            raise _NotFast
     return _new_delegation(
         sender,
         recipient,
