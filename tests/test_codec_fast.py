@@ -281,10 +281,13 @@ def test_builders_make_frozen_instances_of_the_class_itself(cls: type[Any]) -> N
         timezones=st.none() | st.just(UTC) | st.timezones(),  # type: ignore[arg-type]
     )
 )
-def test_cached_time_formatting_is_format_timestamp(value: datetime) -> None:
-    # Twice: the second call may be answered from the cache.
-    assert _format_time(value) == format_timestamp(value)
-    assert _format_time(value) == format_timestamp(value)
+def test_time_formatting_is_javascripts(value: datetime) -> None:
+    # toISOString: UTC, exactly three fraction digits, "Z".
+    expected = value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert format_timestamp(value) == expected
+    # Twice: the second call may be answered by the time formatted last.
+    assert _format_time(value) == expected
+    assert _format_time(value) == expected
 
 
 @given(

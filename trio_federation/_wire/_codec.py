@@ -95,9 +95,13 @@ def format_timestamp(value: datetime) -> str:
     if value.tzinfo is not UTC:
         value = value.astimezone(UTC)
     # orjson formats four times faster than isoformat(); it writes microseconds
-    # (or none when they are zero), JavaScript writes exactly three digits.
-    text = orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-2].decode()
-    return f"{text[:23]}Z" if len(text) > 19 else f"{text}.000Z"
+    # (or none when they are zero), JavaScript writes exactly three digits:
+    # b'"2026-11-26T12:00:00.123456Z"' or b'"2026-11-26T12:00:00Z"'.
+    text = orjson.dumps(value, option=_UTC_Z)
+    return text[1:24].decode() + "Z" if len(text) > 22 else text[1:20].decode() + ".000Z"
+
+
+_UTC_Z: Final = orjson.OPT_UTC_Z
 
 
 def _structure_timestamp(value: object, _type: object) -> datetime:
@@ -631,11 +635,12 @@ def _decode_envelope(envelope: object) -> FederationMessage:
 # * Encoding builds, for each payload class, the dictionary the reference
 #   converter builds (same keys, same order, same omissions, the same value
 #   hooks: format_timestamp, _to_ms, _js_number, _js_values) and hands it to the
-#   same _dumps. Enumeration members go to orjson as they are, as cattrs passes
-#   them; orjson writes a StrEnum as its string. Two shortcuts: equal UTC times
-#   share one formatted text (_format_time: a delegation's createdAt, updatedAt
-#   and envelope timestamp are usually one time), and whole milliseconds skip
-#   _to_ms's round() (_fast_ms).
+#   same orjson.dumps. Enumeration members go to orjson as they are, as cattrs
+#   passes them; orjson writes a StrEnum as its string. Shortcuts: the UTC time
+#   formatted last is kept with its text and found by identity (_format_time: a
+#   delegation's createdAt, updatedAt and often its envelope's timestamp are one
+#   datetime, formatted once), whole milliseconds skip _to_ms's round()
+#   (_fast_ms), and the last delegation timeout is kept with its milliseconds.
 # * Decoding accepts only what is unambiguously valid: exact JSON types, UTC
 #   timestamps, known enumeration values. Anything else — including inputs the
 #   reference accepts after a conversion (an integral float for an int, a
@@ -643,14 +648,17 @@ def _decode_envelope(envelope: object) -> FederationMessage:
 #   by _decode_envelope, which also builds every error message. So a refused
 #   frame gets exactly the reference's MalformedMessage. Having checked every
 #   value itself, it fills the instances' slots without running the attrs
-#   __init__ (_builder), and equal timestamp strings share one parsed datetime.
+#   __init__ (_builder), and a timestamp equal to the text parsed last shares
+#   its datetime (_fast_time).
 #
 # tests/test_codec_fast.py pins both directions to the reference with
 # Hypothesis: identical bytes out, equal messages in, identical errors; every
-# fast-decoded instance is one its own __init__ leaves unchanged, and the
-# cached formatter and _fast_ms give what format_timestamp and _to_ms give.
-# Each shortcut was kept only where bench.codec measured a gain (see the
-# Performance section of docs/design.rst).
+# fast-decoded instance is one its own __init__ leaves unchanged (and of the
+# class itself), the builders' instances are frozen, weak-referenceable and
+# picklable, and the kept times and milliseconds give what format_timestamp
+# and _to_ms give, for messages and frames in a row. Each shortcut was kept
+# only where bench.codec measured a gain (see the Performance section of
+# docs/design.rst).
 
 
 class _NotFast(Exception):
@@ -732,39 +740,26 @@ _new_health: Final = _builder(ConnectionHealth)
 _new_message: Final = _builder(FederationMessage)
 
 
-_TIME_CACHE_SIZE: Final = 256
-"""Timestamps kept formatted and parsed (each cache is emptied when full): a
-message's times repeat within it (a fresh task's ``createdAt``, ``updatedAt``
-and the envelope's ``timestamp``) and across the messages of one task."""
-_FORMATTED: Final[dict[datetime, str]] = {}
-_PARSED: Final[dict[str, datetime]] = {}
-
-
 def _fast_time(value: object) -> datetime:
-    """A UTC timestamp, parsed once while it is cached; anything else is not fast.
+    """A UTC timestamp, kept in :data:`_last_parsed`; anything else is not fast.
 
-    The text parsed or found last is also kept in :data:`_last_parsed`.
+    There is no cache by text: live traffic brings new times every message,
+    and a cache's upkeep (hashing, inserting, emptying) cost twice the parse.
     """
     global _last_parsed
     if type(value) is str:
-        parsed = _PARSED.get(value)
-        if parsed is None:
-            parsed = datetime.fromisoformat(value)
-            if parsed.tzinfo is not UTC:
-                raise _NotFast
-            if len(_PARSED) >= _TIME_CACHE_SIZE:
-                _PARSED.clear()
-            _PARSED[value] = parsed
-        _last_parsed = (value, parsed)
-        return parsed
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is UTC:
+            _last_parsed = (value, parsed)
+            return parsed
     raise _NotFast
 
 
 _last_parsed: tuple[object, datetime] = (object(), datetime.min)
-"""The UTC timestamp :func:`_fast_time` gave last, with its text (at first a key
-no JSON value equals). A frame's times are usually one text: the decoders
-compare with it, which costs less than hashing it for the cache. One tuple,
-replaced whole."""
+"""The UTC timestamp :func:`_fast_time` parsed last, with its text (at first a
+key no JSON value equals). A frame's times are usually one text (a new task's
+two times, and often its envelope's): the decoders compare with it before
+calling. One tuple, replaced whole."""
 
 
 def _fast_optional_str(value: object) -> str | None:
@@ -795,29 +790,26 @@ def _fast_int(value: object) -> int:
 
 
 def _format_time(value: datetime) -> str:
-    """:func:`format_timestamp`, formatting each UTC time once while it is cached.
+    """:func:`format_timestamp`, keeping the UTC time formatted last with its text.
 
-    The text depends on the instant only, so equal times share it. The time
-    formatted or found last is also kept in :data:`_last_formatted`.
+    A message's times are usually one datetime (a new task's two times, and
+    often its envelope's): the encoders check it by identity before calling.
+    There is no cache by value: hashing a new aware datetime costs almost as
+    much as formatting it, and live traffic brings a new one every message.
     """
     global _last_formatted
-    text = _FORMATTED.get(value)
-    if text is None:
-        text = format_timestamp(value)
-        if value.tzinfo is not UTC:  # naive times depend on the local zone: never cached
-            return text
-        if len(_FORMATTED) >= _TIME_CACHE_SIZE:
-            _FORMATTED.clear()
-        _FORMATTED[value] = text
-    _last_formatted = (value, text)
+    last = _last_formatted
+    if value is last[0]:
+        return last[1]
+    text = format_timestamp(value)
+    if value.tzinfo is UTC:  # naive times depend on the local zone: never kept
+        _last_formatted = (value, text)
     return text
 
 
 _last_formatted: tuple[datetime | None, str] = (None, "")
-"""The UTC time :func:`_format_time` gave last, with its text. The times of one
-message are usually one datetime (a new task's two times and the envelope's):
-the encoders check it by identity, which costs less than the cache's lookup.
-One tuple, replaced whole."""
+"""The UTC time :func:`_format_time` formatted last, with its text. One tuple,
+replaced whole."""
 
 
 def _members(cls: type[enum.Enum]) -> dict[str, Any]:
