@@ -673,7 +673,8 @@ def _builder(cls: type[_T]) -> Callable[..., _T]:
     those would produce (tests/test_codec_fast.py rebuilds every fast-decoded
     instance through ``__init__`` and compares). A new field changes the
     function's arity, so a call that misses it fails loudly. The fast path
-    calls it positionally: keywords cost half as much again as the slots.
+    calls it positionally: keywords would cost almost as much as the building
+    (0.40 against 0.22 µs for a :class:`Task`).
 
     The instance is born a ``cls`` twin whose attributes are plain slots (a
     subclass adding no slot, with ``object``'s ``__setattr__`` and
