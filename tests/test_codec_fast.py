@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import weakref
 from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +41,7 @@ from trio_federation import (
     encode_message,
     make_converter,
 )
+from trio_federation._wire import _codec
 from trio_federation._wire._codec import (
     _camel,
     _decode_envelope,
@@ -46,9 +49,11 @@ from trio_federation._wire._codec import (
     _encode,
     _fast_ms,
     _format_time,
+    _setter_builder,
     _to_ms,
     format_timestamp,
 )
+from trio_federation._wire._messages import PAYLOAD_PARTS
 
 from . import strategies
 from .strategies import FUZZ_SCALE
@@ -224,11 +229,49 @@ def test_fast_decoded_instances_are_what_their_own_init_makes(
     fast = _decode_fast(orjson.loads(frame))
     assert fast is not None
     for instance in attrs_instances(fast):
+        assert type(instance) in (*PAYLOAD_PARTS, FederationMessage)  # never a builder's twin
         rebuilt = attrs.evolve(instance)
         assert (rebuilt, repr(rebuilt)) == (instance, repr(instance))
         assert [type(getattr(rebuilt, f.name)) for f in attrs.fields(type(instance))] == [
             type(getattr(instance, f.name)) for f in attrs.fields(type(instance))
         ]
+
+
+BUILDERS: dict[type[Any], Any] = {
+    Task: _codec._new_task,
+    DelegationRequest: _codec._new_delegation,
+    DelegationResponse: _codec._new_response,
+    AssignedResources: _codec._new_resources,
+    TaskCallback: _codec._new_callback,
+    BroadcastPayload: _codec._new_broadcast,
+    HeartbeatPayload: _codec._new_heartbeat,
+    ConnectionHealth: _codec._new_health,
+    FederationMessage: _codec._new_message,
+}
+
+
+def test_every_builder_is_tested() -> None:
+    builders = {name for name in vars(_codec) if name.startswith("_new_")}
+    assert len(builders) == len(BUILDERS)
+
+
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda cls: cls.__name__)
+def test_builders_make_frozen_instances_of_the_class_itself(cls: type[Any]) -> None:
+    # The fast builder fills a mutable twin and then assigns __class__; the
+    # fallback fills the slots through their setters. Both must make what an
+    # __init__ makes: an instance of the class itself, frozen, weak-referenceable
+    # and picklable, holding the values given, in field order.
+    values = [f"value {index}" for index in range(len(attrs.fields(cls)))]
+    for build in (BUILDERS[cls], _setter_builder(cls)):
+        instance = build(*values)
+        assert type(instance) is cls
+        assert [getattr(instance, field.name) for field in attrs.fields(cls)] == values
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            setattr(instance, attrs.fields(cls)[0].name, None)
+        assert weakref.ref(instance)() is instance
+        copy = pickle.loads(pickle.dumps(instance))
+        assert type(copy) is cls
+        assert [getattr(copy, field.name) for field in attrs.fields(cls)] == values
 
 
 @given(
@@ -238,10 +281,13 @@ def test_fast_decoded_instances_are_what_their_own_init_makes(
         timezones=st.none() | st.just(UTC) | st.timezones(),  # type: ignore[arg-type]
     )
 )
-def test_cached_time_formatting_is_format_timestamp(value: datetime) -> None:
-    # Twice: the second call may be answered from the cache.
-    assert _format_time(value) == format_timestamp(value)
-    assert _format_time(value) == format_timestamp(value)
+def test_time_formatting_is_javascripts(value: datetime) -> None:
+    # toISOString: UTC, exactly three fraction digits, "Z".
+    expected = value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert format_timestamp(value) == expected
+    # Twice: the second call may be answered by the time formatted last.
+    assert _format_time(value) == expected
+    assert _format_time(value) == expected
 
 
 @given(
@@ -252,6 +298,51 @@ def test_cached_time_formatting_is_format_timestamp(value: datetime) -> None:
 def test_fast_milliseconds_are_the_reference_milliseconds(seconds: float) -> None:
     fast, reference = _fast_ms(seconds), _to_ms(seconds)
     assert (fast, type(fast), repr(fast)) == (reference, type(reference), repr(reference))
+
+
+def test_the_times_of_a_new_message_are_formatted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A new task's two times and its message's are one datetime: one formatting.
+    calls: list[datetime] = []
+
+    def counting(value: datetime) -> str:
+        calls.append(value)
+        return format_timestamp(value)
+
+    monkeypatch.setattr(_codec, "format_timestamp", counting)
+    times = [datetime(2031, 1, 1, 0, 0, seconds, 5000, tzinfo=UTC) for seconds in range(3)]
+    for when in times:
+        task = Task(id="t", description="d", created_at=when, updated_at=when)
+        request = DelegationRequest(from_orchestrator_id="a", to_orchestrator_id="b", task=task)
+        message = FederationMessage(
+            type="delegation", payload=request, sender="a", recipient="b", timestamp=when
+        )
+        frame = encode_message(message)
+        assert frame.count(format_timestamp(when)) == 1 + 2  # the envelope's, the payload's
+        assert frame == reference_encode(message)
+    assert calls == times
+
+
+# Equal numbers that the wire writes differently (2**50 s stays an integer, its
+# float is written as a float), and one number object reused, as a default is.
+TIMEOUT = 300.0
+TIMEOUTS = [TIMEOUT, TIMEOUT, 300, 2**50, 2.0**50, 0.0001, 1e-7, 0.0, -0.0, float("inf")]
+
+
+@given(
+    st.lists(
+        st.sampled_from(TIMEOUTS) | st.floats(min_value=0) | st.integers(0, 2**53),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_timeouts_in_a_row_encode_as_the_reference(timeouts: list[float]) -> None:
+    # The encoder keeps the last timeout's milliseconds, found again by identity.
+    for timeout in timeouts:
+        request = DelegationRequest(
+            from_orchestrator_id="a", to_orchestrator_id="b", task=TASK, timeout=timeout
+        )
+        message = _message(request, "delegation")
+        assert encode_message(message) == reference_encode(message)
 
 
 def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
@@ -286,6 +377,95 @@ def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
             reference = reference_decode(frame)
             assert fast is not None
             assert (fast, repr(fast)) == (reference, repr(reference))
+
+
+# One instant written several ways, a near miss, a non-UTC offset, and non-strings.
+STAMPS = [
+    "2026-11-26T12:00:00.123Z",
+    "2026-11-26T12:00:00.123+00:00",
+    "2026-11-26T12:00:00.123000Z",
+    "2026-11-26T12:00:00.124Z",
+    "2026-11-26T13:00:00.123+01:00",
+    "2026-11-26T12:00:00.123",
+    "",
+    None,
+    5,
+    ["2026-11-26T12:00:00.123Z"],
+]
+
+
+@given(st.lists(st.tuples(*[st.sampled_from(STAMPS)] * 3), min_size=1, max_size=6))
+def test_times_in_a_row_decode_as_the_reference_decodes_them(
+    stamps: list[tuple[Any, Any, Any]],
+) -> None:
+    # The decoder compares each time with the text it parsed last (then looks
+    # in the cache): frames in a row, each with its envelope's and its task's
+    # two times drawn from the same few texts.
+    for timestamp, created, updated in stamps:
+        task = {
+            "id": "t-1",
+            "type": "code",
+            "description": "d",
+            "priority": "high",
+            "status": "pending",
+            "createdAt": created,
+            "updatedAt": updated,
+        }
+        payload = {
+            "fromOrchestratorId": "a",
+            "toOrchestratorId": "b",
+            "task": task,
+            "priority": "high",
+        }
+        envelope = {
+            "type": "delegation",
+            "payload": json.dumps(payload),
+            "from": "a",
+            "to": "b",
+            "timestamp": timestamp,
+        }
+        frame = json.dumps(envelope)
+        assert outcome(decode_message, frame) == outcome(reference_decode, frame)
+
+
+TASK_KEYS = ["id", "type", "description", "priority", "status", "createdAt", "updatedAt"]
+
+
+@pytest.mark.parametrize("missing", [None, *TASK_KEYS])
+@pytest.mark.parametrize(
+    "extra", [{}, {"assignedTo": 5}, {"metadata": []}, {"assignedTo": "x"}, {"other": 1}]
+)
+def test_a_task_of_seven_keys_decodes_as_the_reference(
+    missing: str | None, extra: dict[str, Any]
+) -> None:
+    # The decoder reads no optional key from a task of exactly seven keys once
+    # it has found the seven it requires: a required key given up for another
+    # one keeps the count and must still be refused, or decoded, as the
+    # reference does.
+    task = {
+        "id": "t-1",
+        "type": "code",
+        "description": "d",
+        "priority": "high",
+        "status": "pending",
+        "createdAt": "2026-11-26T12:00:00.123Z",
+        "updatedAt": "2026-11-26T12:00:00.123Z",
+    }
+    if missing is not None:
+        del task[missing]
+    task |= extra
+    payload = {"fromOrchestratorId": "a", "toOrchestratorId": "b", "task": task, "priority": "low"}
+    envelope = {
+        "type": "delegation",
+        "payload": payload,
+        "from": "a",
+        "to": "b",
+        "timestamp": "2026-11-26T12:00:00Z",
+    }
+    frame = json.dumps(envelope)
+    assert outcome(decode_message, frame) == outcome(reference_decode, frame)
+    if missing is None and extra in ({}, {"assignedTo": "x"}, {"other": 1}):
+        assert _decode_fast(orjson.loads(frame)) is not None
 
 
 # Values that sit on the edges the fast path checks: JSON types the reference
