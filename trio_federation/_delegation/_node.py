@@ -289,6 +289,19 @@ _SHARED_REGISTRY: trio.lowlevel.RunVar[MemoryRegistry] = trio.lowlevel.RunVar(
 )
 
 
+def _buffered(connection: OrchestratorConnection) -> Iterator[FederationMessage]:
+    """The messages ``connection`` has buffered now, taken without waiting.
+
+    Stops when none is left, or at the end of the stream (which the next
+    ``async for`` step then reports, a loss included).
+    """
+    while True:
+        try:
+            yield connection.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, ConnectionLost):
+            return
+
+
 def _shared_memory_registry() -> MemoryRegistry:
     """The memory registry every node of this trio run shares by default."""
     try:
@@ -596,6 +609,10 @@ class FederationNode:
                 try:
                     async for message in connection:
                         self._route(connection, message)
+                        # And what else arrived, without a scheduler pass each
+                        # (bounded by the receive buffer).
+                        for more in _buffered(connection):
+                            self._route(connection, more)
                 except ConnectionLost as exc:
                     logger.info("connection to %r lost: %s", connection.id, exc)
                 nursery.cancel_scope.cancel()
