@@ -1558,12 +1558,13 @@ class OrchestratorConnection:
             self._publish_status()
 
     def _kick_writer(self) -> None:
-        self._writer_lot.unpark_all()
+        if self._writer_lot:  # parked (an empty lot's unpark_all still costs)
+            self._writer_lot.unpark_all()
 
     def _queued(self) -> None:
         """The queue changed: wake the writer, unless it waits for an ack anyway."""
         send = self._send_window
-        if send is None or send.open or self._queue.closed:
+        if self._writer_lot and (send is None or send.open or self._queue.closed):
             self._writer_lot.unpark_all()
 
     async def _writer(self) -> None:

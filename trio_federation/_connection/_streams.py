@@ -92,7 +92,8 @@ class OutboundQueue(Generic[T]):
         item, extra = self._items.popleft()
         if extra:
             self._extra = False
-        self._not_full.unpark()
+        if self._not_full:  # someone waits for room
+            self._not_full.unpark()
         return item
 
     def close(self) -> None:
