@@ -318,6 +318,7 @@ class RedisRegistry(FederationRegistry):
             stale_timeout=stale_timeout,
             watch_interval=watch_interval,
         )
+        import anyio
         import coredis.exceptions
 
         self.client = client
@@ -333,6 +334,12 @@ class RedisRegistry(FederationRegistry):
             coredis.exceptions.ConnectionError,
             TimeoutError,
             OSError,
+            # A command issued on a connection coredis has just torn down (its
+            # own tasks cancelled, say) fails on its anyio stream before any
+            # network error can be raised.
+            anyio.ClosedResourceError,
+            anyio.BrokenResourceError,
+            anyio.EndOfStream,
         )
         self._register_script = client.register_script(_REGISTER)
         self._deregister_script = client.register_script(_DEREGISTER)
