@@ -718,7 +718,7 @@ class OrchestratorConnection:
 
             async for msg in conn:
                 handle(msg)
-                with contextlib.suppress(trio.WouldBlock):
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
                     while True:
                         handle(conn.receive_nowait())
 
