@@ -2,14 +2,23 @@
 
 Task tree of an open connection (all inside ``async with conn``)::
 
-    runner                      one task in the caller's nursery
-    └── nursery                 lives as long as the connection
-        ├── watchdog            sleeps until ConnectionState.next_deadline()
-        └── (runner's body)     one transport after another:
-            └── transport nursery   lives as long as one WebSocket
-                ├── reader      the only caller of socket.get_message()
-                ├── writer      the only caller of socket.send_message()
-                └── pinger      socket.ping(), one in flight at most
+    runner                      one task in the caller's nursery; its body
+    │                           runs one transport after another:
+    └── transport nursery       lives as long as one WebSocket
+        ├── reader              the runner itself: the only caller of
+        │                       socket.get_message()
+        ├── writer              the only caller of socket.send_message()
+        └── watchdog            sleeps until ConnectionState.next_deadline();
+                                pings, and queues our heartbeat message
+
+Three tasks per connection (and the caller's own): the watchdog has nothing
+to do between transports (no deadline while the link is down), so it lives in
+the transport's nursery, and it is the pinger too. On our own transport
+(``WireConnection``) its ping is put in the socket's outbox, and goes out with
+the heartbeat message it queues, in the writer's next write; the reader hands
+the pong back (``on_pong``), so no task waits for it. On a trio-websocket
+socket, whose ``ping()`` waits for the pong, a short-lived task in the
+transport nursery sends each ping (one in flight at most).
 
 A connection made by a reconnecting dialer, or a listener's connection to a
 peer that negotiated a resumable session, outlives its transports: when one
@@ -25,6 +34,7 @@ errors stream), so the boundary raises one plain exception.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -341,11 +351,12 @@ class OrchestratorConnection:
         self._wall_origin = datetime.now(UTC)
         self._clock_origin = trio.current_time()
         self._entered = False
-        self._nursery: trio.Nursery | None = None
+        self._running = False  # the runner has started
         self._run_scope: trio.CancelScope | None = None
-        self._wakeup = trio.Event()
-        self._sleeping_until = math.inf
-        self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
+        # The watchdog's sleep: moving its deadline earlier wakes it up.
+        self._watchdog_scope: trio.CancelScope | None = None
+        self._ping_in_flight: bytes | None = None  # its payload
+        self._ping_sent_at = 0.0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._closing = False
         self._closed_locally = False
@@ -360,8 +371,13 @@ class OrchestratorConnection:
         self._socket: _Socket | None = socket
         self._transport: _Transport | None = None
         self._first: _Transport | None = None if socket is None else _Transport(socket, None)
-        self._next_send, self._next_recv = trio.open_memory_channel[_Transport](0)
-        self._transport_scope: trio.CancelScope | None = None
+        # The rendezvous, made on first use (only a connection that can resume
+        # needs one): see _next_channel().
+        self._next: (
+            tuple[trio.MemorySendChannel[_Transport], trio.MemoryReceiveChannel[_Transport]] | None
+        ) = None
+        self._next_closed = False
+        self._transport_nursery: trio.Nursery | None = None
         self._transport_end: ConnectionLost | None = None
         # Who brings the next transport after a loss: a reconnecting dialer
         # (inf: its policy decides when to give up), or the listener within
@@ -889,9 +905,11 @@ class OrchestratorConnection:
         self._last_status = status
         for watcher in self._status_watchers:
             watcher._push(status)
-        deadline = self._state.next_deadline()
-        if deadline < self._sleeping_until:
-            self._wakeup.set()
+        scope = self._watchdog_scope
+        if scope is not None:
+            deadline = self._state.next_deadline()
+            if deadline < scope.deadline:
+                scope.deadline = deadline  # wake the watchdog sooner
 
     def _report(self, error: FederationError, level: int = logging.WARNING) -> None:
         _detach(error)
@@ -993,7 +1011,7 @@ class OrchestratorConnection:
         """
         transport = _Transport(socket, offer)
         try:
-            await self._next_send.send(transport)
+            await self._next_channel()[0].send(transport)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         # Shielded: the transport's end is bounded by the connection's own
@@ -1016,7 +1034,23 @@ class OrchestratorConnection:
         """No transport will come any more: end the connection as ``lost``."""
         if self._lost is None and not self._closed_locally:
             self._lost = lost
-        self._next_send.close()
+        self._close_next()
+
+    def _next_channel(
+        self,
+    ) -> tuple[trio.MemorySendChannel[_Transport], trio.MemoryReceiveChannel[_Transport]]:
+        """The rendezvous where the next transport is handed over (made on first use)."""
+        if self._next is None:
+            self._next = trio.open_memory_channel[_Transport](0)
+            if self._next_closed:
+                self._next[0].close()
+        return self._next
+
+    def _close_next(self) -> None:
+        """No transport will come any more."""
+        self._next_closed = True
+        if self._next is not None:
+            self._next[0].close()
 
     async def _detach(self) -> None:
         """End the current transport now (its peer is back on another one)."""
@@ -1039,28 +1073,25 @@ class OrchestratorConnection:
             self._finish()
 
     async def _run_transports(self, ready: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._guarded, self._watchdog)
-            ready.set()
-            transport = self._first
-            self._first = None
-            while True:
+        self._running = True
+        ready.set()
+        transport = self._first
+        self._first = None
+        while True:
+            if transport is None:
+                transport = await self._wait_for_transport()
                 if transport is None:
-                    transport = await self._wait_for_transport()
-                    if transport is None:
-                        break
-                ended = await self._run_transport(transport)
-                transport = None
-                if not self._may_resume(ended):
-                    self._settle(ended)
                     break
-                why = ended.reason or f"code {ended.code}"
-                self._report(
-                    ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
-                    level=logging.INFO,  # not an end: the next transport carries on
-                )
-            nursery.cancel_scope.cancel()
+            ended = await self._run_transport(transport)
+            transport = None
+            if not self._may_resume(ended):
+                self._settle(ended)
+                break
+            why = ended.reason or f"code {ended.code}"
+            self._report(
+                ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
+                level=logging.INFO,  # not an end: the next transport carries on
+            )
 
     async def _wait_for_transport(self) -> _Transport | None:
         """The next transport, or None if none will come (in time)."""
@@ -1069,7 +1100,7 @@ class OrchestratorConnection:
         limit = math.inf if self._reattach is None else self._reattach
         with trio.move_on_after(limit):
             try:
-                return await self._next_recv.receive()
+                return await self._next_channel()[1].receive()
             except trio.EndOfChannel:
                 return None
         if self._lost is None and not self._closed_locally:
@@ -1098,7 +1129,7 @@ class OrchestratorConnection:
             self._lost = ended
 
     async def _run_transport(self, transport: _Transport) -> ConnectionLost:
-        """Run reader, writer and pinger over one transport; return how it ended."""
+        """Run reader, writer and watchdog over one transport; return how it ended."""
         self._transport = transport
         self._socket = transport.socket
         self._transport_end = None
@@ -1111,13 +1142,14 @@ class OrchestratorConnection:
             self._state.transport_up(trio.current_time())
             self._publish_status()
             self._up.set()
-            with trio.CancelScope() as scope:
-                self._transport_scope = scope
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guarded, self._writer)
-                    nursery.start_soon(self._guarded, self._pinger)
-                    await self._guarded(self._reader)
-                    nursery.cancel_scope.cancel()
+            self._ping_in_flight = None  # one sent over an earlier transport is lost
+            # Its cancel scope is the transport's: _abort_transport cancels it.
+            async with trio.open_nursery() as nursery:
+                self._transport_nursery = nursery
+                nursery.start_soon(self._guarded, self._writer)
+                nursery.start_soon(self._guarded, self._watchdog)
+                await self._guarded(self._reader)
+                nursery.cancel_scope.cancel()
             ended = self._transport_end or self._socket_end(transport.socket)
             transport.resume = self._may_resume(ended)
             if self._transport_end is not None or transport.socket.closed is None:
@@ -1127,7 +1159,7 @@ class OrchestratorConnection:
                 self._publish_status()
             return ended
         finally:
-            self._transport_scope = None
+            self._transport_nursery = None
             self._transport = None
             await release_stream(transport.socket)
             transport.done.set()
@@ -1149,8 +1181,8 @@ class OrchestratorConnection:
         """End the current transport now (the connection may resume over another)."""
         if self._transport_end is None:
             self._transport_end = ended
-        if self._transport_scope is not None:
-            self._transport_scope.cancel()
+        if self._transport_nursery is not None:
+            self._transport_nursery.cancel_scope.cancel()
 
     def _resume(self, offer: ResumeOffer | None) -> None:
         """Set the session up for a new transport from the peer's ``offer``."""
@@ -1220,7 +1252,7 @@ class OrchestratorConnection:
             self._lost = lost
         self._closing = True
         self._queue.close()
-        self._next_send.close()
+        self._close_next()
         socket = self._socket
         if socket is not None and self._transport is not None:
             # The close frame first, so that the peer learns why.
@@ -1243,8 +1275,9 @@ class OrchestratorConnection:
         unsent = len(self._queue)
         unacknowledged = self.unacknowledged
         self._queue.close()
-        self._next_send.close()
-        self._next_recv.close()
+        self._close_next()
+        if self._next is not None:
+            self._next[1].close()
         self._inbound_send.close()
         for subscription in self._subscriptions:
             subscription.send_channel.close()
@@ -1516,7 +1549,8 @@ class OrchestratorConnection:
                 written = unnumbered = len(frames)
             if not frames and recv is not None and recv.ack_due:
                 frames.append(ack_frame(recv.announce()))
-            if not frames:
+            if not frames and (wire is None or not wire.output_pending):
+                # (Pending output: the watchdog's ping, written below with no frame.)
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
                 if recv is None or recv.consumed == recv.announced:
@@ -1548,14 +1582,16 @@ class OrchestratorConnection:
     async def _watchdog(self) -> None:
         state = self._state
         while True:
-            self._sleeping_until = state.next_deadline()
-            with trio.move_on_at(self._sleeping_until):
-                await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            actions = state.handle_timer(trio.current_time())
+            # _publish_status moves this deadline earlier when the next one is.
+            try:
+                with trio.CancelScope(deadline=state.next_deadline()) as self._watchdog_scope:
+                    await trio.sleep_forever()
+            finally:
+                self._watchdog_scope = None
+            now = trio.current_time()
+            actions = state.handle_timer(now)
             if actions.ping:
-                with contextlib.suppress(trio.WouldBlock):
-                    self._ping_requests.send_nowait(None)
+                self._ping(now)
                 self._queue_heartbeat()
             if actions.liveness_lost:
                 self._report(HeartbeatTimeout(self._id, self._heartbeat_timeout))
@@ -1591,18 +1627,51 @@ class OrchestratorConnection:
             # one pending heartbeat says as much as two.
             logger.debug("connection to %r: heartbeat still queued, next one skipped", self._id)
 
-    async def _pinger(self) -> None:
+    def _ping(self, now: float) -> None:
+        """Send a ping, unless one is still in flight (its pong measures ``latency``).
+
+        Over our own transport the ping goes in the socket's outbox: the writer
+        sends it with the next write (the heartbeat message queued next, or
+        alone: it is kicked), and the reader calls :meth:`_pong`. Over a
+        trio-websocket socket a short-lived task waits for the pong.
+        """
+        if self._ping_in_flight is not None:
+            return
         socket = self._socket
-        assert socket is not None
-        async for _ in self._ping_pending:
-            sent_at = trio.current_time()
+        nursery = self._transport_nursery
+        if socket is None or nursery is None:
+            return
+        payload = os.urandom(4)
+        self._ping_in_flight = payload
+        self._ping_sent_at = now
+        if isinstance(socket, WireConnection):
             try:
-                await socket.ping(os.urandom(4))
+                socket.ping_nowait(payload, functools.partial(self._pong, payload))
             except ConnectionClosed:
-                return
-            now = trio.current_time()
-            self._state.liveness(now, latency=now - sent_at)
-            self._publish_status()
+                return  # the reader sees the close and ends the transport
+            self._kick_writer()
+        else:
+            nursery.start_soon(self._guarded, self._ping_and_wait)
+
+    def _pong(self, payload: bytes) -> None:
+        """The pong of our ping ``payload`` came: a liveness signal, and the latency."""
+        if payload is not self._ping_in_flight:
+            return  # a ping of an earlier transport
+        self._ping_in_flight = None
+        now = trio.current_time()
+        self._state.liveness(now, latency=now - self._ping_sent_at)
+        self._publish_status()
+
+    async def _ping_and_wait(self) -> None:
+        socket = self._socket
+        payload = self._ping_in_flight
+        assert socket is not None
+        assert payload is not None
+        try:
+            await socket.ping(payload)
+        except ConnectionClosed:
+            return
+        self._pong(payload)
 
     # -- closing --------------------------------------------------------------------
 
@@ -1659,14 +1728,9 @@ class OrchestratorConnection:
             # Drain over the live transport, or over the next one a reconnecting
             # dialer brings; a listener's peer that is gone is not waited for.
             may_drain = self._transport is not None or self._reattach == math.inf
-            if (
-                drain
-                and may_drain
-                and self._nursery is not None
-                and (len(self._queue) or self.unacknowledged)
-            ):
+            if drain and may_drain and self._running and (len(self._queue) or self.unacknowledged):
                 await self._drained.wait()  # written (and acknowledged, in a session)
-            self._next_send.close()  # no transport will come any more
+            self._close_next()  # no transport will come any more
             socket = self._socket
             if socket is not None and self._transport is not None:
                 recv = self._recv_window
@@ -1681,7 +1745,7 @@ class OrchestratorConnection:
                 "connection to %r: close not completed (time bound or transport failure); aborting",
                 self._id,
             )
-        self._next_send.close()
+        self._close_next()
         # Shielded, and quick: the caller may be cancelled already, and a
         # Cancelled escaping here would leave the runner waiting for good.
         with trio.CancelScope(shield=True):

@@ -45,7 +45,7 @@ pings, pongs and closes.
 
 Buffers: the outbox holds at most what the tasks waiting for the lock put in
 it (one frame each, or one batch of :meth:`~WireConnection.send_messages`, which
-its caller bounds); the messages parsed from one receive wait in a deque, so
+its caller bounds); the messages parsed from one receive wait in a list, so
 at most what :data:`RECEIVE_BYTES` can hold. The parser keeps at most one
 partial frame, which may only be one it will deliver (at most
 ``max_message_size`` + 14 bytes with its header), plus one receive: a valid
@@ -59,13 +59,12 @@ closed with 1009 while it is still arriving, as trio-websocket does.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import trio
@@ -161,7 +160,11 @@ class WireConnection:
         # bytes of a character that the next one completes.
         self._max_text_frame = 4 * max_message_size + 3
         self.handshake_headers: Headers = list(handshake_headers)
-        self._messages: collections.deque[str | bytes] = collections.deque()
+        # Messages parsed and not read yet: a list read from ``_head`` on, and
+        # replaced by a new empty one once read (an idle connection holds no
+        # buffer: a deque would keep 760 bytes).
+        self._messages: list[str | bytes] = []
+        self._head = 0
         self._parts: list[str | bytes] = []
         self._size = 0
         self._outbox = bytearray()
@@ -170,7 +173,9 @@ class WireConnection:
         self._closed: CloseReason | None = None
         self._local_close = False  # we sent a close frame first (aclose, 1009)
         self._close_done = trio.Event()  # the peer's close frame came, or the stream ended
-        self._pings: dict[bytes, list[object]] = {}  # payload -> [event, answered]
+        # payload -> [event or callback, answered]: ping() waits for the event;
+        # ping_nowait() has the reader call the callback when the pong comes.
+        self._pings: dict[bytes, list[object]] = {}
         self._broken = False  # a send failed: the stream is unusable
         # The fast frame parser (see the module's documentation): received bytes
         # not parsed yet, starting at a frame boundary; how many it needs before
@@ -208,13 +213,18 @@ class WireConnection:
         """
         while True:
             if self._local_close:
-                self._messages.clear()
+                self._messages, self._head = [], 0
                 raise ConnectionClosed(self._closed)
-            if self._messages:
+            messages = self._messages
+            if messages:
                 # Cancellable without a scheduler pass: the read that filled the
                 # buffer was one, and a batch costs one pass instead of one each.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                return self._messages.popleft()
+                message = messages[self._head]
+                self._head += 1
+                if self._head == len(messages):
+                    self._messages, self._head = [], 0
+                return message
             if self._closed is not None:
                 raise ConnectionClosed(self._closed)
             if self._reading is not None:
@@ -426,9 +436,12 @@ class WireConnection:
             key, waiter = next(iter(self._pings.items()))
             del self._pings[key]
             waiter[1] = True
-            event = waiter[0]
-            assert isinstance(event, trio.Event)
-            event.set()
+            notify = waiter[0]
+            if isinstance(notify, trio.Event):
+                notify.set()
+            else:
+                assert callable(notify)
+                notify()
             if key == payload:
                 break
 
@@ -451,8 +464,8 @@ class WireConnection:
         pings, self._pings = self._pings, {}
         for waiter in pings.values():
             event = waiter[0]
-            assert isinstance(event, trio.Event)
-            event.set()
+            if isinstance(event, trio.Event):
+                event.set()  # the pongs that ping_nowait waits for just never come
 
     # -- sending ------------------------------------------------------------------------
 
@@ -570,12 +583,35 @@ class WireConnection:
         if not waiter[1]:
             raise ConnectionClosed(self._closed)
 
+    @property
+    def output_pending(self) -> bool:
+        """Whether frames wait in the outbox for the next write (see :meth:`ping_nowait`)."""
+        return bool(self._outbox) and not self._broken
+
+    def ping_nowait(self, payload: bytes, on_pong: Callable[[], None]) -> None:
+        """Put a ping in the outbox, to go out with the next write; no waiting.
+
+        The next :meth:`send_messages` (or any flush: a write in progress sends
+        it when it is done) carries it, in the same write as its messages. When
+        the pong comes, the reader calls ``on_pong`` (inline: it must not
+        block); if the WebSocket closes first, it is never called.
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed or closing.
+            ValueError: a ping with this payload is in flight already.
+        """
+        self._check_open()
+        if payload in self._pings:
+            raise ValueError(f"Payload value {payload!r} is already in flight.")
+        self._pings[payload] = [on_pong, False]
+        self._outbox += self._ws.send(Ping(payload=payload))
+
     # -- closing ------------------------------------------------------------------------
 
     def _start_close(self, code: int, reason: str | None) -> None:
         self._local_close = True
         self._closed = CloseReason(code, reason)
-        self._messages.clear()
+        self._messages, self._head = [], 0
         self._outbox += self._ws.send(CloseConnection(code=code, reason=reason))
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
