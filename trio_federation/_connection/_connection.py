@@ -61,6 +61,7 @@ from .._exceptions import (
 from .._wire._capabilities import unmet_requirement
 from .._wire._codec import MAX_FRAME_SIZE, decode_frame, encode_coordinator_frame, encode_message
 from .._wire._compat import release_stream
+from .._wire._flag import Flag
 from .._wire._frames import WireConnection
 from .._wire._messages import (
     Capability,
@@ -152,7 +153,7 @@ class _Transport:
 
     socket: _Socket
     offer: ResumeOffer | None
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: Flag = attrs.field(factory=Flag)
     resume: bool = False  # the connection waits for another transport
 
 
@@ -362,11 +363,11 @@ class OrchestratorConnection:
         self._closed_locally = False
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
         self._peer_closed: ConnectionLost | None = None  # normal end by the peer
-        self._drained = trio.Event()
+        self._drained = Flag()
         self._close_scope: trio.CancelScope | None = None
-        self._handed_over = trio.Event()
-        self._finished = trio.Event()
-        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._handed_over = Flag()
+        self._finished = Flag()
+        self._nursery_manager: contextlib.AbstractAsyncContextManager[trio.Nursery] | None = None
         # Transports: the current one, and a rendezvous for the next.
         self._socket: _Socket | None = socket
         self._transport: _Transport | None = None
@@ -383,7 +384,7 @@ class OrchestratorConnection:
         # (inf: its policy decides when to give up), or the listener within
         # resume_timeout. None: a lost transport ends the connection.
         self._reattach: float | None = None
-        self._up = trio.Event()  # the first transport is running
+        self._up = Flag()  # the first transport is running
         self._defer_handover = False
         # The resumable session, once negotiated.
         self._session_id: str | None = None
@@ -926,21 +927,23 @@ class OrchestratorConnection:
         if self._first is None and self._reattach is None:
             raise ValueError("this connection has no socket and no way to get one")
         self._entered = True
-        stack = contextlib.AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
+        # The nursery's manager is kept and exited by __aexit__ (an AsyncExitStack
+        # would hold a 760-byte deque for the life of the connection).
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
         try:
             # Not nursery.start: the runner is shielded from birth, and start()
             # could not cancel it if our caller were cancelled meanwhile.
-            ready = trio.Event()
+            ready = Flag()
             nursery.start_soon(self._run, ready)
             await ready.wait()
         except BaseException:
             self._closing = True  # the runner, if it has not run yet, ends at once
             if self._run_scope is not None:
                 self._run_scope.cancel()
-            await stack.aclose()
+            await manager.__aexit__(None, None, None)
             raise
-        self._exit_stack = stack
+        self._nursery_manager = manager
         # The reader routes nothing until the caller has the connection: code
         # that subscribes before its first checkpoint misses no message.
         if not self._defer_handover:
@@ -953,7 +956,7 @@ class OrchestratorConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._exit_stack is not None
+        assert self._nursery_manager is not None
         try:
             if exc is None:
                 await self.disconnect()
@@ -965,7 +968,7 @@ class OrchestratorConnection:
                 )
         finally:
             try:
-                await self._exit_stack.__aexit__(exc_type, exc, tb)
+                await self._nursery_manager.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
                 raise_single(group)
         return False
@@ -1061,7 +1064,7 @@ class OrchestratorConnection:
         with trio.CancelScope(shield=True):
             await transport.done.wait()
 
-    async def _run(self, ready: trio.Event) -> None:
+    async def _run(self, ready: Flag) -> None:
         # Shielded: cancelling the caller's scope ends the connection through
         # __aexit__ (a bounded close with 1001), which then cancels this scope.
         try:
@@ -1072,7 +1075,7 @@ class OrchestratorConnection:
         finally:
             self._finish()
 
-    async def _run_transports(self, ready: trio.Event) -> None:
+    async def _run_transports(self, ready: Flag) -> None:
         self._running = True
         ready.set()
         transport = self._first

@@ -13,6 +13,10 @@ T = TypeVar("T")
 __all__ = ["EventStream", "MessageStream", "OutboundQueue"]
 
 
+_NO_ITEMS: deque[Any] = deque(maxlen=0)
+"""The empty queue of every :class:`OutboundQueue` that holds nothing (never appended to)."""
+
+
 class OutboundQueue(Generic[T]):
     """A bounded FIFO with a readable snapshot, drained by one writer task.
 
@@ -26,7 +30,9 @@ class OutboundQueue(Generic[T]):
     def __init__(self, capacity: int, on_change: Callable[[], None] = lambda: None) -> None:
         self.capacity = capacity
         self._on_change = on_change
-        self._items: deque[tuple[T, bool]] = deque()  # (item, is the extra one)
+        # (item, is the extra one); the deque (760 bytes) is made on the first
+        # put and dropped once empty, so an idle connection holds none.
+        self._items: deque[tuple[T, bool]] = _NO_ITEMS
         self._extra = False
         self._closed = False
         self._not_full = trio.lowlevel.ParkingLot()
@@ -52,6 +58,8 @@ class OutboundQueue(Generic[T]):
             raise trio.ClosedResourceError("queue closed")
         if self._full():
             raise trio.WouldBlock
+        if self._items is _NO_ITEMS:
+            self._items = deque()
         self._items.append((item, False))
         self._on_change()
 
@@ -62,6 +70,8 @@ class OutboundQueue(Generic[T]):
         if self._extra:
             raise trio.WouldBlock
         self._extra = True
+        if self._items is _NO_ITEMS:
+            self._items = deque()
         self._items.append((item, True))
         self._on_change()
 
@@ -90,6 +100,8 @@ class OutboundQueue(Generic[T]):
     def pop(self) -> T:
         """Remove the oldest item (after it was written)."""
         item, extra = self._items.popleft()
+        if not self._items:
+            self._items = _NO_ITEMS
         if extra:
             self._extra = False
         self._not_full.unpark()

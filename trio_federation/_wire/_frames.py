@@ -59,6 +59,7 @@ closed with 1009 while it is still arriving, as trio-websocket does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -84,6 +85,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._flag import Flag
 
 __all__ = [
     "RECEIVE_BYTES",
@@ -125,6 +128,28 @@ def _mask(key: bytes, payload: bytes) -> bytes:
     return bytes(data)
 
 
+_NO_EVENTS: Final[collections.deque[Event]] = collections.deque(maxlen=0)
+
+
+def _release_handshake(ws: WSConnection) -> None:
+    """Drop what wsproto keeps of the upgrade once the WebSocket is open.
+
+    Its ``H11Handshake`` holds an h11 connection, the request and an empty
+    event deque (about 3 KiB) for the life of the connection, but once
+    ``ws.connection`` exists only its (empty) event queue is still read.
+    Degrades to doing nothing if wsproto's private attributes move.
+    """
+    handshake = getattr(ws, "handshake", None)
+    if ws.connection is None or handshake is None:
+        return
+    events = getattr(handshake, "_events", None)
+    if isinstance(events, collections.deque) and not events:
+        handshake._events = _NO_EVENTS
+    for name in ("_h11_connection", "_initiating_request"):
+        if hasattr(handshake, name):
+            setattr(handshake, name, None)
+
+
 class UpgradeFailed(Exception):
     """The peer closed the stream, or broke the protocol, during the upgrade."""
 
@@ -154,6 +179,7 @@ class WireConnection:
     ) -> None:
         self._stream = stream
         self._ws = ws
+        _release_handshake(ws)
         self._server = server
         self._max_message_size = max_message_size
         # UTF-8 takes at most 4 bytes a character, and a fragment may end with 3
@@ -169,10 +195,10 @@ class WireConnection:
         self._size = 0
         self._outbox = bytearray()
         self._write_lock = trio.StrictFIFOLock()
-        self._reading: trio.Event | None = None  # set when the current read ends
+        self._reading: Flag | None = None  # set when the current read ends
         self._closed: CloseReason | None = None
         self._local_close = False  # we sent a close frame first (aclose, 1009)
-        self._close_done = trio.Event()  # the peer's close frame came, or the stream ended
+        self._close_done = Flag()  # the peer's close frame came, or the stream ended
         # payload -> [event or callback, answered]: ping() waits for the event;
         # ping_nowait() has the reader call the callback when the pong comes.
         self._pings: dict[bytes, list[object]] = {}
@@ -234,7 +260,7 @@ class WireConnection:
 
     async def _read(self) -> None:
         """Receive once, handle every event it completes; the caller reads alone."""
-        done = self._reading = trio.Event()
+        done = self._reading = Flag()
         try:
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
