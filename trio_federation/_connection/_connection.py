@@ -285,6 +285,73 @@ class OrchestratorConnection:
             dead (see :ref:`backpressure-liveness`).
     """
 
+    # Slots: an instance dict of some sixty attributes is twice their size.
+    __slots__ = (
+        "__weakref__",
+        "_active_connections",
+        "_attaching",
+        "_bucket",
+        "_capabilities",
+        "_clock_origin",
+        "_close_scope",
+        "_closed_locally",
+        "_closing",
+        "_dead_timeout",
+        "_defer_handover",
+        "_disconnect_timeout",
+        "_drained",
+        "_entered",
+        "_epoch",
+        "_error_watchers",
+        "_extensions",
+        "_finished",
+        "_first",
+        "_first_offer",
+        "_frame_subscriptions",
+        "_frames_dropped",
+        "_handed_over",
+        "_heartbeat_timeout",
+        "_id",
+        "_inbound_recv",
+        "_inbound_send",
+        "_last_status",
+        "_local_id",
+        "_local_status",
+        "_lost",
+        "_max_message_size",
+        "_max_queue_size",
+        "_max_subscriptions",
+        "_max_violations",
+        "_next",
+        "_next_closed",
+        "_nursery_manager",
+        "_peer_closed",
+        "_ping_in_flight",
+        "_ping_sent_at",
+        "_queue",
+        "_reattach",
+        "_receive_buffer_size",
+        "_recv_window",
+        "_refusals",
+        "_run_scope",
+        "_running",
+        "_self_addressed",
+        "_send_window",
+        "_session_id",
+        "_socket",
+        "_state",
+        "_status_watchers",
+        "_subscriptions",
+        "_transport",
+        "_transport_end",
+        "_transport_nursery",
+        "_up",
+        "_violations",
+        "_wall_origin",
+        "_watchdog_scope",
+        "_writer_lot",
+    )
+
     def __init__(
         self,
         *,
@@ -1065,36 +1132,34 @@ class OrchestratorConnection:
             await transport.done.wait()
 
     async def _run(self, ready: Flag) -> None:
+        """The runner: one transport after another, until none comes or may come."""
         # Shielded: cancelling the caller's scope ends the connection through
         # __aexit__ (a bounded close with 1001), which then cancels this scope.
         try:
             with trio.CancelScope(shield=True) as self._run_scope:
                 if self._closing:  # the caller gave up before we ran
                     self._run_scope.cancel()
-                await self._run_transports(ready)
+                self._running = True
+                ready.set()
+                del ready  # not kept for the life of the connection
+                transport, self._first = self._first, None
+                while True:
+                    if transport is None:
+                        transport = await self._wait_for_transport()
+                        if transport is None:
+                            break
+                    ended = await self._run_transport(transport)
+                    transport = None
+                    if not self._may_resume(ended):
+                        self._settle(ended)
+                        break
+                    why = ended.reason or f"code {ended.code}"
+                    self._report(
+                        ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
+                        level=logging.INFO,  # not an end: the next transport carries on
+                    )
         finally:
             self._finish()
-
-    async def _run_transports(self, ready: Flag) -> None:
-        self._running = True
-        ready.set()
-        transport = self._first
-        self._first = None
-        while True:
-            if transport is None:
-                transport = await self._wait_for_transport()
-                if transport is None:
-                    break
-            ended = await self._run_transport(transport)
-            transport = None
-            if not self._may_resume(ended):
-                self._settle(ended)
-                break
-            why = ended.reason or f"code {ended.code}"
-            self._report(
-                ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
-                level=logging.INFO,  # not an end: the next transport carries on
-            )
 
     async def _wait_for_transport(self) -> _Transport | None:
         """The next transport, or None if none will come (in time)."""
