@@ -32,7 +32,10 @@ masks with a fresh ``os.urandom`` key), and the reader parses the frames at
 the start of what it received: a complete frame that is FIN, text or binary,
 without RSV bits, masked as our side expects, with a minimal length of at
 most ``max_message_size`` bytes, outside a fragmented message, and (text)
-valid UTF-8, is delivered here. Every other frame (ping, pong, close,
+valid UTF-8, is delivered here; so is a ping (answered with its pong) or
+a pong that is complete, masked as our side expects and outside a fragmented
+message (the bytes wsproto would have seen, with the same result: the
+heartbeat's frames cost no pass through it). Every other frame (close,
 fragments from the first to the last with whatever comes between them, bad
 frames) is handed to wsproto as exactly its own bytes, as they arrive, so
 wsproto stays at a frame boundary and behaves as it always did: pongs, the
@@ -341,6 +344,22 @@ class WireConnection:
             if masked:
                 start += 4  # the key: awaited below only for a frame we parse
             stop = start + length
+            if (first == 0x89 or first == 0x8A) and masked is server and not self._fragmented:
+                # A ping or a pong (FIN, no RSV bit, at most 125 bytes: checked
+                # above), handled here as wsproto would: a heartbeat costs no
+                # pass through wsproto's parser.
+                if stop > end:
+                    self._wanted = stop - pos
+                    break
+                payload = data[start:stop]
+                if masked:
+                    payload = _mask(data[start - 4 : start], payload)
+                pos = stop
+                if first == 0x89:
+                    self._outbox += self._control_frame(0x8A, payload)  # the pong
+                else:
+                    self._on_pong(payload)
+                continue
             # FIN, no RSV bit, text or binary, the mask bit our side expects.
             valid = (first == 0x81 or first == 0x82) and masked is server and minimal
             if valid and not self._fragmented and length <= max_size:
@@ -559,6 +578,13 @@ class WireConnection:
         key = os.urandom(4)  # a fresh unpredictable key per frame, as wsproto
         return header + key + _mask(key, payload)
 
+    def _control_frame(self, first: int, payload: bytes) -> bytes:
+        """A ping (0x89) or pong (0x8A) frame of ``payload`` (at most 125 bytes)."""
+        if self._server:
+            return bytes((first, len(payload))) + payload
+        key = os.urandom(4)
+        return bytes((first, 0x80 | len(payload))) + key + _mask(key, payload)
+
     async def send_message(self, message: str | bytes) -> None:
         """Send one message (as one frame).
 
@@ -629,8 +655,10 @@ class WireConnection:
         self._check_open()
         if payload in self._pings:
             raise ValueError(f"Payload value {payload!r} is already in flight.")
+        if len(payload) > 125:
+            raise ValueError("a ping's payload is at most 125 bytes")
         self._pings[payload] = [on_pong, False]
-        self._outbox += self._ws.send(Ping(payload=payload))
+        self._outbox += self._control_frame(0x89, payload)
 
     # -- closing ------------------------------------------------------------------------
 
