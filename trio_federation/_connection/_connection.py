@@ -1653,7 +1653,8 @@ class OrchestratorConnection:
             # _publish_status moves this deadline earlier when the next one is.
             try:
                 with trio.CancelScope(deadline=state.next_deadline()) as self._watchdog_scope:
-                    await trio.sleep_forever()
+                    # trio.sleep_forever(), without its coroutine and closure.
+                    await trio.lowlevel.wait_task_rescheduled(_abort_sleep)
             finally:
                 self._watchdog_scope = None
             now = trio.current_time()
@@ -1844,6 +1845,10 @@ def _detach(error: BaseException) -> None:
     while seen is not None:
         seen.__traceback__ = None
         seen = seen.__cause__ or seen.__context__
+
+
+def _abort_sleep(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.SUCCEEDED
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> None:

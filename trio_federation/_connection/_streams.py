@@ -35,7 +35,7 @@ class OutboundQueue(Generic[T]):
         self._items: deque[tuple[T, bool]] = _NO_ITEMS
         self._extra = False
         self._closed = False
-        self._not_full = trio.lowlevel.ParkingLot()
+        self._not_full: trio.lowlevel.ParkingLot | None = None  # made when a put() waits
 
     def __len__(self) -> int:
         return len(self._items)
@@ -83,6 +83,8 @@ class OutboundQueue(Generic[T]):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         while self._full() and not self._closed:
+            if self._not_full is None:
+                self._not_full = trio.lowlevel.ParkingLot()
             await self._not_full.park()
         self.put_nowait(item)
 
@@ -104,13 +106,15 @@ class OutboundQueue(Generic[T]):
             self._items = _NO_ITEMS
         if extra:
             self._extra = False
-        self._not_full.unpark()
+        if self._not_full is not None:
+            self._not_full.unpark()
         return item
 
     def close(self) -> None:
         """Refuse new items; the writer drains what is left, then gets EndOfChannel."""
         self._closed = True
-        self._not_full.unpark_all()
+        if self._not_full is not None:
+            self._not_full.unpark_all()
         self._on_change()
 
 

@@ -167,7 +167,9 @@ class WireConnection:
 
     Attributes:
         handshake_headers: the headers of the peer's upgrade answer (client
-            side) or request (server side).
+            side); empty on the server side, where the request's headers
+            were read from :attr:`WireRequest.headers` and are not kept for
+            the life of the connection.
     """
 
     def __init__(
@@ -797,7 +799,8 @@ class WireRequest:
     """A client's upgrade request, read by :func:`read_request`: accept or reject it.
 
     Attributes:
-        headers: the request's headers (names in lower case).
+        headers: the request's headers (names in lower case); emptied by
+            :meth:`accept`.
         path: the request target (path and query).
         remote: the client's address, for the log.
     """
@@ -840,9 +843,12 @@ class WireRequest:
             self._ws,
             max_message_size=self._max_message_size,
             server=True,
-            handshake_headers=self.headers,
+            handshake_headers=(),
             received=self._received,
         )
+        # Read by now; the listener's frames hold the request for the life of
+        # the connection, the headers (about 1.5 KiB) need not stay with it.
+        self.headers, self._received = [], b""
         connection._on_data(b"")  # frames that came with the request
         await connection._flush_quietly()
         return connection
