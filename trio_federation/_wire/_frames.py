@@ -639,8 +639,17 @@ class WireConnection:
 
     @property
     def output_pending(self) -> bool:
-        """Whether frames wait in the outbox for the next write (see :meth:`ping_nowait`)."""
-        return bool(self._outbox) and not self._broken
+        """Whether frames wait in the outbox for the next write (see :meth:`ping_nowait`).
+
+        False once the WebSocket is closed or closing: the close handshake
+        sends what is left.
+        """
+        return (
+            bool(self._outbox)
+            and not self._broken
+            and self._closed is None
+            and not self._local_close
+        )
 
     def ping_nowait(self, payload: bytes, on_pong: Callable[[], None]) -> None:
         """Put a ping in the outbox, to go out with the next write; no waiting.
