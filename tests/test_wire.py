@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import AsyncIterator
 
@@ -138,6 +139,67 @@ async def test_ping_waits_for_its_pong(pair: tuple[WireConnection, WireConnectio
             await client.ping(b"1234")
             await client.ping(b"5678")
         nursery.cancel_scope.cancel()
+
+
+async def test_ping_nowait_rides_with_the_next_write_and_calls_back_on_its_pong(
+    pair: tuple[WireConnection, WireConnection],
+) -> None:
+    client, server = pair
+    for ours, theirs in ((client, server), (server, client)):  # masked and not
+        ponged: list[bytes] = []
+        ours.ping_nowait(b"beat", functools.partial(ponged.append, b"beat"))
+        assert ours.output_pending
+        with pytest.raises(ValueError, match="already in flight"):
+            ours.ping_nowait(b"beat", lambda: None)
+        await ours.send_messages(["hello"])  # one write: the ping, then the message
+        assert not ours.output_pending
+        with trio.fail_after(5):
+            assert await theirs.get_message() == "hello"  # and its reader pongs
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ours.get_message)  # the pong is read here
+                while not ponged:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert ponged == [b"beat"]
+        assert not ours._pings
+
+
+async def test_ping_nowait_refuses_a_closed_socket_or_a_long_payload(
+    pair: tuple[WireConnection, WireConnection],
+) -> None:
+    client, _ = pair
+    with pytest.raises(ValueError, match="125"):
+        client.ping_nowait(bytes(126), lambda: None)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await client.aclose()
+    with pytest.raises(ConnectionClosed):
+        client.ping_nowait(b"late", lambda: None)
+
+
+async def test_pings_cut_anywhere_are_answered_and_pongs_seen() -> None:
+    client, stream, ws = await _raw_server()
+    ponged: list[int] = []
+    client.ping_nowait(b"ours", lambda: ponged.append(1))
+    await client.send_messages([])  # an empty batch flushes the ping alone
+    events = await _events(stream, ws)
+    assert [e.payload for e in events if isinstance(e, Ping)] == [b"ours"]
+    data = ws.send(Ping(payload=b"p1")) + ws.send(Pong(payload=b"ours"))
+    data += ws.send(TextMessage(data="after"))
+    for byte in data:  # one byte at a time: every frame arrives cut
+        await stream.send_all(bytes([byte]))
+    with trio.fail_after(5):
+        assert await client.get_message() == "after"
+    assert ponged == [1]
+    events = await _events(stream, ws)
+    assert [e.payload for e in events if isinstance(e, Pong)] == [b"p1"]
+    await _abort(client, stream)
+
+
+async def test_an_unmasked_ping_to_a_server_is_still_1002() -> None:
+    server, stream, ws = await _raw_client()
+    await stream.send_all(b"\x89\x02hi")
+    await _closed_with(server, stream, ws, 1002)
 
 
 async def test_a_pong_comes_only_to_a_reader(

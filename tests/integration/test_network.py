@@ -446,3 +446,53 @@ async def test_local_id_must_be_a_string() -> None:
             capabilities=[],
         ):
             pass  # pragma: no cover
+
+
+def _descendants(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    found = []
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            found += [child, *_descendants(child)]
+    return found
+
+
+async def test_an_idle_connection_is_three_tasks_that_ping_and_measure_latency(
+    nursery: trio.Nursery,
+) -> None:
+    """The runner (the reader), the writer and the watchdog: no pinger task.
+
+    The ping leaves with the heartbeat message in one write, and the reader
+    hands the pong back, so the latency is measured on both ends.
+    """
+    accepted: list[OrchestratorConnection] = []
+    beats: list[FederationMessage] = []
+
+    async def handler(conn: OrchestratorConnection) -> None:
+        accepted.append(conn)
+        with conn.subscribe("heartbeat") as heartbeats:
+            async for beat in heartbeats:
+                beats.append(beat)
+
+    listener = await start_listener(nursery, handler, heartbeat_timeout=0.2)
+    with trio.fail_after(10):
+        async with open_orchestrator_connection(
+            f"ws://127.0.0.1:{listener.port}/federation",
+            local_id="orch-a",
+            capabilities=[],
+            heartbeat_timeout=0.2,
+        ) as conn:
+            await wait_for(lambda: bool(accepted) and len(beats) >= 2)
+            await wait_for(lambda: conn.get_status().latency is not None)
+            await wait_for(lambda: accepted[0].get_status().latency is not None)
+            assert conn.is_healthy() and accepted[0].is_healthy()
+            root = trio.lowlevel.current_root_task()
+            assert root is not None
+            for end in (conn, accepted[0]):
+                tasks = [
+                    task
+                    for task in _descendants(root)
+                    if task.coro.cr_frame is not None
+                    and task.coro.cr_frame.f_locals.get("self") is end
+                ]
+                names = sorted(task.name.rsplit(".", 1)[-1] for task in tasks)
+                assert names == ["_guarded", "_guarded", "_run"], names

@@ -2,14 +2,23 @@
 
 Task tree of an open connection (all inside ``async with conn``)::
 
-    runner                      one task in the caller's nursery
-    └── nursery                 lives as long as the connection
-        ├── watchdog            sleeps until ConnectionState.next_deadline()
-        └── (runner's body)     one transport after another:
-            └── transport nursery   lives as long as one WebSocket
-                ├── reader      the only caller of socket.get_message()
-                ├── writer      the only caller of socket.send_message()
-                └── pinger      socket.ping(), one in flight at most
+    runner                      one task in the caller's nursery; its body
+    │                           runs one transport after another:
+    └── transport nursery       lives as long as one WebSocket
+        ├── reader              the runner itself: the only caller of
+        │                       socket.get_message()
+        ├── writer              the only caller of socket.send_message()
+        └── watchdog            sleeps until ConnectionState.next_deadline();
+                                pings, and queues our heartbeat message
+
+Three tasks per connection (and the caller's own): the watchdog has nothing
+to do between transports (no deadline while the link is down), so it lives in
+the transport's nursery, and it is the pinger too. On our own transport
+(``WireConnection``) its ping is put in the socket's outbox, and goes out with
+the heartbeat message it queues, in the writer's next write; the reader hands
+the pong back (``on_pong``), so no task waits for it. On a trio-websocket
+socket, whose ``ping()`` waits for the pong, a short-lived task in the
+transport nursery sends each ping (one in flight at most).
 
 A connection made by a reconnecting dialer, or a listener's connection to a
 peer that negotiated a resumable session, outlives its transports: when one
@@ -25,6 +34,7 @@ errors stream), so the boundary raises one plain exception.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -51,6 +61,7 @@ from .._exceptions import (
 from .._wire._capabilities import unmet_requirement
 from .._wire._codec import MAX_FRAME_SIZE, decode_frame, encode_coordinator_frame, encode_message
 from .._wire._compat import release_stream
+from .._wire._flag import Flag
 from .._wire._frames import WireConnection
 from .._wire._messages import (
     Capability,
@@ -147,7 +158,7 @@ class _Transport:
 
     socket: _Socket
     offer: ResumeOffer | None
-    done: trio.Event = attrs.field(factory=trio.Event)
+    done: Flag = attrs.field(factory=Flag)
     resume: bool = False  # the connection waits for another transport
 
 
@@ -279,6 +290,74 @@ class OrchestratorConnection:
             dead (see :ref:`backpressure-liveness`).
     """
 
+    # Slots: an instance dict of some sixty attributes is twice their size.
+    __slots__ = (
+        "__weakref__",
+        "_ack_due_at",
+        "_active_connections",
+        "_attaching",
+        "_bucket",
+        "_capabilities",
+        "_clock_origin",
+        "_close_scope",
+        "_closed_locally",
+        "_closing",
+        "_dead_timeout",
+        "_defer_handover",
+        "_disconnect_timeout",
+        "_drained",
+        "_entered",
+        "_epoch",
+        "_error_watchers",
+        "_extensions",
+        "_finished",
+        "_first",
+        "_first_offer",
+        "_frame_subscriptions",
+        "_frames_dropped",
+        "_handed_over",
+        "_heartbeat_timeout",
+        "_id",
+        "_inbound_recv",
+        "_inbound_send",
+        "_last_status",
+        "_local_id",
+        "_local_status",
+        "_lost",
+        "_max_message_size",
+        "_max_queue_size",
+        "_max_subscriptions",
+        "_max_violations",
+        "_next",
+        "_next_closed",
+        "_nursery_manager",
+        "_peer_closed",
+        "_ping_in_flight",
+        "_ping_sent_at",
+        "_queue",
+        "_reattach",
+        "_receive_buffer_size",
+        "_recv_window",
+        "_refusals",
+        "_run_scope",
+        "_running",
+        "_self_addressed",
+        "_send_window",
+        "_session_id",
+        "_socket",
+        "_state",
+        "_status_watchers",
+        "_subscriptions",
+        "_transport",
+        "_transport_end",
+        "_transport_nursery",
+        "_up",
+        "_violations",
+        "_wall_origin",
+        "_watchdog_scope",
+        "_writer_lot",
+    )
+
     def __init__(
         self,
         *,
@@ -344,35 +423,40 @@ class OrchestratorConnection:
         self._wall_origin = datetime.now(UTC)
         self._clock_origin = trio.current_time()
         self._entered = False
-        self._nursery: trio.Nursery | None = None
+        self._running = False  # the runner has started
         self._run_scope: trio.CancelScope | None = None
-        self._wakeup = trio.Event()
-        self._sleeping_until = math.inf
-        self._ping_requests, self._ping_pending = trio.open_memory_channel[None](1)
+        # The watchdog's sleep: moving its deadline earlier wakes it up.
+        self._watchdog_scope: trio.CancelScope | None = None
+        self._ping_in_flight: bytes | None = None  # its payload
+        self._ping_sent_at = 0.0
         self._writer_lot = trio.lowlevel.ParkingLot()
-        self._watchdog_sleep: trio.CancelScope | None = None  # while the watchdog sleeps
         self._ack_due_at: float | None = None  # when a pending ack must go out
         self._closing = False
         self._closed_locally = False
         self._lost: ConnectionLost | None = None  # abnormal end: raised by async for
         self._peer_closed: ConnectionLost | None = None  # normal end by the peer
-        self._drained = trio.Event()
+        self._drained = Flag()
         self._close_scope: trio.CancelScope | None = None
-        self._handed_over = trio.Event()
-        self._finished = trio.Event()
-        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._handed_over = Flag()
+        self._finished = Flag()
+        self._nursery_manager: contextlib.AbstractAsyncContextManager[trio.Nursery] | None = None
         # Transports: the current one, and a rendezvous for the next.
         self._socket: _Socket | None = socket
         self._transport: _Transport | None = None
         self._first: _Transport | None = None if socket is None else _Transport(socket, None)
-        self._next_send, self._next_recv = trio.open_memory_channel[_Transport](0)
-        self._transport_scope: trio.CancelScope | None = None
+        # The rendezvous, made on first use (only a connection that can resume
+        # needs one): see _next_channel().
+        self._next: (
+            tuple[trio.MemorySendChannel[_Transport], trio.MemoryReceiveChannel[_Transport]] | None
+        ) = None
+        self._next_closed = False
+        self._transport_nursery: trio.Nursery | None = None
         self._transport_end: ConnectionLost | None = None
         # Who brings the next transport after a loss: a reconnecting dialer
         # (inf: its policy decides when to give up), or the listener within
         # resume_timeout. None: a lost transport ends the connection.
         self._reattach: float | None = None
-        self._up = trio.Event()  # the first transport is running
+        self._up = Flag()  # the first transport is running
         self._defer_handover = False
         # The resumable session, once negotiated.
         self._session_id: str | None = None
@@ -680,7 +764,7 @@ class OrchestratorConnection:
     def _schedule_ack(self, now: float) -> None:
         """An ack is pending from ``now``: have the watchdog kick the writer when it is due."""
         self._ack_due_at = due = now + ACK_DELAY
-        sleep = self._watchdog_sleep
+        sleep = self._watchdog_scope
         if sleep is not None and due < sleep.deadline:
             sleep.deadline = due  # moves its timer; wakes no one
 
@@ -928,9 +1012,11 @@ class OrchestratorConnection:
         self._last_status = status
         for watcher in self._status_watchers:
             watcher._push(status)
-        deadline = self._state.next_deadline()
-        if deadline < self._sleeping_until:
-            self._wakeup.set()
+        scope = self._watchdog_scope
+        if scope is not None:
+            deadline = self._state.next_deadline()
+            if deadline < scope.deadline:
+                scope.deadline = deadline  # wake the watchdog sooner
 
     def _report(self, error: FederationError, level: int = logging.WARNING) -> None:
         _detach(error)
@@ -947,21 +1033,23 @@ class OrchestratorConnection:
         if self._first is None and self._reattach is None:
             raise ValueError("this connection has no socket and no way to get one")
         self._entered = True
-        stack = contextlib.AsyncExitStack()
-        nursery = await stack.enter_async_context(trio.open_nursery())
+        # The nursery's manager is kept and exited by __aexit__ (an AsyncExitStack
+        # would hold a 760-byte deque for the life of the connection).
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
         try:
             # Not nursery.start: the runner is shielded from birth, and start()
             # could not cancel it if our caller were cancelled meanwhile.
-            ready = trio.Event()
+            ready = Flag()
             nursery.start_soon(self._run, ready)
             await ready.wait()
         except BaseException:
             self._closing = True  # the runner, if it has not run yet, ends at once
             if self._run_scope is not None:
                 self._run_scope.cancel()
-            await stack.aclose()
+            await manager.__aexit__(None, None, None)
             raise
-        self._exit_stack = stack
+        self._nursery_manager = manager
         # The reader routes nothing until the caller has the connection: code
         # that subscribes before its first checkpoint misses no message.
         if not self._defer_handover:
@@ -974,7 +1062,7 @@ class OrchestratorConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._exit_stack is not None
+        assert self._nursery_manager is not None
         try:
             if exc is None:
                 await self.disconnect()
@@ -986,7 +1074,7 @@ class OrchestratorConnection:
                 )
         finally:
             try:
-                await self._exit_stack.__aexit__(exc_type, exc, tb)
+                await self._nursery_manager.__aexit__(exc_type, exc, tb)
             except BaseExceptionGroup as group:
                 raise_single(group)
         return False
@@ -1032,7 +1120,7 @@ class OrchestratorConnection:
         """
         transport = _Transport(socket, offer)
         try:
-            await self._next_send.send(transport)
+            await self._next_channel()[0].send(transport)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         # Shielded: the transport's end is bounded by the connection's own
@@ -1055,7 +1143,23 @@ class OrchestratorConnection:
         """No transport will come any more: end the connection as ``lost``."""
         if self._lost is None and not self._closed_locally:
             self._lost = lost
-        self._next_send.close()
+        self._close_next()
+
+    def _next_channel(
+        self,
+    ) -> tuple[trio.MemorySendChannel[_Transport], trio.MemoryReceiveChannel[_Transport]]:
+        """The rendezvous where the next transport is handed over (made on first use)."""
+        if self._next is None:
+            self._next = trio.open_memory_channel[_Transport](0)
+            if self._next_closed:
+                self._next[0].close()
+        return self._next
+
+    def _close_next(self) -> None:
+        """No transport will come any more."""
+        self._next_closed = True
+        if self._next is not None:
+            self._next[0].close()
 
     async def _detach(self) -> None:
         """End the current transport now (its peer is back on another one)."""
@@ -1066,40 +1170,35 @@ class OrchestratorConnection:
         with trio.CancelScope(shield=True):
             await transport.done.wait()
 
-    async def _run(self, ready: trio.Event) -> None:
+    async def _run(self, ready: Flag) -> None:
+        """The runner: one transport after another, until none comes or may come."""
         # Shielded: cancelling the caller's scope ends the connection through
         # __aexit__ (a bounded close with 1001), which then cancels this scope.
         try:
             with trio.CancelScope(shield=True) as self._run_scope:
                 if self._closing:  # the caller gave up before we ran
                     self._run_scope.cancel()
-                await self._run_transports(ready)
+                self._running = True
+                ready.set()
+                del ready  # not kept for the life of the connection
+                transport, self._first = self._first, None
+                while True:
+                    if transport is None:
+                        transport = await self._wait_for_transport()
+                        if transport is None:
+                            break
+                    ended = await self._run_transport(transport)
+                    transport = None
+                    if not self._may_resume(ended):
+                        self._settle(ended)
+                        break
+                    why = ended.reason or f"code {ended.code}"
+                    self._report(
+                        ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
+                        level=logging.INFO,  # not an end: the next transport carries on
+                    )
         finally:
             self._finish()
-
-    async def _run_transports(self, ready: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._guarded, self._watchdog)
-            ready.set()
-            transport = self._first
-            self._first = None
-            while True:
-                if transport is None:
-                    transport = await self._wait_for_transport()
-                    if transport is None:
-                        break
-                ended = await self._run_transport(transport)
-                transport = None
-                if not self._may_resume(ended):
-                    self._settle(ended)
-                    break
-                why = ended.reason or f"code {ended.code}"
-                self._report(
-                    ConnectionLost(ended.code, f"link lost ({why}); waiting to resume"),
-                    level=logging.INFO,  # not an end: the next transport carries on
-                )
-            nursery.cancel_scope.cancel()
 
     async def _wait_for_transport(self) -> _Transport | None:
         """The next transport, or None if none will come (in time)."""
@@ -1108,7 +1207,7 @@ class OrchestratorConnection:
         limit = math.inf if self._reattach is None else self._reattach
         with trio.move_on_after(limit):
             try:
-                return await self._next_recv.receive()
+                return await self._next_channel()[1].receive()
             except trio.EndOfChannel:
                 return None
         if self._lost is None and not self._closed_locally:
@@ -1137,7 +1236,7 @@ class OrchestratorConnection:
             self._lost = ended
 
     async def _run_transport(self, transport: _Transport) -> ConnectionLost:
-        """Run reader, writer and pinger over one transport; return how it ended."""
+        """Run reader, writer and watchdog over one transport; return how it ended."""
         self._transport = transport
         self._socket = transport.socket
         self._transport_end = None
@@ -1150,13 +1249,14 @@ class OrchestratorConnection:
             self._state.transport_up(trio.current_time())
             self._publish_status()
             self._up.set()
-            with trio.CancelScope() as scope:
-                self._transport_scope = scope
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._guarded, self._writer)
-                    nursery.start_soon(self._guarded, self._pinger)
-                    await self._guarded(self._reader)
-                    nursery.cancel_scope.cancel()
+            self._ping_in_flight = None  # one sent over an earlier transport is lost
+            # Its cancel scope is the transport's: _abort_transport cancels it.
+            async with trio.open_nursery() as nursery:
+                self._transport_nursery = nursery
+                nursery.start_soon(self._guarded, self._writer)
+                nursery.start_soon(self._guarded, self._watchdog)
+                await self._guarded(self._reader)
+                nursery.cancel_scope.cancel()
             ended = self._transport_end or self._socket_end(transport.socket)
             transport.resume = self._may_resume(ended)
             if self._transport_end is not None or transport.socket.closed is None:
@@ -1166,7 +1266,7 @@ class OrchestratorConnection:
                 self._publish_status()
             return ended
         finally:
-            self._transport_scope = None
+            self._transport_nursery = None
             self._transport = None
             await release_stream(transport.socket)
             transport.done.set()
@@ -1188,8 +1288,8 @@ class OrchestratorConnection:
         """End the current transport now (the connection may resume over another)."""
         if self._transport_end is None:
             self._transport_end = ended
-        if self._transport_scope is not None:
-            self._transport_scope.cancel()
+        if self._transport_nursery is not None:
+            self._transport_nursery.cancel_scope.cancel()
 
     def _resume(self, offer: ResumeOffer | None) -> None:
         """Set the session up for a new transport from the peer's ``offer``."""
@@ -1259,7 +1359,7 @@ class OrchestratorConnection:
             self._lost = lost
         self._closing = True
         self._queue.close()
-        self._next_send.close()
+        self._close_next()
         socket = self._socket
         if socket is not None and self._transport is not None:
             # The close frame first, so that the peer learns why.
@@ -1282,8 +1382,9 @@ class OrchestratorConnection:
         unsent = len(self._queue)
         unacknowledged = self.unacknowledged
         self._queue.close()
-        self._next_send.close()
-        self._next_recv.close()
+        self._close_next()
+        if self._next is not None:
+            self._next[1].close()
         self._inbound_send.close()
         for subscription in self._subscriptions:
             subscription.send_channel.close()
@@ -1642,7 +1743,8 @@ class OrchestratorConnection:
                     self._schedule_ack(now)
                 elif now >= self._ack_due_at:
                     frames.append(ack_frame(recv.announce()))
-            if not frames:
+            if not frames and (wire is None or not wire.output_pending):
+                # (Pending output: the watchdog's ping, written below with no frame.)
                 if queue.closed and not len(queue) and (send is None or not len(send)):
                     self._drained.set()
                 await self._writer_lot.park()
@@ -1671,27 +1773,25 @@ class OrchestratorConnection:
         state = self._state
         kicked = -math.inf  # the ack deadline the writer was last woken for
         while True:
-            self._sleeping_until = state.next_deadline()
+            # _publish_status moves this deadline earlier when the next one is,
+            # and _schedule_ack when an acknowledgement falls due sooner.
+            deadline = state.next_deadline()
             ack_due = self._ack_due_at
-            if ack_due is not None and ack_due <= kicked:
-                ack_due = None  # the writer was told: it sends the ack when it can
-            with trio.move_on_at(
-                self._sleeping_until if ack_due is None else min(ack_due, self._sleeping_until)
-            ) as sleep:
-                self._watchdog_sleep = sleep
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    self._watchdog_sleep = None
-            self._wakeup = trio.Event()
+            if ack_due is not None and kicked < ack_due < deadline:
+                deadline = ack_due  # (one the writer was told of is its own now)
+            try:
+                with trio.CancelScope(deadline=deadline) as self._watchdog_scope:
+                    # trio.sleep_forever(), without its coroutine and closure.
+                    await trio.lowlevel.wait_task_rescheduled(_abort_sleep)
+            finally:
+                self._watchdog_scope = None
             now = trio.current_time()
             if self._ack_due_at is not None and kicked < self._ack_due_at <= now:
                 kicked = self._ack_due_at
                 self._kick_writer()  # it writes the pending ack
             actions = state.handle_timer(now)
             if actions.ping:
-                with contextlib.suppress(trio.WouldBlock):
-                    self._ping_requests.send_nowait(None)
+                self._ping(now)
                 self._queue_heartbeat()
             if actions.liveness_lost:
                 self._report(HeartbeatTimeout(self._id, self._heartbeat_timeout))
@@ -1727,18 +1827,51 @@ class OrchestratorConnection:
             # one pending heartbeat says as much as two.
             logger.debug("connection to %r: heartbeat still queued, next one skipped", self._id)
 
-    async def _pinger(self) -> None:
+    def _ping(self, now: float) -> None:
+        """Send a ping, unless one is still in flight (its pong measures ``latency``).
+
+        Over our own transport the ping goes in the socket's outbox: the writer
+        sends it with the next write (the heartbeat message queued next, or
+        alone: it is kicked), and the reader calls :meth:`_pong`. Over a
+        trio-websocket socket a short-lived task waits for the pong.
+        """
+        if self._ping_in_flight is not None:
+            return
         socket = self._socket
-        assert socket is not None
-        async for _ in self._ping_pending:
-            sent_at = trio.current_time()
+        nursery = self._transport_nursery
+        if socket is None or nursery is None:
+            return
+        payload = os.urandom(4)
+        self._ping_in_flight = payload
+        self._ping_sent_at = now
+        if isinstance(socket, WireConnection):
             try:
-                await socket.ping(os.urandom(4))
+                socket.ping_nowait(payload, functools.partial(self._pong, payload))
             except ConnectionClosed:
-                return
-            now = trio.current_time()
-            self._state.liveness(now, latency=now - sent_at)
-            self._publish_status()
+                return  # the reader sees the close and ends the transport
+            self._kick_writer()
+        else:
+            nursery.start_soon(self._guarded, self._ping_and_wait)
+
+    def _pong(self, payload: bytes) -> None:
+        """The pong of our ping ``payload`` came: a liveness signal, and the latency."""
+        if payload is not self._ping_in_flight:
+            return  # a ping of an earlier transport
+        self._ping_in_flight = None
+        now = trio.current_time()
+        self._state.liveness(now, latency=now - self._ping_sent_at)
+        self._publish_status()
+
+    async def _ping_and_wait(self) -> None:
+        socket = self._socket
+        payload = self._ping_in_flight
+        assert socket is not None
+        assert payload is not None
+        try:
+            await socket.ping(payload)
+        except ConnectionClosed:
+            return
+        self._pong(payload)
 
     # -- closing --------------------------------------------------------------------
 
@@ -1795,14 +1928,9 @@ class OrchestratorConnection:
             # Drain over the live transport, or over the next one a reconnecting
             # dialer brings; a listener's peer that is gone is not waited for.
             may_drain = self._transport is not None or self._reattach == math.inf
-            if (
-                drain
-                and may_drain
-                and self._nursery is not None
-                and (len(self._queue) or self.unacknowledged)
-            ):
+            if drain and may_drain and self._running and (len(self._queue) or self.unacknowledged):
                 await self._drained.wait()  # written (and acknowledged, in a session)
-            self._next_send.close()  # no transport will come any more
+            self._close_next()  # no transport will come any more
             socket = self._socket
             if socket is not None and self._transport is not None:
                 recv = self._recv_window
@@ -1817,7 +1945,7 @@ class OrchestratorConnection:
                 "connection to %r: close not completed (time bound or transport failure); aborting",
                 self._id,
             )
-        self._next_send.close()
+        self._close_next()
         # Shielded, and quick: the caller may be cancelled already, and a
         # Cancelled escaping here would leave the runner waiting for good.
         with trio.CancelScope(shield=True):
@@ -1848,6 +1976,10 @@ def _detach(error: BaseException) -> None:
     while seen is not None:
         seen.__traceback__ = None
         seen = seen.__cause__ or seen.__context__
+
+
+def _abort_sleep(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.SUCCEEDED
 
 
 def raise_single(group: BaseExceptionGroup[BaseException]) -> None:

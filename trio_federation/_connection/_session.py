@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Iterator
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import orjson
@@ -264,6 +264,14 @@ def split_frame(data: str) -> tuple[int | None, int | None]:
     return None, None
 
 
+_EMPTY: deque[Any] = deque(maxlen=0)
+"""The buffer of every window that holds nothing, never appended to.
+
+A deque is 760 bytes even when empty, and an idle session has three: each
+is made when the first item comes and dropped once empty again.
+"""
+
+
 @attrs.define
 class SendWindow(Generic[T]):
     """Our outgoing direction: numbering, the window and the replay buffer.
@@ -275,8 +283,8 @@ class SendWindow(Generic[T]):
     window: int
     last_seq: int = 0
     acked: int = 0
-    _unacked: deque[tuple[int, T]] = attrs.field(factory=deque)
-    _resend: deque[tuple[int, T]] = attrs.field(factory=deque)
+    _unacked: deque[tuple[int, T]] = attrs.field(default=_EMPTY)
+    _resend: deque[tuple[int, T]] = attrs.field(default=_EMPTY)
 
     def __len__(self) -> int:
         return len(self._unacked)
@@ -293,6 +301,8 @@ class SendWindow(Generic[T]):
     def number(self, item: T) -> int:
         """Number ``item`` and keep it until acknowledged."""
         self.last_seq += 1
+        if self._unacked is _EMPTY:
+            self._unacked = deque()
         self._unacked.append((self.last_seq, item))
         return self.last_seq
 
@@ -317,6 +327,8 @@ class SendWindow(Generic[T]):
         self.acked = ack
         while self._unacked and self._unacked[0][0] <= ack:
             self._unacked.popleft()
+        if not self._unacked:
+            self._unacked = _EMPTY
         return True
 
     def resume(self, peer_received: int, window: int) -> None:
@@ -330,7 +342,11 @@ class SendWindow(Generic[T]):
                 f"the peer says it received {peer_received} messages; {self.last_seq} were sent"
             )
         self.window = window
-        self._resend = deque(entry for entry in self._unacked if entry[0] > peer_received)
+        self._resend = (
+            deque(entry for entry in self._unacked if entry[0] > peer_received)
+            if self._unacked and self.last_seq > peer_received
+            else _EMPTY
+        )
 
     @property
     def resending(self) -> bool:
@@ -339,13 +355,17 @@ class SendWindow(Generic[T]):
 
     def next_resend(self) -> tuple[int, T] | None:
         """The next item to write again after a reconnect, if any."""
-        return self._resend.popleft() if self._resend else None
+        if not self._resend:
+            return None
+        entry = self._resend.popleft()
+        if not self._resend:
+            self._resend = _EMPTY
+        return entry
 
     def restart(self) -> list[T]:
         """The peer lost the session: start numbering afresh; return what was unacknowledged."""
         lost = [item for _, item in self._unacked]
-        self._unacked.clear()
-        self._resend.clear()
+        self._unacked = self._resend = _EMPTY
         self.last_seq = self.acked = 0
         return lost
 
@@ -358,7 +378,7 @@ class ReceiveWindow:
     received: int = 0
     consumed: int = 0
     announced: int = 0
-    _pending: deque[int] = attrs.field(factory=deque)
+    _pending: deque[int] = attrs.field(default=_EMPTY)
     _done: set[int] = attrs.field(factory=set)
 
     def accept(self, seq: int) -> bool:
@@ -376,6 +396,8 @@ class ReceiveWindow:
         if len(self._pending) >= self.window:
             raise SessionError(f"the peer sent beyond the window of {self.window} messages")
         self.received = seq
+        if self._pending is _EMPTY:
+            self._pending = deque()
         self._pending.append(seq)
         return True
 
@@ -387,11 +409,13 @@ class ReceiveWindow:
         if not self._done and pending and pending[0] == seq:
             pending.popleft()  # the usual case: consumed in the order received
             self.consumed = seq
-            return
-        self._done.add(seq)
-        while pending and pending[0] in self._done:
-            self._done.discard(pending.popleft())
-            self.consumed += 1
+        else:
+            self._done.add(seq)
+            while pending and pending[0] in self._done:
+                self._done.discard(pending.popleft())
+                self.consumed += 1
+        if not pending:
+            self._pending = _EMPTY
 
     @property
     def ack_due(self) -> bool:
@@ -410,5 +434,5 @@ class ReceiveWindow:
     def restart(self) -> None:
         """The peer lost the session: numbering starts afresh."""
         self.received = self.consumed = self.announced = 0
-        self._pending.clear()
+        self._pending = _EMPTY
         self._done.clear()

@@ -13,6 +13,10 @@ T = TypeVar("T")
 __all__ = ["EventStream", "MessageStream", "OutboundQueue"]
 
 
+_NO_ITEMS: deque[Any] = deque(maxlen=0)
+"""The empty queue of every :class:`OutboundQueue` that holds nothing (never appended to)."""
+
+
 class OutboundQueue(Generic[T]):
     """A bounded FIFO with a readable snapshot, drained by one writer task.
 
@@ -26,10 +30,12 @@ class OutboundQueue(Generic[T]):
     def __init__(self, capacity: int, on_change: Callable[[], None] = lambda: None) -> None:
         self.capacity = capacity
         self._on_change = on_change
-        self._items: deque[tuple[T, bool]] = deque()  # (item, is the extra one)
+        # (item, is the extra one); the deque (760 bytes) is made on the first
+        # put and dropped once empty, so an idle connection holds none.
+        self._items: deque[tuple[T, bool]] = _NO_ITEMS
         self._extra = False
         self._closed = False
-        self._not_full = trio.lowlevel.ParkingLot()
+        self._not_full: trio.lowlevel.ParkingLot | None = None  # made when a put() waits
 
     def __len__(self) -> int:
         return len(self._items)
@@ -52,6 +58,8 @@ class OutboundQueue(Generic[T]):
             raise trio.ClosedResourceError("queue closed")
         if self._full():
             raise trio.WouldBlock
+        if self._items is _NO_ITEMS:
+            self._items = deque()
         self._items.append((item, False))
         self._on_change()
 
@@ -62,6 +70,8 @@ class OutboundQueue(Generic[T]):
         if self._extra:
             raise trio.WouldBlock
         self._extra = True
+        if self._items is _NO_ITEMS:
+            self._items = deque()
         self._items.append((item, True))
         self._on_change()
 
@@ -73,6 +83,8 @@ class OutboundQueue(Generic[T]):
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
         while self._full() and not self._closed:
+            if self._not_full is None:
+                self._not_full = trio.lowlevel.ParkingLot()
             await self._not_full.park()
         self.put_nowait(item)
 
@@ -90,16 +102,19 @@ class OutboundQueue(Generic[T]):
     def pop(self) -> T:
         """Remove the oldest item (after it was written)."""
         item, extra = self._items.popleft()
+        if not self._items:
+            self._items = _NO_ITEMS
         if extra:
             self._extra = False
-        if self._not_full:  # someone waits for room
+        if self._not_full:  # made, and someone waits for room
             self._not_full.unpark()
         return item
 
     def close(self) -> None:
         """Refuse new items; the writer drains what is left, then gets EndOfChannel."""
         self._closed = True
-        self._not_full.unpark_all()
+        if self._not_full is not None:
+            self._not_full.unpark_all()
         self._on_change()
 
 

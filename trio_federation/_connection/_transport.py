@@ -816,7 +816,7 @@ class FederationListener:
                 socket=None,
                 capabilities=identity.capabilities,
                 local_id=self.local_id,
-                active_connections=lambda: len(self._connections),
+                active_connections=self._count_connections,
                 **self._options,
             )
             connection._extensions = extensions
@@ -832,6 +832,8 @@ class FederationListener:
             self._connections[peer_id] = connection
             self._accepted += 1
             logger.info("accepted federation connection from %r (%s)", peer_id, request.remote)
+            # What the upgrade needed is not kept for the life of the connection.
+            del identity, answer
             try:
                 async with connection:
                     await self._handler(connection)
@@ -894,6 +896,10 @@ class FederationListener:
             logger.info("the dialer at %s left during the upgrade", request.remote)
             await release_stream(request)
             return None
+
+    def _count_connections(self) -> int:
+        """The ``active_connections`` figure of our heartbeat messages."""
+        return len(self._connections)
 
     async def _close_all(self, code: int, reason: str) -> None:
         async with trio.open_nursery() as nursery:

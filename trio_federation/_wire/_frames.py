@@ -32,7 +32,10 @@ masks with a fresh ``os.urandom`` key), and the reader parses the frames at
 the start of what it received: a complete frame that is FIN, text or binary,
 without RSV bits, masked as our side expects, with a minimal length of at
 most ``max_message_size`` bytes, outside a fragmented message, and (text)
-valid UTF-8, is delivered here. Every other frame (ping, pong, close,
+valid UTF-8, is delivered here; so is a ping (answered with its pong) or
+a pong that is complete, masked as our side expects and outside a fragmented
+message (the bytes wsproto would have seen, with the same result: the
+heartbeat's frames cost no pass through it). Every other frame (close,
 fragments from the first to the last with whatever comes between them, bad
 frames) is handed to wsproto as exactly its own bytes, as they arrive, so
 wsproto stays at a frame boundary and behaves as it always did: pongs, the
@@ -45,7 +48,7 @@ pings, pongs and closes.
 
 Buffers: the outbox holds at most what the tasks waiting for the lock put in
 it (one frame each, or one batch of :meth:`~WireConnection.send_messages`, which
-its caller bounds); the messages parsed from one receive wait in a deque, so
+its caller bounds); the messages parsed from one receive wait in a list, so
 at most what :data:`RECEIVE_BYTES` can hold. The parser keeps at most one
 partial frame, which may only be one it will deliver (at most
 ``max_message_size`` + 14 bytes with its header), plus one receive: a valid
@@ -65,7 +68,7 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import trio
@@ -86,6 +89,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from ._flag import Flag
 from ._sockio import DirectSocketStream
 
 __all__ = [
@@ -128,6 +132,28 @@ def _mask(key: bytes, payload: bytes) -> bytes:
     return bytes(data)
 
 
+_NO_EVENTS: Final[collections.deque[Event]] = collections.deque(maxlen=0)
+
+
+def _release_handshake(ws: WSConnection) -> None:
+    """Drop what wsproto keeps of the upgrade once the WebSocket is open.
+
+    Its ``H11Handshake`` holds an h11 connection, the request and an empty
+    event deque (about 3 KiB) for the life of the connection, but once
+    ``ws.connection`` exists only its (empty) event queue is still read.
+    Degrades to doing nothing if wsproto's private attributes move.
+    """
+    handshake = getattr(ws, "handshake", None)
+    if ws.connection is None or handshake is None:
+        return
+    events = getattr(handshake, "_events", None)
+    if isinstance(events, collections.deque) and not events:
+        handshake._events = _NO_EVENTS
+    for name in ("_h11_connection", "_initiating_request"):
+        if hasattr(handshake, name):
+            setattr(handshake, name, None)
+
+
 class UpgradeFailed(Exception):
     """The peer closed the stream, or broke the protocol, during the upgrade."""
 
@@ -142,7 +168,9 @@ class WireConnection:
 
     Attributes:
         handshake_headers: the headers of the peer's upgrade answer (client
-            side) or request (server side).
+            side); empty on the server side, where the request's headers
+            were read from :attr:`WireRequest.headers` and are not kept for
+            the life of the connection.
     """
 
     def __init__(
@@ -157,22 +185,29 @@ class WireConnection:
     ) -> None:
         self._stream = stream
         self._ws = ws
+        _release_handshake(ws)
         self._server = server
         self._max_message_size = max_message_size
         # UTF-8 takes at most 4 bytes a character, and a fragment may end with 3
         # bytes of a character that the next one completes.
         self._max_text_frame = 4 * max_message_size + 3
         self.handshake_headers: Headers = list(handshake_headers)
-        self._messages: collections.deque[str | bytes] = collections.deque()
+        # Messages parsed and not read yet: a list read from ``_head`` on, and
+        # replaced by a new empty one once read (an idle connection holds no
+        # buffer: a deque would keep 760 bytes).
+        self._messages: list[str | bytes] = []
+        self._head = 0
         self._parts: list[str | bytes] = []
         self._size = 0
         self._outbox = bytearray()
         self._write_lock = trio.StrictFIFOLock()
-        self._reading: trio.Event | None = None  # set when the current read ends
+        self._reading: Flag | None = None  # set when the current read ends
         self._closed: CloseReason | None = None
         self._local_close = False  # we sent a close frame first (aclose, 1009)
-        self._close_done = trio.Event()  # the peer's close frame came, or the stream ended
-        self._pings: dict[bytes, list[object]] = {}  # payload -> [event, answered]
+        self._close_done = Flag()  # the peer's close frame came, or the stream ended
+        # payload -> [event or callback, answered]: ping() waits for the event;
+        # ping_nowait() has the reader call the callback when the pong comes.
+        self._pings: dict[bytes, list[object]] = {}
         self._broken = False  # a send failed: the stream is unusable
         # The fast frame parser (see the module's documentation): received bytes
         # not parsed yet, starting at a frame boundary; how many it needs before
@@ -210,13 +245,18 @@ class WireConnection:
         """
         while True:
             if self._local_close:
-                self._messages.clear()
+                self._messages, self._head = [], 0
                 raise ConnectionClosed(self._closed)
-            if self._messages:
+            messages = self._messages
+            if messages:
                 # Cancellable without a scheduler pass: the read that filled the
                 # buffer was one, and a batch costs one pass instead of one each.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                return self._messages.popleft()
+                message = messages[self._head]
+                self._head += 1
+                if self._head == len(messages):
+                    self._messages, self._head = [], 0
+                return message
             if self._closed is not None:
                 raise ConnectionClosed(self._closed)
             if self._reading is not None:
@@ -226,7 +266,7 @@ class WireConnection:
 
     async def _read(self) -> None:
         """Receive once, handle every event it completes; the caller reads alone."""
-        done = self._reading = trio.Event()
+        done = self._reading = Flag()
         try:
             try:
                 data = await self._stream.receive_some(RECEIVE_BYTES)
@@ -307,6 +347,22 @@ class WireConnection:
             if masked:
                 start += 4  # the key: awaited below only for a frame we parse
             stop = start + length
+            if (first == 0x89 or first == 0x8A) and masked is server and not self._fragmented:
+                # A ping or a pong (FIN, no RSV bit, at most 125 bytes: checked
+                # above), handled here as wsproto would: a heartbeat costs no
+                # pass through wsproto's parser.
+                if stop > end:
+                    self._wanted = stop - pos
+                    break
+                payload = data[start:stop]
+                if masked:
+                    payload = _mask(data[start - 4 : start], payload)
+                pos = stop
+                if first == 0x89:
+                    self._outbox += self._control_frame(0x8A, payload)  # the pong
+                else:
+                    self._on_pong(payload)
+                continue
             # FIN, no RSV bit, text or binary, the mask bit our side expects.
             valid = (first == 0x81 or first == 0x82) and masked is server and minimal
             if valid and not self._fragmented and length <= max_size:
@@ -428,9 +484,12 @@ class WireConnection:
             key, waiter = next(iter(self._pings.items()))
             del self._pings[key]
             waiter[1] = True
-            event = waiter[0]
-            assert isinstance(event, trio.Event)
-            event.set()
+            notify = waiter[0]
+            if isinstance(notify, trio.Event):
+                notify.set()
+            else:
+                assert callable(notify)
+                notify()
             if key == payload:
                 break
 
@@ -453,8 +512,8 @@ class WireConnection:
         pings, self._pings = self._pings, {}
         for waiter in pings.values():
             event = waiter[0]
-            assert isinstance(event, trio.Event)
-            event.set()
+            if isinstance(event, trio.Event):
+                event.set()  # the pongs that ping_nowait waits for just never come
 
     # -- sending ------------------------------------------------------------------------
 
@@ -528,6 +587,13 @@ class WireConnection:
         key = os.urandom(4)  # a fresh unpredictable key per frame, as wsproto
         return header + key + _mask(key, payload)
 
+    def _control_frame(self, first: int, payload: bytes) -> bytes:
+        """A ping (0x89) or pong (0x8A) frame of ``payload`` (at most 125 bytes)."""
+        if self._server:
+            return bytes((first, len(payload))) + payload
+        key = os.urandom(4)
+        return bytes((first, 0x80 | len(payload))) + key + _mask(key, payload)
+
     async def send_message(self, message: str | bytes) -> None:
         """Send one message (as one frame).
 
@@ -582,12 +648,46 @@ class WireConnection:
         if not waiter[1]:
             raise ConnectionClosed(self._closed)
 
+    @property
+    def output_pending(self) -> bool:
+        """Whether frames wait in the outbox for the next write (see :meth:`ping_nowait`).
+
+        False once the WebSocket is closed or closing: the close handshake
+        sends what is left.
+        """
+        return (
+            bool(self._outbox)
+            and not self._broken
+            and self._closed is None
+            and not self._local_close
+        )
+
+    def ping_nowait(self, payload: bytes, on_pong: Callable[[], None]) -> None:
+        """Put a ping in the outbox, to go out with the next write; no waiting.
+
+        The next :meth:`send_messages` (or any flush: a write in progress sends
+        it when it is done) carries it, in the same write as its messages. When
+        the pong comes, the reader calls ``on_pong`` (inline: it must not
+        block); if the WebSocket closes first, it is never called.
+
+        Raises:
+            ConnectionClosed: the WebSocket is closed or closing.
+            ValueError: a ping with this payload is in flight already.
+        """
+        self._check_open()
+        if payload in self._pings:
+            raise ValueError(f"Payload value {payload!r} is already in flight.")
+        if len(payload) > 125:
+            raise ValueError("a ping's payload is at most 125 bytes")
+        self._pings[payload] = [on_pong, False]
+        self._outbox += self._control_frame(0x89, payload)
+
     # -- closing ------------------------------------------------------------------------
 
     def _start_close(self, code: int, reason: str | None) -> None:
         self._local_close = True
         self._closed = CloseReason(code, reason)
-        self._messages.clear()
+        self._messages, self._head = [], 0
         self._outbox += self._ws.send(CloseConnection(code=code, reason=reason))
 
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
@@ -719,7 +819,8 @@ class WireRequest:
     """A client's upgrade request, read by :func:`read_request`: accept or reject it.
 
     Attributes:
-        headers: the request's headers (names in lower case).
+        headers: the request's headers (names in lower case); emptied by
+            :meth:`accept`.
         path: the request target (path and query).
         remote: the client's address, for the log.
     """
@@ -762,9 +863,12 @@ class WireRequest:
             self._ws,
             max_message_size=self._max_message_size,
             server=True,
-            handshake_headers=self.headers,
+            handshake_headers=(),
             received=self._received,
         )
+        # Read by now; the listener's frames hold the request for the life of
+        # the connection, the headers (about 1.5 KiB) need not stay with it.
+        self.headers, self._received = [], b""
         connection._on_data(b"")  # frames that came with the request
         await connection._flush_quietly()
         return connection

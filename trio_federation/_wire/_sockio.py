@@ -80,10 +80,12 @@ class DirectSocketStream(trio.abc.HalfCloseableStream):
                     data = os.read(fd, max_bytes)
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
-                    waited = True
+                    pass  # waited for below, not here: an idle connection would keep
+                    # the exception, its traceback and this frame alive meanwhile
                 except OSError as exc:
                     raise _stream_error(exc) from exc
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             if not waited:  # a failure is a checkpoint too
                 await trio.lowlevel.cancel_shielded_checkpoint()
