@@ -345,33 +345,33 @@ def test_timeouts_in_a_row_encode_as_the_reference(timeouts: list[float]) -> Non
         assert encode_message(message) == reference_encode(message)
 
 
+def _delegation_frame(timestamp: Any, created: Any, updated: Any) -> str:
+    """A delegation frame with these three times (the envelope's, the task's two)."""
+    task = {
+        "id": "t-1",
+        "type": "code",
+        "description": "d",
+        "priority": "high",
+        "status": "pending",
+        "createdAt": created,
+        "updatedAt": updated,
+    }
+    payload = {"fromOrchestratorId": "a", "toOrchestratorId": "b", "task": task, "priority": "high"}
+    envelope = {
+        "type": "delegation",
+        "payload": json.dumps(payload),
+        "from": "a",
+        "to": "b",
+        "timestamp": timestamp,
+    }
+    return json.dumps(envelope)
+
+
 def test_repeated_times_decode_as_the_reference_decodes_them() -> None:
     # The second decoding and the equal times inside one frame come from the
     # parse cache; equal instants written differently must not share an entry.
     for stamp in ("2026-11-26T12:00:00.123Z", "2026-11-26T12:00:00.123+00:00"):
-        task = {
-            "id": "t-1",
-            "type": "code",
-            "description": "d",
-            "priority": "high",
-            "status": "pending",
-            "createdAt": stamp,
-            "updatedAt": "2026-11-26T12:00:00.123Z",
-        }
-        payload = {
-            "fromOrchestratorId": "a",
-            "toOrchestratorId": "b",
-            "task": task,
-            "priority": "high",
-        }
-        envelope = {
-            "type": "delegation",
-            "payload": json.dumps(payload),
-            "from": "a",
-            "to": "b",
-            "timestamp": stamp,
-        }
-        frame = json.dumps(envelope)
+        frame = _delegation_frame(stamp, stamp, "2026-11-26T12:00:00.123Z")
         for _ in range(2):
             fast = _decode_fast(orjson.loads(frame))
             reference = reference_decode(frame)
@@ -402,29 +402,7 @@ def test_times_in_a_row_decode_as_the_reference_decodes_them(
     # in the cache): frames in a row, each with its envelope's and its task's
     # two times drawn from the same few texts.
     for timestamp, created, updated in stamps:
-        task = {
-            "id": "t-1",
-            "type": "code",
-            "description": "d",
-            "priority": "high",
-            "status": "pending",
-            "createdAt": created,
-            "updatedAt": updated,
-        }
-        payload = {
-            "fromOrchestratorId": "a",
-            "toOrchestratorId": "b",
-            "task": task,
-            "priority": "high",
-        }
-        envelope = {
-            "type": "delegation",
-            "payload": json.dumps(payload),
-            "from": "a",
-            "to": "b",
-            "timestamp": timestamp,
-        }
-        frame = json.dumps(envelope)
+        frame = _delegation_frame(timestamp, created, updated)
         assert outcome(decode_message, frame) == outcome(reference_decode, frame)
 
 
