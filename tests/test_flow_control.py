@@ -134,3 +134,26 @@ async def test_a_slow_consumer_keeps_memory_flat_over_6k_messages() -> None:
     # After warm-up, memory does not grow with the count of messages.
     growth = max(samples[2:]) - samples[1]
     assert growth < 4 * 1024 * 1024, [s // 1024 for s in samples]
+
+
+async def test_heartbeats_go_out_while_the_window_is_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The peer reads nothing: our window fills. Heartbeats are unnumbered and
+    # must still go out (the peer learns our load and that we are alive).
+    async with open_connection_pair(
+        resumable=True, receive_buffer_size=4, heartbeat_timeout=2.0
+    ) as (a, b):
+        with b.subscribe("heartbeat") as beats:
+            for n in range(4):
+                await a.send(numbered(n))  # the whole window, never read
+            await trio.sleep(20)
+            assert len(a.unacknowledged) == 4
+            seen = 0
+            while True:
+                try:
+                    beats.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                seen += 1
+    assert seen >= 10, f"{seen} heartbeats in 20 s at one a second"

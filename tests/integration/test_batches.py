@@ -201,7 +201,10 @@ async def test_a_hand_written_batch_is_delivered_and_numbered() -> None:
     [
         ('{"batch":3,"seq":1,"ack":0}\n{}\n{}', "announced 3 envelopes and holds 2"),
         ('{"batch":2}\n{}\n{}', "malformed batch header for a session's batch"),
-        ('{"batch":1,"seq":1,"ack":0}\n{}', "a batch of 1 envelopes"),
+        (
+            '{"batch":1,"seq":1,"ack":0}\n{}',
+            "a batch must hold 2 to 30720 envelopes; this one announced 1",
+        ),
         ('{"batch":2,"seq":5,"ack":0}\nA\nB', "message 5 arrived after 0"),
         ('{"batch":2,"seq":1,"ack":9}\n{}\n{}', "acknowledgement 9 beyond"),
     ],
@@ -280,3 +283,19 @@ async def test_rate_limits_count_each_envelope_of_a_batch() -> None:
             elapsed = trio.current_time() - started
     assert [m.correlation_id for m in paced.received] == [f"in-{i}" for i in range(10)]
     assert elapsed >= 8 / 50 * 0.9  # 8 envelopes past the burst, at 50/s
+
+
+async def test_a_malformed_batch_without_a_session_is_reported_and_the_connection_goes_on() -> None:
+    recorder = Recorder(burst=0)
+    texts = [encode_message(delegation(f"in-{index}")) for index in range(3)]
+    async with listening(recorder) as url:
+        async with open_raw_client(url, headers=identity("batch", session=False)) as ws:
+            await ws.send_message(batch_of(texts, '{"batch":2}'))  # three lines for two
+            await ws.send_message(texts[2])
+            with trio.fail_after(3):
+                while not recorder.received:
+                    await trio.sleep(0.01)
+            assert recorder.connection is not None
+            assert recorder.connection.get_status().errors == 1
+            assert recorder.connection.status != "disconnected"
+    assert [m.correlation_id for m in recorder.received] == ["in-2"]

@@ -1492,6 +1492,12 @@ class OrchestratorConnection:
             if recv is not None:
                 self._acknowledged(ack)
         except SessionError as exc:
+            if recv is None:
+                # Nothing is numbered without a session: a malformed frame like
+                # any other, reported, and the connection goes on.
+                self._report(MalformedMessage(f"malformed batch frame: {exc}"))
+                return False
+            # In a session its envelopes had numbers: the sequence is lost.
             await self._abort(ConnectionLost(1002, f"batch protocol: {exc}"), "protocol")
             return True
         if recv is not None and bucket is not None:
@@ -1822,6 +1828,9 @@ class OrchestratorConnection:
         try:
             # Beyond max_queue_size, so it never takes room from the user.
             self._queue.put_extra_nowait(self._encode(message))
+            # Written even while the window is full, which _queued does not
+            # wake the writer for: the heartbeat is unnumbered.
+            self._kick_writer()
         except (trio.WouldBlock, trio.ClosedResourceError):
             # The previous heartbeat is still waiting (the peer is not reading):
             # one pending heartbeat says as much as two.

@@ -200,7 +200,9 @@ def split_batch(data: str, *, session: bool) -> tuple[int, int, list[str]]:
         raise SessionError(f"malformed batch header for {kind} batch: {head[:100]!r}")
     count = int(match[1])
     if not 2 <= count <= MAX_BATCH:
-        raise SessionError(f"a batch of {count} envelopes (2 to {MAX_BATCH} allowed)")
+        raise SessionError(
+            f"a batch must hold 2 to {MAX_BATCH} envelopes; this one announced {count}"
+        )
     envelopes = body.split("\n")
     if len(envelopes) != count:
         raise SessionError(f"a batch announced {count} envelopes and holds {len(envelopes)}")

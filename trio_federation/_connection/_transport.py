@@ -793,7 +793,7 @@ class FederationListener:
         authenticated = self._verifier is not None or cert_id is not None
         old = self._connections.get(peer_id)
         if offer is not None and old is not None and old._session_id == offer.session:
-            await self._resume(request, old, offer, answer, handshake)
+            await self._resume(request, old, offer, answer, handshake, extensions)
             return
         claim = object()
         previous = self._claims.get(peer_id)
@@ -859,8 +859,13 @@ class FederationListener:
         offer: ResumeOffer,
         answer: list[tuple[bytes, bytes]],
         handshake: _Handshake,
+        extensions: frozenset[str],
     ) -> None:
-        """The peer of a live session is back: carry it on over this stream."""
+        """The peer of a live session is back: carry it on over this stream.
+
+        The extensions are the ones this upgrade agreed on (what the new link's
+        reader and writer speak), as a dialer's reconnect takes them.
+        """
         if connection._attaching:
             await self._refuse(request, 409, "duplicate", "this session is resuming already")
             return
@@ -873,6 +878,7 @@ class FederationListener:
             handshake.over()
             self._accepted += 1
             logger.info("%r resumed its session (%s)", connection.id, request.remote)
+            connection._extensions = extensions
             await connection._attach(socket, attrs.evolve(offer, resumed=True))
         finally:
             connection._attaching = False

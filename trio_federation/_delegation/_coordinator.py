@@ -197,9 +197,10 @@ class CoordinatorDialect:
         if frame is None:
             await trio.lowlevel.checkpoint()
             return True
-        sent = await self._send(connection, frame)
-        self._ends(peer, payload)
-        return sent
+        try:
+            return await self._send(connection, frame)
+        finally:
+            self._ends(peer, payload)  # sent, failed or cancelled: it is over here
 
     def queue_callback(self, peer: str, payload: TaskCallback | DelegationResponse) -> bool | None:
         """:meth:`send_callback` without waiting: None (nothing queued) if the queue is full.
@@ -214,6 +215,9 @@ class CoordinatorDialect:
         try:
             connection.send_nowait(frame)
         except trio.WouldBlock:
+            # The caller closes this connection (its peer does not read): the
+            # task is over here either way.
+            self._ends(peer, payload)
             return None
         except (FederationError, trio.ClosedResourceError, trio.BrokenResourceError) as exc:
             logger.warning(

@@ -712,9 +712,12 @@ class FederationNode:
         full means the peer does not read what we send: its connection is
         closed (:meth:`_not_reading`).
         """
+        # Looked up first: a coordinator's task is forgotten when its answer
+        # finds the queue full.
+        coordinator = self._dialect.connection_of(peer, payload.task_id)
         queued = self._queue_callback(peer, payload)
         if queued is None:
-            connection = self._dialect.connection_of(peer, payload.task_id)
+            connection = coordinator
             if connection is None:
                 connection = self._live_connection(peer)
             if connection is not None:  # pragma: no branch (it was full a moment ago)

@@ -65,6 +65,12 @@ __all__ = ["DEFAULT_KEY_PREFIX", "MAX_UPDATE_ATTEMPTS", "RedisRegistry", "open_r
 
 logger = logging.getLogger("trio_federation.registry")
 
+
+def _describe(error: BaseException) -> str:
+    """``error``'s text, or its type's name when it has none (anyio's errors)."""
+    return str(error) or type(error).__name__
+
+
 DEFAULT_KEY_PREFIX: Final = "orchestrator"
 """The default ``{prefix}`` of every key (the daemon's ``redis.keyPrefix`` must match)."""
 MAX_UPDATE_ATTEMPTS: Final = 100
@@ -380,9 +386,9 @@ class RedisRegistry(FederationRegistry):
             first: BaseException = matched
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
-            raise RegistryUnavailable(f"{what}: {first}") from group
+            raise RegistryUnavailable(f"{what}: {_describe(first)}") from group
         except self._unavailable as exc:
-            raise RegistryUnavailable(f"{what}: {exc}") from exc
+            raise RegistryUnavailable(f"{what}: {_describe(exc)}") from exc
 
     def _decode(self, raw: str, where: str) -> OrchestratorRecord | None:
         try:
