@@ -267,3 +267,27 @@ def test_broken_batches_are_refused_naming_what_is_wrong(
 ) -> None:
     with pytest.raises(SessionError, match=re.escape(why)):
         split_batch(frame, session=session)
+
+
+def test_a_batch_resent_after_a_stale_resume_is_numbered_on_and_its_duplicates_drop() -> None:
+    # The sender wrote 1-3 and 4-6 as two batches; the link was cut and the
+    # peer, resuming, says it received 3 (the second batch was lost). The
+    # resend goes out as one batch from 4 on, with 7-8 written since.
+    send: SendWindow[str] = SendWindow(window=64)
+    for n in range(1, 9):
+        send.number(f"m{n}")
+    send.resume(peer_received=3, window=64)
+    resent = []
+    while (again := send.next_resend()) is not None:
+        resent.append(again)
+    assert [seq for seq, _ in resent] == [4, 5, 6, 7, 8]
+    [frame] = batch_frames([text for _, text in resent], resent[0][0], 0)
+    first, _, envelopes = split_batch(frame, session=True)
+    # A receiver that did get 4-6 after all (the ack was what was lost) drops
+    # them one by one and takes the rest, as the connection's reader does.
+    recv = ReceiveWindow(window=64)
+    for seq in range(1, 7):
+        assert recv.accept(seq)
+    taken = [text for seq, text in enumerate(envelopes, first) if recv.accept(seq)]
+    assert taken == ["m7", "m8"]
+    assert recv.received == 8
