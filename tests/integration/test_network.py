@@ -484,6 +484,8 @@ async def test_an_idle_connection_is_three_tasks_that_ping_and_measure_latency(
             await wait_for(lambda: bool(accepted) and len(beats) >= 2)
             await wait_for(lambda: conn.get_status().latency is not None)
             await wait_for(lambda: accepted[0].get_status().latency is not None)
+            assert conn.latency == conn.get_status().latency
+            assert accepted[0].latency == accepted[0].get_status().latency
             assert conn.is_healthy() and accepted[0].is_healthy()
             root = trio.lowlevel.current_root_task()
             assert root is not None

@@ -538,6 +538,14 @@ class OrchestratorConnection:
         return self._extensions
 
     @property
+    def latency(self) -> float | None:
+        """The last measured ping round trip, in seconds (None before the first pong).
+
+        The same figure as ``get_status().latency``, without building the snapshot.
+        """
+        return self._state.latency
+
+    @property
     def self_addressed(self) -> int:
         """How many messages from this peer had our own id in ``from``.
 

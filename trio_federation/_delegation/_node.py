@@ -447,7 +447,7 @@ class FederationNode:
                     endpoint=self._static_peers.get(peer)
                     or (record.endpoint if record is not None else None),
                     status=None if connection is None else connection.status,
-                    latency=None if connection is None else connection.get_status().latency,
+                    latency=None if connection is None else connection.latency,
                     in_flight=self._in_flight(peer),
                 )
             )
@@ -992,7 +992,7 @@ class FederationNode:
             else:
                 view.append(_PeerView(peer, (), None, None, None, dial=True))
                 continue
-            latency = None if connection is None else connection.get_status().latency
+            latency = None if connection is None else connection.latency
             view.append(_PeerView(peer, capabilities, record, connection, latency))
         self._view = view
         return view
@@ -1030,7 +1030,8 @@ class FederationNode:
                 continue
             connection = entry.connection
             capabilities = entry.capabilities
-            latency = entry.latency
+            # Read now: the view is kept up to watch_interval, latency moves.
+            latency = entry.latency if connection is None else connection.latency
             if entry.dial:  # a static peer not connected yet: learn its capabilities
                 try:
                     connection = await self._connection_for(peer)
@@ -1039,7 +1040,7 @@ class FederationNode:
                     unreachable[peer] = str(exc)
                     continue
                 capabilities = tuple(connection.capabilities)
-                latency = connection.get_status().latency
+                latency = connection.latency
             if connection is not None and not connection.is_healthy():
                 continue
             record = entry.record
