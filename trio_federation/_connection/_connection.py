@@ -1441,12 +1441,7 @@ class OrchestratorConnection:
             seq = 0
             ack_only = False
             if recv is not None and bucket is not None:
-                # In a session the limit is flow control: the reader waits for
-                # a token, so what the peer sent waits unconsumed, its window
-                # closes and its sender is slowed; nothing is refused.
-                delay = bucket.reserve(trio.current_time())
-                if delay:
-                    await trio.sleep(delay)
+                await self._pace(bucket, 1)
             if recv is not None and isinstance(data, str):
                 # The session's numbers first: even a frame refused below must
                 # be counted, or the next one would look like a gap.
@@ -1466,17 +1461,32 @@ class OrchestratorConnection:
                     return
                 ack_only = number is None and ack is not None
             if recv is None and bucket is not None and not bucket.take(trio.current_time()):
-                # v1 has no credit to slow the peer with: refused unread (a
-                # flood costs no decoding), and cut off after max_violations.
-                if await self._violation(
-                    f"more than {bucket.rate:g} messages/s (burst {bucket.burst})"
-                ):
+                if await self._over_the_limit(bucket):
                     return
                 continue
             if ack_only:
                 continue  # an acknowledgement alone, already applied
             if await self._on_envelope(data, seq):
                 return
+
+    @staticmethod
+    async def _pace(bucket: TokenBucket, count: int) -> None:
+        """In a session the limit is flow control: wait for ``count`` tokens.
+
+        What the peer sent waits unconsumed meanwhile, so its window closes
+        and its sender is slowed; nothing is refused.
+        """
+        delay = bucket.reserve(trio.current_time(), count)
+        if delay:
+            await trio.sleep(delay)
+
+    async def _over_the_limit(self, bucket: TokenBucket) -> bool:
+        """A message past the limit without a session: refused, True when cut off.
+
+        v1 has no credit to slow the peer with: the message is refused unread
+        (a flood costs no decoding), and the peer cut off after max_violations.
+        """
+        return await self._violation(f"more than {bucket.rate:g} messages/s (burst {bucket.burst})")
 
     def _acknowledged(self, ack: int) -> None:
         """The peer consumed our messages up to ``ack``.
@@ -1509,10 +1519,7 @@ class OrchestratorConnection:
             await self._abort(ConnectionLost(1002, f"batch protocol: {exc}"), "protocol")
             return True
         if recv is not None and bucket is not None:
-            # Flow control, as for single frames: a token per envelope.
-            delay = bucket.reserve(trio.current_time(), len(envelopes))
-            if delay:
-                await trio.sleep(delay)
+            await self._pace(bucket, len(envelopes))  # a token per envelope
         for number, envelope in enumerate(envelopes, first):
             seq = 0
             if recv is not None:
@@ -1524,9 +1531,7 @@ class OrchestratorConnection:
                     return True
                 seq = number
             elif bucket is not None and not bucket.take(trio.current_time()):
-                if await self._violation(
-                    f"more than {bucket.rate:g} messages/s (burst {bucket.burst})"
-                ):
+                if await self._over_the_limit(bucket):
                     return True
                 continue
             if await self._on_envelope(envelope, seq):
@@ -1677,9 +1682,16 @@ class OrchestratorConnection:
             self._writer_lot.unpark_all()
 
     def _queued(self) -> None:
-        """The queue changed: wake the writer, unless it waits for an ack anyway."""
-        send = self._send_window
-        if self._writer_lot and (send is None or send.open or self._queue.closed):
+        """The queue changed: wake the writer if it can act on it.
+
+        With the window full it waits for an ack anyway, unless the queue's
+        head is our heartbeat, which is unnumbered and always written.
+        """
+        if not self._writer_lot:
+            return
+        send, queue = self._send_window, self._queue
+        head = None if send is None or send.open else queue.peek_nowait()
+        if head is None or head[1] or queue.closed:
             self._writer_lot.unpark_all()
 
     async def _writer(self) -> None:
@@ -1767,9 +1779,11 @@ class OrchestratorConnection:
                 self._ack_due_at = None
             # When nothing else waits, the writer parks next: that is its
             # scheduler pass, so the write itself need not make one.
-            schedule = len(queue) > unnumbered or bool(self._refusals)
-            if send is not None and send.resending:
-                schedule = True
+            schedule = (
+                len(queue) > unnumbered
+                or bool(self._refusals)
+                or (send is not None and send.resending)
+            )
             try:
                 if wire is not None:
                     await wire.send_messages(frames, schedule=schedule)
@@ -1836,9 +1850,6 @@ class OrchestratorConnection:
         try:
             # Beyond max_queue_size, so it never takes room from the user.
             self._queue.put_extra_nowait(self._encode(message))
-            # Written even while the window is full, which _queued does not
-            # wake the writer for: the heartbeat is unnumbered.
-            self._kick_writer()
         except (trio.WouldBlock, trio.ClosedResourceError):
             # The previous heartbeat is still waiting (the peer is not reading):
             # one pending heartbeat says as much as two.

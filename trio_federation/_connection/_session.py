@@ -153,36 +153,32 @@ def batch_frames(texts: list[str], first: int | None, ack: int) -> list[str]:
         ack: the acknowledgement the session frames carry (ignored without).
     """
     frames: list[str] = []
-    group: list[str] = []
-    group_first = 0 if first is None else first
-    size = 0
+    start = 0  # the index in texts of the group's first text
+    size = 0  # the group's characters, separators included
 
-    def flush() -> None:
-        if len(group) == 1:
-            text = group[0]
-            frames.append(text if first is None else sequenced_frame(group_first, ack, text))
-        elif group:
+    def close(end: int) -> None:
+        """Write texts[start:end] as one frame (nothing if empty)."""
+        if end - start == 1:
+            text = texts[start]
+            frames.append(text if first is None else sequenced_frame(first + start, ack, text))
+        elif end > start:
             if first is None:
-                head = f'{{"batch":{len(group)}}}'
+                head = f'{{"batch":{end - start}}}'
             else:
-                head = f'{{"batch":{len(group)},"seq":{group_first},"ack":{ack}}}'
-            group.insert(0, head)
-            frames.append("\n".join(group))
-        group.clear()
+                head = f'{{"batch":{end - start},"seq":{first + start},"ack":{ack}}}'
+            frames.append("\n".join([head, *texts[start:end]]))
 
     for index, text in enumerate(texts):
-        if size + len(text) > BATCH_CHARS or "\n" in text:
-            flush()
-            size = 0
-            group_first = index if first is None else first + index
-            if len(text) > BATCH_CHARS or "\n" in text:
-                group.append(text)
-                flush()
-                group_first += 1
-                continue
-        group.append(text)
+        alone = len(text) > BATCH_CHARS or "\n" in text
+        if alone or size + len(text) > BATCH_CHARS:
+            close(index)
+            start, size = index, 0
+        if alone:
+            close(index + 1)
+            start = index + 1
+            continue
         size += len(text) + 1
-    flush()
+    close(len(texts))
     return frames
 
 
